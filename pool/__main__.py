@@ -1,0 +1,15 @@
+"""Entry point of ``python -m pool``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from pool.cli import main as cli_main
+
+    sys.exit(cli_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""``python -m pool``: run, stats, scale, scheduler, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pool.exceptions import SendTaskError
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (e.g. 2,8), got {text!r}") from None
+    if low < 0 or high < max(low, 1):
+        raise argparse.ArgumentTypeError(f"need 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pool",
+        description="An asyncio task queue with taskiq's API, a supervised worker pool and "
+        "one shared state.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="start a supervisor and its worker processes",
+        description="Start a supervisor that runs the tasks of MODULE:ATTR (a broker) in worker "
+        "processes. SIGINT/SIGTERM: graceful shutdown (twice: immediate); SIGTTIN/SIGTTOU: one "
+        "worker more/less.",
+    )
+    run.add_argument("app", metavar="MODULE:ATTR", help="the broker, e.g. app:broker")
+    run.add_argument(
+        "--workers",
+        "-w",
+        type=_non_negative_int,
+        default=os.cpu_count() or 1,
+        help="number of worker processes (default: CPU count, %(default)s here)",
+    )
+    run.add_argument(
+        "--max-async-tasks",
+        type=_positive_int,
+        default=100,
+        help="tasks one worker runs at the same time (default: %(default)s)",
+    )
+    run.add_argument(
+        "--sync-threads",
+        type=_positive_int,
+        default=8,
+        help="threads per worker for sync (def) tasks (default: %(default)s)",
+    )
+    run.add_argument(
+        "--shutdown-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a stopping worker lets its tasks finish before cancelling them "
+        "(default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-tasks-per-child",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="replace a worker after it ran N tasks",
+    )
+    run.add_argument(
+        "--max-memory-per-child",
+        type=_positive_float,
+        default=None,
+        metavar="MB",
+        help="replace a worker whose RSS grows beyond MB megabytes",
+    )
+    run.add_argument(
+        "--autoscale",
+        type=_autoscale,
+        default=None,
+        metavar="MIN,MAX",
+        help="grow and shrink the worker count between MIN and MAX with the load",
+    )
+    run.add_argument(
+        "--run-dir",
+        default=None,
+        help="private run directory (default: $POOL_RUN_DIR, else ./.pool)",
+    )
+    run.add_argument(
+        "--start-method",
+        choices=("fork", "spawn", "forkserver"),
+        default="fork",
+        help="how worker processes are created (default: %(default)s)",
+    )
+    run.add_argument(
+        "--queue-size",
+        type=_positive_int,
+        default=10_000,
+        help="tasks waiting in the supervisor before producers are slowed down "
+        "(default: %(default)s)",
+    )
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        type=str.upper,
+        help="(default: %(default)s)",
+    )
+
+    stats = commands.add_parser(
+        "stats",
+        help="print the supervisor's per-worker stats",
+        description="Print the running pool's stats: one row per worker, and totals.",
+    )
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("--watch", action="store_true", help="refresh every second until Ctrl+C")
+    stats.add_argument("--run-dir", default=None, help="run directory of the pool")
+
+    scale = commands.add_parser(
+        "scale",
+        help="set the number of workers",
+        description="Set the worker count of the running pool and wait until that many are "
+        "ready (non-zero exit with the reason when they cannot be).",
+    )
+    scale.add_argument("workers", type=_non_negative_int, metavar="N")
+    scale.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the workers (default: %(default)s)",
+    )
+    scale.add_argument("--run-dir", default=None, help="run directory of the pool")
+
+    sched = commands.add_parser(
+        "scheduler",
+        help="run a TaskiqScheduler",
+        description="Run the TaskiqScheduler named by MODULE:ATTR until SIGINT/SIGTERM.",
+    )
+    sched.add_argument("app", metavar="MODULE:ATTR", help="the scheduler, e.g. app:scheduler")
+    sched.add_argument("--log-level", default="INFO", type=str.upper)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a short tour on the embedded default",
+        description="Start a pool, send a few hundred tasks, show results, state and stats.",
+    )
+    demo.add_argument("--tasks", type=_positive_int, default=300)
+    demo.add_argument("--workers", type=_positive_int, default=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = {
+        "run": _cmd_run,
+        "stats": _cmd_stats,
+        "scale": _cmd_scale,
+        "scheduler": _cmd_scheduler,
+        "demo": _cmd_demo,
+    }[args.command]
+    return int(handler(args))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pool.runner import run_pool
+    from pool.supervisor import PoolConfig
+
+    config = PoolConfig(
+        app=args.app,
+        workers=args.workers,
+        max_async_tasks=args.max_async_tasks,
+        sync_threads=args.sync_threads,
+        shutdown_timeout=args.shutdown_timeout,
+        max_tasks_per_child=args.max_tasks_per_child,
+        max_memory_per_child=args.max_memory_per_child,
+        autoscale=args.autoscale,
+        run_dir=args.run_dir,
+        log_level=args.log_level,
+        start_method=args.start_method,
+        queue_size=args.queue_size,
+    )
+    return run_pool(config)
+
+
+def _ask(payload: dict[str, Any], run_dir: str | None, timeout: float | None) -> Any:
+    from pool.client import request
+
+    return asyncio.run(request(payload, run_dir, timeout))
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from pool.stats_view import render, watch
+
+    try:
+        if args.watch:
+            return watch(lambda: _ask({"cmd": "stats"}, args.run_dir, 10)["stats"], args.json)
+        reply = _ask({"cmd": "stats"}, args.run_dir, 10)
+    except SendTaskError as exc:
+        print(f"pool stats: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply["stats"]))
+    else:
+        render(reply["stats"])
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    try:
+        reply = _ask(
+            {"cmd": "scale", "workers": args.workers, "timeout": args.timeout},
+            args.run_dir,
+            args.timeout + 10,
+        )
+    except SendTaskError as exc:
+        print(f"pool scale: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"pool scale: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"{reply['workers']} worker(s) ready")
+    return 0
+
+
+def _cmd_scheduler(args: argparse.Namespace) -> int:
+    from pool.scheduler_cli import run_scheduler
+
+    return run_scheduler(args.app, args.log_level)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pool.demo import run_demo
+
+    return run_demo(tasks=args.tasks, workers=args.workers)

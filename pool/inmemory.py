@@ -1,0 +1,85 @@
+"""A broker that runs tasks in the calling process: for tests and small scripts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pool.broker import AsyncBroker
+from pool.events import TaskiqEvents
+from pool.exceptions import UnknownTaskError
+from pool.message import BrokerMessage, RawMessage
+from pool.receiver import Receiver
+from pool.result_backend import AsyncResultBackend, InMemoryResultBackend
+
+
+class InMemoryBroker(AsyncBroker):
+    """Runs each sent task on this event loop (sync tasks in a thread pool).
+
+    It is client and worker at once, so ``startup()`` fires WORKER_STARTUP and CLIENT_STARTUP.
+    At most ``max_async_tasks`` tasks run at the same time; the rest wait their turn.
+    """
+
+    def __init__(
+        self,
+        sync_tasks_pool_size: int = 4,
+        max_stored_results: int = 100,
+        cast_types: bool = True,
+        result_backend: AsyncResultBackend[Any] | None = None,
+        max_async_tasks: int = 30,
+        propagate_exceptions: bool = True,
+        await_inplace: bool = False,
+    ) -> None:
+        super().__init__(result_backend or InMemoryResultBackend(max_stored_results))
+        if max_async_tasks < 1:
+            raise ValueError("max_async_tasks must be at least 1")
+        self._pool_size = sync_tasks_pool_size
+        self.executor = ThreadPoolExecutor(sync_tasks_pool_size, thread_name_prefix="pool-sync")
+        self.receiver = Receiver(self, executor=self.executor)
+        self.max_async_tasks = max_async_tasks
+        self.await_inplace = await_inplace
+        self.cast_types = cast_types
+        self.propagate_exceptions = propagate_exceptions
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def kick(self, message: BrokerMessage) -> None:
+        if self.find_task(message.task_name) is None:
+            raise UnknownTaskError(message.task_name)
+        if self.await_inplace:
+            await self._run(message.message)
+            return
+        job = asyncio.create_task(self._run(message.message))
+        self._running.add(job)
+        job.add_done_callback(self._running.discard)
+
+    async def _run(self, data: bytes) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_async_tasks)
+        async with self._slots:
+            await self.receiver.callback(data)
+
+    async def wait_all(self) -> None:
+        """Wait until every task sent so far has finished."""
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+
+    def listen(self) -> AsyncGenerator[RawMessage, None]:
+        raise RuntimeError(
+            "InMemoryBroker runs tasks when they are sent; it has nothing to listen to"
+        )
+
+    async def startup(self) -> None:
+        await self.run_event(TaskiqEvents.WORKER_STARTUP)
+        await super().startup()
+
+    async def shutdown(self) -> None:
+        await self.wait_all()
+        await self.run_event(TaskiqEvents.WORKER_SHUTDOWN)
+        await super().shutdown()
+        self.executor.shutdown(wait=True)
+        # a fresh pool, so the broker can be started again (threads are created lazily)
+        self.executor = ThreadPoolExecutor(self._pool_size, thread_name_prefix="pool-sync")
+        self.receiver.executor = self.executor

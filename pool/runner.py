@@ -1,0 +1,79 @@
+"""``pool run``: prepare the run directory and the shared state, then run the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from pool.app import AppImportError, load_broker
+from pool.rundir import RunDir
+from pool.supervisor import PoolConfig, Supervisor
+
+logger = logging.getLogger("pool.run")
+
+EXIT_USAGE = 2
+
+
+def run_event_loop(coro: Any) -> Any:
+    """Run ``coro`` on uvloop (plain asyncio where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def configure_logging(level: str, who: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s [{who} %(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_pool(config: PoolConfig) -> int:
+    """Run a pool until it is stopped; returns the process exit status."""
+    import multiprocess
+
+    from shared_state import connect_state, start_state_server
+
+    configure_logging(config.log_level, "supervisor")
+    run_dir = RunDir.at(config.run_dir)
+    try:
+        run_dir.create()
+    except (OSError, ValueError) as exc:
+        logger.error("cannot use run directory %s: %s", run_dir.path, exc)
+        return EXIT_USAGE
+    other = run_dir.running_pid()
+    if other is not None and other != os.getpid():
+        logger.error("a pool is already running in %s (pid %d)", run_dir.path, other)
+        return EXIT_USAGE
+    try:
+        broker = load_broker(config.app)
+    except AppImportError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    authkey = run_dir.new_authkey()
+    run_dir.write_pid()
+    context = multiprocess.get_context(config.start_method)
+    server = start_state_server(str(run_dir.state_socket), authkey, str(run_dir.state_versions))
+    try:
+        broker.state = connect_state(
+            str(run_dir.state_socket), authkey, str(run_dir.state_versions)
+        )
+        supervisor = Supervisor(config, broker, run_dir, authkey, context)
+        code = int(run_event_loop(supervisor.run()))
+        if supervisor.fatal_error:
+            print(
+                f"pool: no worker could start: {supervisor.fatal_error}",
+                file=sys.stderr,
+            )
+        logger.info("pool stopped (exit status %d)", code)
+        return code
+    finally:
+        server.shutdown()
+        run_dir.cleanup()

@@ -1,0 +1,637 @@
+"""The supervisor: owns the queue, spawns and watches workers, routes results, answers stats.
+
+It never blocks on one worker: every wait has a deadline and ends in SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from pool import spool
+from pool.exceptions import WorkerCrashedError
+from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode, encode_json
+from pool.result import TaskiqResult
+from pool.rundir import RunDir
+from pool.spool import Entry, TaskQueue
+from pool.worker import WorkerConfig, worker_main
+
+logger = logging.getLogger("pool.supervisor")
+
+EXIT_OK = 0
+EXIT_FORCED = 1
+EXIT_STARTUP_FAILED = 3
+
+
+@dataclass
+class PoolConfig:
+    """Options of ``pool run`` (see ``python -m pool run --help``)."""
+
+    app: str
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_async_tasks: int = 100
+    sync_threads: int = 8
+    shutdown_timeout: float = 30.0
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: float | None = None
+    autoscale: tuple[int, int] | None = None
+    run_dir: str | None = None
+    log_level: str = "INFO"
+    start_method: str = "fork"
+    queue_size: int = 10_000
+    max_stored_results: int = 10_000
+    max_task_failures: int = 3
+    startup_attempts: int = 3
+    kill_grace: float = 5.0
+
+
+class WorkerHandle:
+    """What the supervisor knows about one worker process."""
+
+    def __init__(self, slot: int, process: Any, generation: int) -> None:
+        self.slot = slot
+        self.process = process
+        self.pid: int = process.pid
+        self.generation = generation
+        self.pipe: SupervisorPipe | None = None
+        self.state = "starting"
+        self.started_at = time.monotonic()
+        self.in_flight: dict[int, Entry] = {}
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.last_heartbeat = time.monotonic()
+        self.retiring = False
+        self.said_bye = False
+        self.gone = False
+        self.startup_error: str | None = None
+        self.exited = asyncio.Event()
+        self.ps: psutil.Process | None = None
+
+    def usage(self) -> tuple[int, float]:
+        """(RSS bytes, CPU percent since the last call)."""
+        try:
+            if self.ps is None:
+                self.ps = psutil.Process(self.pid)
+                self.ps.cpu_percent(None)
+            return self.ps.memory_info().rss, self.ps.cpu_percent(None)
+        except (psutil.Error, OSError):
+            return 0, 0.0
+
+
+class SupervisorPipe(FrameProtocol):
+    """The supervisor's end of one worker's pipe."""
+
+    def __init__(self, supervisor: Supervisor, handle: WorkerHandle) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+        self.handle = handle
+
+    @property
+    def peer(self) -> str:
+        return f"worker {self.handle.slot} (pid {self.handle.pid})"
+
+    def frame_received(self, op: int, fields: list[bytes]) -> None:
+        handle, sup = self.handle, self.supervisor
+        if op == Op.DONE and len(fields) == 5:
+            sup.on_done(handle, int(fields[0]), fields[1].decode(), fields[2][0], fields[3])
+        elif op == Op.HEARTBEAT:
+            handle.last_heartbeat = time.monotonic()
+        elif op == Op.READY:
+            sup.on_ready(handle)
+        elif op == Op.STARTUP_FAILED:
+            handle.startup_error = str(decode_json(fields).get("error"))
+        elif op == Op.BYE:
+            handle.said_bye = True
+        else:
+            raise FrameError(f"unexpected op {op}")
+
+    def connection_closed(self, exc: Exception | None) -> None:
+        self.supervisor.on_worker_gone(self.handle)
+
+
+class ControlConnection(FrameProtocol):
+    """One authenticated producer or admin connection on the control socket."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__(authkey=supervisor.authkey, server_side=True)
+        self.supervisor = supervisor
+        self.subscriptions: set[str] = set()
+
+    @property
+    def peer(self) -> str:
+        return "control connection"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.supervisor.connections.add(self)
+
+    def frame_received(self, op: int, fields: list[bytes]) -> None:
+        sup = self.supervisor
+        if op == Op.KICK and len(fields) == 3:
+            sup.enqueue(Entry(fields[0].decode(), fields[1].decode(), fields[2], producer=self))
+            if sup.queue.full:
+                sup.hold_back(self)
+        elif op == Op.GET and len(fields) == 1:
+            sup.subscribe(fields[0].decode(), self)
+        elif op == Op.REQUEST:
+            payload = decode_json(fields)
+            if not isinstance(payload, dict):
+                raise FrameError("a request must be a JSON object")
+            sup.spawn_task(sup.answer(self, payload))
+        else:
+            raise FrameError(f"unexpected op {op} with {len(fields)} field(s)")
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_closed(self, exc: Exception | None) -> None:
+        self.supervisor.forget(self)
+
+
+class Supervisor:
+    """Runs the pool until a signal (or a fatal startup failure) stops it."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        broker: Any,
+        run_dir: RunDir,
+        authkey: bytes,
+        context: Any,
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.run_dir = run_dir
+        self.authkey = authkey
+        self.context = context
+        self.started_at = time.monotonic()
+        self.target = config.workers
+        self.workers: dict[int, WorkerHandle] = {}
+        self.queue = TaskQueue(config.queue_size)
+        self.results: OrderedDict[str, bytes] = OrderedDict()
+        self.subscribers: dict[str, set[ControlConnection]] = {}
+        self.connections: set[ControlConnection] = set()
+        self.held_back: set[ControlConnection] = set()
+        self.next_delivery = 0
+        self.rotation = 0
+        self.generation = 0
+        self.slot_restarts: dict[int, int] = {}
+        self.retired = {"tasks_done": 0, "tasks_failed": 0}
+        self.ever_ready = False
+        self.failed_starts = 0
+        self.fatal_error: str | None = None
+        self.stopping = False
+        self.forced = False
+        self.stop_requested = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.background: set[asyncio.Task[Any]] = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    # ----------------------------------------------------------------- main
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(
+            lambda: ControlConnection(self), path=str(self.run_dir.control_socket)
+        )
+        os.chmod(self.run_dir.control_socket, 0o600)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGTTIN, self.scale_by, 1)
+        loop.add_signal_handler(signal.SIGTTOU, self.scale_by, -1)
+        spooled = spool.load(self.run_dir.spool_file)
+        if spooled:
+            logger.info("resuming %d task(s) left by the previous run", len(spooled))
+            for entry in spooled:
+                self.queue.put(entry)
+            spool.save(self.run_dir.spool_file, [])
+        logger.info(
+            "pool started: %d worker(s), app %s, run dir %s (pid %d)",
+            self.target,
+            self.config.app,
+            self.run_dir.path,
+            os.getpid(),
+        )
+        for slot in range(self.target):
+            await self.spawn(slot)
+        await self.stop_requested.wait()
+        return await self.shutdown()
+
+    def request_stop(self, sig: int | None = None) -> None:
+        if self.stopping:
+            if not self.forced:
+                logger.warning("second stop signal: stopping now")
+                self.forced = True
+                self.kill_all()
+            return
+        name = signal.Signals(sig).name if sig else "request"
+        logger.info("%s: graceful shutdown (send it again to stop at once)", name)
+        self.stopping = True
+        self.stop_requested.set()
+
+    def spawn_task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception())
+
+    # ----------------------------------------------------------------- workers
+    async def spawn(self, slot: int) -> None:
+        """Start a worker in ``slot``; its pipe is watched from the event loop."""
+        if self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        parent_conn, child_conn = self.context.Pipe(duplex=True)
+        config = WorkerConfig(
+            app=self.config.app,
+            worker_id=slot,
+            run_dir=str(self.run_dir.path),
+            authkey=self.authkey,
+            supervisor_pid=os.getpid(),
+            start_method=self.config.start_method,
+            max_async_tasks=self.config.max_async_tasks,
+            sync_threads=self.config.sync_threads,
+            shutdown_timeout=self.config.shutdown_timeout,
+            log_level=self.config.log_level,
+            close_fds=[*self._inherited_fds(), parent_conn.fileno()],
+        )
+        process = self.context.Process(
+            target=worker_main, args=(config, child_conn), name=f"pool-worker-{slot}"
+        )
+        process.start()
+        child_conn.close()
+        sock = socket.socket(fileno=os.dup(parent_conn.fileno()))
+        parent_conn.close()
+        self.generation += 1
+        handle = WorkerHandle(slot, process, self.generation)
+        self.workers[slot] = handle
+        _, handle.pipe = await loop.connect_accepted_socket(
+            lambda: SupervisorPipe(self, handle), sock
+        )
+        logger.info("worker %d starting (pid %d)", slot, handle.pid)
+
+    def _inherited_fds(self) -> list[int]:
+        """Our sockets a forked child must close, so that EOFs still reach the right peers."""
+        fds: list[int] = []
+        if self.server is not None:
+            fds.extend(s.fileno() for s in self.server.sockets)
+        protocols: list[FrameProtocol] = [*self.connections]
+        protocols.extend(h.pipe for h in self.workers.values() if h.pipe is not None)
+        for proto in protocols:
+            sock = proto.transport.get_extra_info("socket") if proto.transport else None
+            if sock is not None:
+                fds.append(sock.fileno())
+        return [fd for fd in fds if fd >= 0]
+
+    def on_ready(self, handle: WorkerHandle) -> None:
+        handle.state = "draining" if handle.retiring else "ready"
+        handle.last_heartbeat = time.monotonic()
+        self.ever_ready = True
+        self.failed_starts = 0
+        logger.info("worker %d ready (pid %d)", handle.slot, handle.pid)
+        if self.stopping or handle.retiring:
+            self._send_drain(handle)
+        self.changed.set()
+        self.dispatch()
+
+    def on_worker_gone(self, handle: WorkerHandle) -> None:
+        """The pipe closed: the worker exited or is about to. Requeue what it held."""
+        if handle.gone:
+            return
+        handle.gone = True
+        lost = list(handle.in_flight.values())
+        handle.in_flight.clear()
+        crashed = not handle.said_bye
+        for entry in lost:
+            if crashed:
+                self.redeliver(entry, f"worker {handle.slot} (pid {handle.pid}) died")
+            else:
+                self.queue.put_front(entry)  # cancelled by the shutdown timeout
+        self.retired["tasks_done"] += handle.tasks_done
+        self.retired["tasks_failed"] += handle.tasks_failed
+        handle.tasks_done = handle.tasks_failed = 0
+        never_ready = handle.state == "starting"
+        if never_ready and not self.stopping:
+            self.failed_starts += 1
+            reason = handle.startup_error or "it exited before it was ready"
+            logger.error("worker %d failed to start: %s", handle.slot, reason)
+            if not self.ever_ready and self.failed_starts >= self.config.startup_attempts:
+                self.fatal_error = reason
+                logger.critical(
+                    "%d worker start(s) failed and none was ever ready: %s",
+                    self.failed_starts,
+                    reason,
+                )
+                self.stop_requested.set()
+                self.stopping = True
+        elif crashed and not self.stopping:
+            logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
+        self.spawn_task(self._reap(handle))
+        self.dispatch()
+
+    async def _reap(self, handle: WorkerHandle) -> None:
+        """Wait for the process to end (SIGKILL after a grace period), then maybe replace it."""
+        deadline = time.monotonic() + self.config.kill_grace
+        while handle.process.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if handle.process.is_alive():
+            logger.warning("worker %d (pid %d) did not exit; killing it", handle.slot, handle.pid)
+            handle.process.kill()
+            await asyncio.get_running_loop().run_in_executor(None, handle.process.join, 5)
+        handle.process.join(0)
+        handle.exited.set()
+        if self.workers.get(handle.slot) is handle:
+            del self.workers[handle.slot]
+        self.changed.set()
+        if self.stopping or handle.retiring or handle.slot >= self.target:
+            return
+        delay = 0.05
+        if handle.state == "starting":
+            delay = min(0.5 * 2 ** max(self.failed_starts - 1, 0), 30.0)
+        await asyncio.sleep(delay)
+        if not self.stopping and handle.slot not in self.workers and handle.slot < self.target:
+            self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
+            await self.spawn(handle.slot)
+
+    def _send_drain(self, handle: WorkerHandle) -> None:
+        if handle.pipe is not None:
+            handle.pipe.send_raw(encode_json(Op.DRAIN, {"timeout": self.config.shutdown_timeout}))
+
+    def kill_all(self) -> None:
+        for handle in list(self.workers.values()):
+            if handle.process.is_alive():
+                handle.process.kill()
+
+    # ----------------------------------------------------------------- scaling
+    def scale_by(self, delta: int) -> None:
+        self.set_target(max(0, self.target + delta))
+
+    def set_target(self, count: int) -> None:
+        if self.stopping:
+            return
+        logger.info("scaling from %d to %d worker(s)", self.target, count)
+        self.target = count
+        for slot, handle in sorted(self.workers.items()):
+            if slot >= count and not handle.retiring:
+                handle.retiring = True
+                if handle.state == "ready":
+                    handle.state = "draining"
+                    self._send_drain(handle)
+        for slot in range(count):
+            if slot not in self.workers:
+                self.spawn_task(self.spawn(slot))
+        self.changed.set()
+
+    async def wait_for_target(self, timeout: float) -> tuple[bool, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = sum(1 for h in self.workers.values() if h.state == "ready")
+            if ready == self.target and len(self.workers) == self.target:
+                return True, ""
+            if self.stopping:
+                return False, self.fatal_error or "the pool is stopping"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                errors = {h.startup_error for h in self.workers.values() if h.startup_error}
+                return False, (
+                    f"{ready} of {self.target} worker(s) ready after {timeout} s"
+                    + (f"; startup errors: {'; '.join(sorted(errors))}" if errors else "")
+                )
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    # ----------------------------------------------------------------- tasks
+    def enqueue(self, entry: Entry) -> None:
+        self.queue.put(entry)
+        self.dispatch()
+
+    def hold_back(self, conn: ControlConnection) -> None:
+        """Stop reading from a producer while the queue is full: its ``kiq`` waits."""
+        if conn not in self.held_back:
+            self.held_back.add(conn)
+            conn.pause()
+
+    def redeliver(self, entry: Entry, reason: str) -> None:
+        entry.failures += 1
+        if entry.failures >= self.config.max_task_failures:
+            logger.error(
+                "task %s (%s) failed %d deliveries (%s); giving up with an error result",
+                entry.task_id,
+                entry.task_name,
+                entry.failures,
+                reason,
+            )
+            error = WorkerCrashedError(
+                f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
+                f"times and each time its worker died or did not acknowledge it ({reason})"
+            )
+            result: TaskiqResult[Any] = TaskiqResult(is_err=True, error=error)
+            self.store_result(
+                entry.task_id, self.broker.serializer.dumpb(result.to_dict()), entry.producer
+            )
+            return
+        logger.warning("redelivering task %s (%s): %s", entry.task_id, entry.task_name, reason)
+        self.queue.put_front(entry)
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to ready workers, least busy first, up to their capacity."""
+        if self.stopping or not self.queue:
+            return
+        ready = [h for h in self.workers.values() if h.state == "ready" and not h.retiring]
+        if not ready:
+            return
+        self.rotation = (self.rotation + 1) % len(ready)  # ties go round-robin
+        ready = ready[self.rotation :] + ready[: self.rotation]
+        capacity = self.config.max_async_tasks
+        frames: dict[WorkerHandle, list[bytes]] = {}
+        queue = self.queue
+        while queue:
+            handle = min(ready, key=lambda h: len(h.in_flight))
+            if len(handle.in_flight) >= capacity:
+                break
+            entry = queue.pop()
+            self.next_delivery += 1
+            handle.in_flight[self.next_delivery] = entry
+            frames.setdefault(handle, []).append(
+                encode(
+                    Op.TASK, str(self.next_delivery).encode(), entry.task_id.encode(), entry.payload
+                )
+            )
+        for handle, batch in frames.items():
+            if handle.pipe is not None:
+                handle.pipe.send_raw(b"".join(batch))
+        if self.held_back and len(queue) < self.queue.limit * 0.9:
+            for conn in self.held_back:
+                conn.resume()
+            self.held_back.clear()
+
+    def on_done(
+        self, handle: WorkerHandle, delivery: int, task_id: str, flags: int, payload: bytes
+    ) -> None:
+        entry = handle.in_flight.pop(delivery, None)
+        if flags & 2:
+            if entry is not None:
+                self.redeliver(entry, "its result could not be saved")
+            self.dispatch()
+            return
+        handle.tasks_done += 1
+        if flags & 1:
+            handle.tasks_failed += 1
+        if payload:
+            self.store_result(task_id, payload, entry.producer if entry is not None else None)
+        self.dispatch()
+
+    def store_result(self, task_id: str, payload: bytes, producer: Any) -> None:
+        results = self.results
+        results[task_id] = payload
+        results.move_to_end(task_id)
+        while len(results) > self.config.max_stored_results:
+            results.popitem(last=False)
+        targets = self.subscribers.pop(task_id, set())
+        if producer is not None:
+            targets.add(producer)
+        if targets:
+            frame = encode(Op.RESULT, task_id.encode(), payload)
+            for conn in targets:
+                conn.subscriptions.discard(task_id)
+                conn.send_raw(frame)
+
+    def subscribe(self, task_id: str, conn: ControlConnection) -> None:
+        payload = self.results.get(task_id)
+        if payload is not None:
+            conn.send(Op.RESULT, task_id.encode(), payload)
+            return
+        self.subscribers.setdefault(task_id, set()).add(conn)
+        conn.subscriptions.add(task_id)
+
+    def forget(self, conn: ControlConnection) -> None:
+        self.connections.discard(conn)
+        self.held_back.discard(conn)
+        for task_id in conn.subscriptions:
+            waiting = self.subscribers.get(task_id)
+            if waiting is not None:
+                waiting.discard(conn)
+                if not waiting:
+                    del self.subscribers[task_id]
+        conn.subscriptions.clear()
+
+    # ----------------------------------------------------------------- control
+    async def answer(self, conn: ControlConnection, request: dict[str, Any]) -> None:
+        reply: dict[str, Any]
+        cmd = request.get("cmd")
+        try:
+            if cmd == "stats":
+                reply = {"ok": True, "stats": self.stats()}
+            elif cmd == "scale":
+                count = int(request["workers"])
+                if count < 0:
+                    raise ValueError("the worker count cannot be negative")
+                self.set_target(count)
+                ok, error = await self.wait_for_target(float(request.get("timeout", 60)))
+                reply = {"ok": ok, "error": error, "workers": self.target}
+            elif cmd == "ping":
+                reply = {"ok": True, "pid": os.getpid()}
+            else:
+                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        reply["id"] = request.get("id")
+        conn.send_raw(encode_json(Op.REPLY, reply))
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        rows = []
+        for slot, handle in sorted(self.workers.items()):
+            rss, cpu = handle.usage()
+            rows.append(
+                {
+                    "id": slot,
+                    "pid": handle.pid,
+                    "state": handle.state,
+                    "uptime_s": round(now - handle.started_at, 3),
+                    "tasks_done": handle.tasks_done,
+                    "tasks_failed": handle.tasks_failed,
+                    "in_flight": len(handle.in_flight),
+                    "rss_bytes": rss,
+                    "cpu_percent": cpu,
+                    "restarts": self.slot_restarts.get(slot, 0),
+                    "heartbeat_age_s": round(now - handle.last_heartbeat, 3),
+                }
+            )
+        try:
+            state_keys = len(self.broker.state)
+        except Exception:
+            state_keys = -1
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(now - self.started_at, 3),
+            "target_workers": self.target,
+            "run_dir": str(self.run_dir.path),
+            "workers": rows,
+            "totals": {
+                "tasks_done": self.retired["tasks_done"] + sum(r["tasks_done"] for r in rows),
+                "tasks_failed": self.retired["tasks_failed"] + sum(r["tasks_failed"] for r in rows),
+                "in_flight": sum(r["in_flight"] for r in rows),
+                "queued": len(self.queue),
+                "restarts": sum(self.slot_restarts.values()),
+            },
+            "state": {"keys": state_keys},
+        }
+
+    # ----------------------------------------------------------------- shutdown
+    async def shutdown(self) -> int:
+        self.stopping = True
+        for handle in list(self.workers.values()):
+            handle.state = "draining"
+            self._send_drain(handle)
+        deadline = time.monotonic() + self.config.shutdown_timeout + self.config.kill_grace
+        while self.workers and not self.forced and time.monotonic() < deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+        if self.workers:
+            self.kill_all()
+        pending = [h.exited.wait() for h in list(self.workers.values())]
+        if pending:
+            await asyncio.wait_for(asyncio.gather(*pending), self.config.kill_grace + 10)
+        leftovers: list[Entry] = []
+        while self.queue:
+            leftovers.append(self.queue.pop())
+        spool.save(self.run_dir.spool_file, leftovers)
+        if leftovers:
+            logger.info(
+                "%d unstarted task(s) kept in %s for the next run",
+                len(leftovers),
+                self.run_dir.spool_file,
+            )
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self.background):
+            task.cancel()
+        if self.fatal_error is not None:
+            return EXIT_STARTUP_FAILED
+        return EXIT_FORCED if self.forced else EXIT_OK

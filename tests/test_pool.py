@@ -1,0 +1,284 @@
+"""The pool for real: a supervisor subprocess, worker processes, the manager server, pipes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import struct
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pool import PoolBroker, SendTaskError, TaskiqResultTimeoutError
+from pool.exceptions import UnknownTaskError, WorkerCrashedError
+from pool.rundir import RunDir
+from tests.pool_support import RunningPool, call, kicker, wait_for, wait_for_gone
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def pool2():
+    with RunningPool(workers=2) as running:
+        yield running
+
+
+async def test_tasks_run_on_every_worker_and_results_come_back(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    handles = [await kicker(broker, "whoami").kiq() for _ in range(40)]
+    pids = {(await h.wait_result(timeout=30)).raise_for_error().return_value for h in handles}
+    assert pids == set(pool2.worker_pids())
+    assert (await call(broker, "add", 2, 3)).return_value == 5
+    stats = pool2.stats()
+    assert stats["totals"]["tasks_done"] >= 41
+    await broker.shutdown()
+
+
+async def test_failed_task_gives_error_result_and_counts_as_failed(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    result = await call(broker, "fail", "boom")
+    assert result.is_err
+    assert isinstance(result.error, ValueError)
+    assert "boom" in str(result.error)
+    assert pool2.stats()["totals"]["tasks_failed"] == 1
+    await broker.shutdown()
+
+
+async def test_state_is_shared_by_three_workers() -> None:
+    with RunningPool(workers=3) as running:
+        broker = running.broker()
+        await call(broker, "set_value", "config", {"debug": True, "n": 3})
+        seen = {}
+        for _ in range(30):
+            value, pid = (await call(broker, "get_value", "config")).return_value
+            seen[pid] = value
+        assert set(seen) == set(running.worker_pids())
+        assert all(value == {"debug": True, "n": 3} for value in seen.values())
+        # WORKER_STARTUP ran once per worker, on the same shared state
+        assert (await call(broker, "get_value", "workers_started")).return_value[0] == 3
+        await broker.shutdown()
+
+
+async def test_incr_is_exact_from_four_workers() -> None:
+    with RunningPool(workers=4) as running:
+        broker = running.broker()
+        handles = [await kicker(broker, "incr_many").kiq("hits", 2500) for _ in range(4)]
+        pids = [(await h.wait_result(timeout=60)).raise_for_error().return_value for h in handles]
+        assert len(set(pids)) == 4, "each worker should have taken one of the four tasks"
+        assert (await call(broker, "get_value", "hits")).return_value[0] == 10_000
+        await broker.shutdown()
+
+
+async def test_unpicklable_value_stays_in_its_worker(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    is_shared, listed, _pid = (await call(broker, "local_client_info")).return_value
+    assert is_shared is False
+    assert listed is True
+    await broker.shutdown()
+
+
+async def test_worker_killed_mid_task_the_task_completes_on_another(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    release = pool2.mark_path("release")
+    handle = await kicker(broker, "block_until").kiq(str(release), "victim")
+    victim = int(pool2.wait_mark("running-victim"))
+    pool2.mark_path("running-victim").unlink()
+    os.kill(victim, signal.SIGKILL)
+    rerun_on = int(pool2.wait_mark("running-victim"))
+    assert rerun_on != victim
+    release.touch()
+    result = await handle.wait_result(timeout=30)
+    assert result.return_value == ["victim", rerun_on]
+    stats = pool2.wait_ready(2)
+    assert stats["totals"]["restarts"] >= 1
+    assert victim not in [w["pid"] for w in stats["workers"]]
+    await broker.shutdown()
+
+
+async def test_poison_task_fails_after_killing_three_workers(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    result = await call(broker, "poison", timeout=60)
+    assert result.is_err
+    assert isinstance(result.error, WorkerCrashedError)
+    assert "3 times" in str(result.error)
+    assert (await call(broker, "add", 1, 1)).return_value == 2
+    await broker.shutdown()
+
+
+async def test_unknown_task_gives_error_result_naming_it(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    result = await call(broker, "no_such_task")
+    assert result.is_err
+    assert isinstance(result.error, UnknownTaskError)
+    assert "pool_test_app:no_such_task" in str(result.error)
+    assert (await call(broker, "add", 1, 2)).return_value == 3
+    await broker.shutdown()
+
+
+async def test_kiq_without_a_pool_names_the_run_directory(tmp_path: Path) -> None:
+    broker = PoolBroker(run_dir=tmp_path / "nothing-here")
+    with pytest.raises(SendTaskError, match="nothing-here"):
+        await kicker(broker, "add").kiq(1, 2)
+
+
+async def test_wait_result_times_out(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    handle = await kicker(broker, "block_until").kiq(str(pool2.mark_path("never")), "t", 5.0)
+    with pytest.raises(TaskiqResultTimeoutError):
+        await handle.wait_result(timeout=0.3)
+    await broker.shutdown()
+
+
+def test_supervisor_sigkill_leaves_no_process_behind() -> None:
+    running = RunningPool(workers=2).start()
+    try:
+        assert running.proc is not None
+        children = psutil.Process(running.proc.pid).children(recursive=True)
+        assert len(children) >= 3  # two workers and the state server
+        pids = {c.pid for c in children}
+        running.proc.kill()
+        running.proc.wait(10)
+        assert wait_for_gone(pids, 10) == []
+    finally:
+        running.close()
+
+
+def test_failing_startup_handler_stops_the_pool_with_its_error() -> None:
+    running = RunningPool(workers=2, env={"POOL_TEST_FAIL_STARTUP": "1"}).start(wait_ready=False)
+    try:
+        code = running.wait(60)
+        assert code != 0
+        log = running.log()
+        assert "database unreachable (test)" in log
+        assert "no worker could start" in log
+    finally:
+        running.close()
+
+
+async def test_graceful_shutdown_drains_in_flight_tasks_and_fires_worker_shutdown() -> None:
+    running = RunningPool(workers=2).start()
+    try:
+        broker = running.broker()
+        worker_pids = running.worker_pids()
+        handles = [
+            await kicker(broker, "sleep_then_mark").kiq(0.5, f"drain{i}") for i in range(4)
+        ]
+        for i in range(4):
+            running.wait_mark(f"running-drain{i}")
+        running.signal(signal.SIGTERM)
+        results = [await h.wait_result(timeout=30) for h in handles]
+        assert [r.return_value for r in results] == [f"drain{i}" for i in range(4)]
+        assert running.wait(30) == 0
+        for pid in worker_pids:
+            assert running.mark_path(f"shutdown-{pid}").exists(), f"no WORKER_SHUTDOWN in {pid}"
+        await broker.shutdown()
+    finally:
+        running.close()
+
+
+async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    extra = ["--max-async-tasks", "1", "--shutdown-timeout", "1"]
+    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+    release = first.mark_path("release")
+    try:
+        broker = first.broker()
+        blocker = await kicker(broker, "block_until").kiq(str(release), "held")
+        first.wait_mark("running-held")
+        waiting = [await kicker(broker, "add").kiq(i, i) for i in range(5)]
+        wait_for(lambda: first.stats()["totals"]["queued"] == 5, 10, "5 queued tasks")
+        assert first.stop() == 0
+        await broker.shutdown()
+    finally:
+        first.close()
+    assert RunDir.at(run_dir).spool_file.exists()
+    release.touch()
+    second = RunningPool(workers=1, run_dir=run_dir).start()
+    try:
+        broker = second.broker()
+        assert (await blocker.wait_result(timeout=30)).return_value[0] == "held"
+        # the handles made before the restart still find their results
+        for i, handle in enumerate(waiting):
+            handle.result_backend = broker.result_backend
+            assert (await handle.wait_result(timeout=30)).return_value == 2 * i
+        await broker.shutdown()
+    finally:
+        second.close()
+
+
+async def test_garbage_on_every_socket_does_not_hurt_the_pool(pool2: RunningPool) -> None:
+    rd = RunDir.at(pool2.run_dir)
+    payloads = [
+        b"\x00\x01garbage that is not a frame",
+        struct.pack("!IB", 1 << 31, 2),  # oversized length
+        struct.pack("!IB", 50, 2) + b"short",  # truncated, then closed
+        os.urandom(4096),
+    ]
+    for path in (rd.control_socket, rd.state_socket):
+        for payload in payloads:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                try:
+                    sock.sendall(payload)
+                    sock.recv(1024)
+                except OSError:
+                    pass
+    # an authenticated connection sending malformed frames keeps working
+    from pool.client import connect
+    from pool.protocol import Op, encode
+
+    client = await connect(pool2.run_dir)
+    client.send_raw(encode(Op.KICK, b"only-one-field"))
+    client.send_raw(encode(Op.REQUEST, b"{not json"))
+    client.send_raw(encode(99, b"x"))
+    reply = await client.request({"cmd": "ping"}, timeout=10)
+    assert reply["ok"] is True
+    client.close()
+    broker = pool2.broker()
+    assert (await call(broker, "add", 20, 22)).return_value == 42
+    assert len(pool2.stats()["workers"]) == 2
+    await broker.shutdown()
+
+
+async def test_spawn_start_method_shares_state() -> None:
+    with RunningPool(workers=2, extra=["--start-method", "spawn"]) as running:
+        broker = running.broker()
+        await call(broker, "set_value", "spawned", 7)
+        handles = [await kicker(broker, "get_value").kiq("spawned") for _ in range(10)]
+        values = [(await h.wait_result(timeout=30)).return_value for h in handles]
+        assert {v[0] for v in values} == {7}
+        assert {v[1] for v in values} == set(running.worker_pids())
+        await broker.shutdown()
+
+
+async def test_full_queue_makes_kiq_wait(tmp_path: Path) -> None:
+    extra = ["--max-async-tasks", "1", "--queue-size", "10"]
+    with RunningPool(workers=1, extra=extra) as running:
+        broker = running.broker()
+        release = running.mark_path("release")
+        blocker = await kicker(broker, "block_until").kiq(str(release), "b")
+        running.wait_mark("running-b")
+        total = 20_000
+
+        async def flood() -> list[object]:
+            return [await kicker(broker, "noop").kiq() for _ in range(total)]
+
+        sender = asyncio.create_task(flood())
+        deadline = asyncio.get_running_loop().time() + 20
+        while running.stats()["totals"]["queued"] < 10:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.wait({sender}, timeout=1.0)
+        assert not sender.done(), "kiq should wait while the queue is full"
+        queued = running.stats()["totals"]["queued"]
+        assert queued < total
+        release.touch()
+        handles = await asyncio.wait_for(sender, 60)
+        await blocker.wait_result(timeout=30)
+        await handles[-1].wait_result(timeout=60)
+        await broker.shutdown()
