@@ -1,0 +1,114 @@
+"""The worker's side of the shared state: a manager proxy plus a version-checked read cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared_state import codec
+from shared_state.state import TaskiqState
+from shared_state.versions import VersionTable, slot_of
+
+_MISSING = object()
+# Entries kept per process before the cache starts over; a refetch is always correct.
+CACHE_LIMIT = 50_000
+
+
+class SharedBackend:
+    """Talks to the state server; serves unchanged keys from a per-process cache.
+
+    A cache entry is ``(slot version, value, is_object)``: immutable values are kept as
+    objects, others as bytes and copied on every read, so callers get copies as they would
+    from the server.
+    """
+
+    def __init__(self, store: Any, versions: VersionTable) -> None:
+        self._store = store
+        self._versions = versions
+        self._cache: dict[str, tuple[int, Any, bool]] = {}
+
+    # --- reads ----------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._lookup(key)
+        return default if value is _MISSING else value
+
+    def contains(self, key: str) -> bool:
+        return self._lookup(key) is not _MISSING
+
+    def _lookup(self, key: str) -> Any:
+        entry = self._cache.get(key)
+        if entry is not None and self._versions.read(slot_of(key)) == entry[0]:
+            return entry[1] if entry[2] else codec.loads(entry[1])
+        version, blob = self._store._callmethod("get", (key,))
+        if blob is None:
+            self._remember(key, version, _MISSING, True)
+            return _MISSING
+        value = codec.loads(blob)
+        self._remember_value(key, version, value, blob)
+        return value
+
+    def _remember(self, key: str, version: int, value: Any, is_object: bool) -> None:
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = (version, value, is_object)
+
+    def _remember_value(self, key: str, version: int, value: Any, blob: bytes) -> None:
+        if codec.is_immutable(value):
+            self._remember(key, version, value, True)
+        else:
+            self._remember(key, version, blob, False)
+
+    def keys(self) -> list[str]:
+        return list(self._store._callmethod("keys"))
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, codec.loads(b)) for k, b in self._store._callmethod("items")]
+
+    def length(self) -> int:
+        return int(self._store._callmethod("length"))
+
+    # --- writes ---------------------------------------------------------------------
+    def set(self, key: str, value: Any, blob: bytes) -> None:
+        version = self._store._callmethod("set", (key, blob))
+        self._remember_value(key, version, value, blob)
+
+    def delete(self, key: str) -> None:
+        self._cache.pop(key, None)
+        self._store._callmethod("delete", (key,))
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._store._callmethod("clear")
+
+    def incr(self, key: str, amount: int | float) -> Any:
+        version, new = self._store._callmethod("incr", (key, amount))
+        self._remember(key, version, new, True)
+        return new
+
+    def update(self, key: str, fn_blob: bytes, default_blob: bytes) -> Any:
+        version, blob = self._store._callmethod("update", (key, fn_blob, default_blob))
+        value = codec.loads(blob)
+        self._remember_value(key, version, value, blob)
+        return value
+
+    def setdefault(self, key: str, blob: bytes) -> Any:
+        version, current = self._store._callmethod("setdefault", (key, blob))
+        value = codec.loads(current)
+        self._remember_value(key, version, value, current)
+        return value
+
+    # --- locks ----------------------------------------------------------------------
+    def acquire(self, name: str, token: str, pid: int, timeout: float) -> bool:
+        return bool(self._store._callmethod("acquire", (name, token, pid, timeout)))
+
+    def release(self, name: str, token: str) -> bool:
+        return bool(self._store._callmethod("release", (name, token)))
+
+
+def connect_state(address: str, authkey: bytes, version_file: str) -> TaskiqState:
+    """A ``TaskiqState`` backed by the state server at ``address``."""
+    from shared_state.server import manager_class
+
+    manager = manager_class()(address=address, authkey=authkey)
+    manager.connect()
+    store = manager.get_store()  # type: ignore[attr-defined]
+    return TaskiqState(shared=SharedBackend(store, VersionTable(version_file)))

@@ -1,0 +1,146 @@
+"""Named locks usable with ``with`` and ``async with``, for local and shared states alike."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from types import TracebackType
+from typing import Protocol
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LockBackend(Protocol):
+    def acquire(self, name: str, token: str, pid: int, timeout: float) -> bool: ...
+
+    def release(self, name: str, token: str) -> bool: ...
+
+
+class LockTable:
+    """Named locks owned by (token, pid); a lock whose owner process died is taken over."""
+
+    def __init__(self) -> None:
+        self._owners: dict[str, tuple[str, int]] = {}
+        self._changed = threading.Condition()
+
+    def acquire(self, name: str, token: str, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._changed:
+            while True:
+                owner = self._owners.get(name)
+                if owner is None or not _pid_alive(owner[1]):
+                    self._owners[name] = (token, pid)
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                # Wake up now and then to notice an owner that died without releasing.
+                self._changed.wait(min(remaining, 0.2))
+
+    def release(self, name: str, token: str) -> bool:
+        with self._changed:
+            owner = self._owners.get(name)
+            if owner is None or owner[0] != token:
+                return False
+            del self._owners[name]
+            self._changed.notify_all()
+            return True
+
+
+# One server call waits at most this long, so a sync caller stays interruptible.
+_WAIT_SLICE = 0.5
+
+
+class StateLock:
+    """A lock named ``name`` in a state: cross-process when the state is shared."""
+
+    def __init__(self, backend: LockBackend, name: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"lock names are str, not {type(name).__name__}")
+        self._backend = backend
+        self.name = name
+        self._token = uuid.uuid4().hex
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._held:
+            raise RuntimeError(f"lock {self.name!r} is already held by this holder")
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            if not blocking:
+                wait = 0.0
+            elif deadline is None:
+                wait = _WAIT_SLICE
+            else:
+                wait = max(0.0, min(_WAIT_SLICE, deadline - time.monotonic()))
+            if self._backend.acquire(self.name, self._token, os.getpid(), wait):
+                self._held = True
+                return True
+            if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    def release(self) -> None:
+        if not self._held:
+            raise RuntimeError(f"lock {self.name!r} is not held")
+        self._held = False
+        self._backend.release(self.name, self._token)
+
+    def locked_by_me(self) -> bool:
+        return self._held
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> StateLock:
+        if self._held:
+            raise RuntimeError(f"lock {self.name!r} is already held by this holder")
+        pid = os.getpid()
+        if self._backend.acquire(self.name, self._token, pid, 0.0):
+            self._held = True
+            return self
+        loop = asyncio.get_running_loop()
+        while True:
+            # Wait in a thread so the event loop keeps running other tasks meanwhile.
+            attempt = loop.run_in_executor(
+                None, self._backend.acquire, self.name, self._token, pid, _WAIT_SLICE
+            )
+            try:
+                got = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(self._release_if_taken)
+                raise
+            if got:
+                self._held = True
+                return self
+
+    def _release_if_taken(self, attempt: asyncio.Future[bool]) -> None:
+        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+            self._backend.release(self.name, self._token)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

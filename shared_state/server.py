@@ -1,0 +1,117 @@
+"""The state server: a ``multiprocess`` manager process that owns the shared state.
+
+It listens on a Unix socket (inside the pool's private run directory) with the pool's
+authkey, and dies with the process that started it, even when that process is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from multiprocess.managers import BaseManager
+
+_STORE: Any = None
+STORE_METHODS = (
+    "get",
+    "set",
+    "delete",
+    "clear",
+    "keys",
+    "items",
+    "length",
+    "contains",
+    "incr",
+    "update",
+    "setdefault",
+    "acquire",
+    "release",
+)
+
+
+def _get_store() -> Any:
+    return _STORE
+
+
+def manager_class() -> type[BaseManager]:
+    """The manager type, built on first use so that ``import shared_state`` stays light."""
+    global _MANAGER_CLASS
+    if _MANAGER_CLASS is None:
+        from multiprocess.managers import BaseManager
+
+        class StateManager(BaseManager):
+            pass
+
+        StateManager.register("get_store", callable=_get_store, exposed=STORE_METHODS)
+        _MANAGER_CLASS = StateManager
+    return _MANAGER_CLASS
+
+
+_MANAGER_CLASS: type[BaseManager] | None = None
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make sure the server never outlives the process that started it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _serve_init(version_file: str, parent_pid: int) -> None:
+    global _STORE
+    from shared_state.store import StateStore
+    from shared_state.versions import VersionTable
+
+    # Ctrl+C reaches the whole process group; the supervisor decides when the state goes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _exit_with_parent(parent_pid)
+    _STORE = StateStore(VersionTable(version_file, writable=True))
+
+
+class StateServer:
+    """Handle on a running state server."""
+
+    def __init__(self, manager: BaseManager, address: str) -> None:
+        self._manager = manager
+        self.address = address
+
+    @property
+    def pid(self) -> int:
+        return int(self._manager._process.pid)  # type: ignore[attr-defined]
+
+    def is_alive(self) -> bool:
+        return bool(self._manager._process.is_alive())  # type: ignore[attr-defined]
+
+    def shutdown(self) -> None:
+        """Stop the server (idempotent); it is killed if it does not stop in time."""
+        self._manager.shutdown()  # type: ignore[attr-defined]
+
+
+def start_state_server(address: str, authkey: bytes, version_file: str) -> StateServer:
+    """Start a state server on the Unix socket ``address``; return once it accepts clients."""
+    import multiprocess
+
+    if os.path.exists(address):
+        os.unlink(address)
+    # Fork: the server starts with the app already imported, so ``update`` functions that
+    # refer to the app's code can be unpickled there.
+    ctx = multiprocess.get_context("fork")
+    manager = manager_class()(address=address, authkey=authkey, ctx=ctx)
+    manager.start(initializer=_serve_init, initargs=(version_file, os.getpid()))
+    os.chmod(address, 0o600)
+    return StateServer(manager, address)
