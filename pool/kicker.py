@@ -76,7 +76,9 @@ class AsyncKicker(Generic[_ReturnType]):
             raise SendTaskError(f"cannot send task {self.task_name!r}: {exc}") from exc
         for middleware in broker.hooks("post_send"):
             await maybe_awaitable(middleware.post_send(message))
-        return AsyncTaskiqTask(message.task_id, result_backend=broker.result_backend)
+        handle = AsyncTaskiqTask(message.task_id, result_backend=broker.result_backend)
+        broker.result_backend.track(handle)
+        return handle
 
     def __repr__(self) -> str:
         return f"AsyncKicker(task_name={self.task_name!r}, labels={self.labels!r})"

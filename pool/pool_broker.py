@@ -7,6 +7,7 @@ pool's private run directory.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ class PoolResultBackend(AsyncResultBackend[Any]):
     """Results pushed by the supervisor to the connection that sent the task.
 
     Results of tasks sent from elsewhere are asked for once (``GET``) and then pushed too.
-    At most ``max_stored_results`` unread results are kept (oldest dropped first).
+    At most ``max_stored_results`` results are kept (oldest dropped first), except that the
+    result of a task whose handle (what ``kiq`` returned) is still alive is never dropped.
     """
 
     def __init__(self, broker: PoolBroker, max_stored_results: int = 10_000) -> None:
@@ -39,6 +41,20 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self.max_stored_results = max_stored_results
         self._results: OrderedDict[str, bytes] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._live_handles: dict[str, weakref.ref[Any]] = {}
+        self._pinned: dict[str, bytes] = {}
+
+    def track(self, handle: Any) -> None:
+        task_id = handle.task_id
+        self._live_handles[task_id] = weakref.ref(handle, lambda _: self._unpin(task_id))
+
+    def _unpin(self, task_id: str) -> None:
+        self._live_handles.pop(task_id, None)
+        self._pinned.pop(task_id, None)
+
+    def _stored(self, task_id: str) -> bytes | None:
+        data = self._results.get(task_id)
+        return data if data is not None else self._pinned.get(task_id)
 
     def deliver(self, task_id: str, data: bytes) -> None:
         """Called for every result frame the supervisor pushes."""
@@ -50,7 +66,9 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self._results[task_id] = data
         self._results.move_to_end(task_id)
         while len(self._results) > self.max_stored_results:
-            self._results.popitem(last=False)
+            old_id, old_data = self._results.popitem(last=False)
+            if old_id in self._live_handles:
+                self._pinned[old_id] = old_data
 
     def connection_lost(self) -> None:
         for waiters in self._waiters.values():
@@ -67,16 +85,16 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         raise ResultSetError("results of a PoolBroker are saved by the pool's workers")
 
     async def is_result_ready(self, task_id: str) -> bool:
-        if task_id in self._results:
+        if self._stored(task_id) is not None:
             return True
         try:
             await asyncio.wait_for(self._fetch(task_id), 0.05)
         except (asyncio.TimeoutError, ConnectionError, SendTaskError):
             return False
-        return task_id in self._results
+        return self._stored(task_id) is not None
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
-        data = self._results.get(task_id)
+        data = self._stored(task_id)
         if data is None:
             try:
                 data = await asyncio.wait_for(self._fetch(task_id), 1.0)
@@ -91,7 +109,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         timeout: float = -1,
         with_logs: bool = False,
     ) -> TaskiqResult[Any]:
-        data = self._results.get(task_id)
+        data = self._stored(task_id)
         if data is not None:
             return self.decode(data)
         loop = asyncio.get_running_loop()
@@ -114,7 +132,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
                 await asyncio.sleep(check_interval)
 
     async def _fetch(self, task_id: str) -> bytes:
-        data = self._results.get(task_id)
+        data = self._stored(task_id)
         if data is not None:
             return data
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

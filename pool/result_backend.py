@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pool.exceptions import ResultGetError, TaskiqResultTimeoutError
 from pool.result import TaskiqResult
+
+if TYPE_CHECKING:
+    from pool.task import AsyncTaskiqTask
 
 _ReturnType = TypeVar("_ReturnType")
 
 
 class AsyncResultBackend(ABC, Generic[_ReturnType]):
     """Stores task results. Subclasses implement set/get/is_ready; progress is optional."""
+
+    def track(self, handle: AsyncTaskiqTask[Any]) -> None:
+        """Told of every handle ``kiq`` returns; a backend may keep its result while it lives."""
 
     async def startup(self) -> None:
         """Open connections. Called by ``broker.startup()``."""

@@ -457,7 +457,11 @@ class Supervisor:
         """Hand queued tasks to ready workers, least busy first, up to their capacity."""
         if self.stopping or not self.queue:
             return
-        ready = [h for h in self.workers.values() if h.state == "ready" and not h.retiring]
+        ready = [
+            h
+            for h in self.workers.values()
+            if h.state == "ready" and not h.retiring and not h.gone
+        ]
         if not ready:
             return
         self.rotation = (self.rotation + 1) % len(ready)  # ties go round-robin

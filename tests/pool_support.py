@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ class RunningPool:
         return wait_for(ready, timeout, f"{count} ready workers")
 
     def stats(self) -> dict[str, Any]:
-        stats = asyncio.run(request({"cmd": "stats"}, self.run_dir, 10))["stats"]
+        stats = run_sync(request({"cmd": "stats"}, self.run_dir, 10))["stats"]
         self.remember(stats)
         return stats
 
@@ -171,6 +172,12 @@ class RunningPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion, also from inside a running event loop (on a thread)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        return executor.submit(asyncio.run, coro).result()
 
 
 def wait_for_gone(pids: set[int], timeout: float) -> list[int]:
