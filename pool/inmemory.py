@@ -43,6 +43,7 @@ class InMemoryBroker(AsyncBroker):
         self.cast_types = cast_types
         self.propagate_exceptions = propagate_exceptions
         self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
         self._running: set[asyncio.Task[None]] = set()
 
     async def kick(self, message: BrokerMessage) -> None:
@@ -56,8 +57,12 @@ class InMemoryBroker(AsyncBroker):
         job.add_done_callback(self._running.discard)
 
     async def _run(self, data: bytes) -> None:
-        if self._slots is None:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            # a semaphore binds to the loop it first waits on; a broker outlives loops
+            # (one asyncio.run or one test after another), so each loop gets its own
             self._slots = asyncio.Semaphore(self.max_async_tasks)
+            self._slots_loop = loop
         async with self._slots:
             await self.receiver.callback(data)
 

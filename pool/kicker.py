@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pool.exceptions import SendTaskError, TaskiqError
+from pool.exceptions import SendTaskError
 from pool.message import TaskiqMessage
 from pool.task import AsyncTaskiqTask
 from pool.utils import maybe_awaitable
@@ -70,9 +70,10 @@ class AsyncKicker(Generic[_ReturnType]):
             ) from exc
         try:
             await broker.kick(broker_message)
-        except TaskiqError:
+        except SendTaskError:
             raise
         except Exception as exc:
+            # as in taskiq, any failure to send is a SendTaskError (the cause is kept)
             raise SendTaskError(f"cannot send task {self.task_name!r}: {exc}") from exc
         for middleware in broker.hooks("post_send"):
             await maybe_awaitable(middleware.post_send(message))

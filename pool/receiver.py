@@ -36,8 +36,9 @@ class Receiver:
     def __init__(self, broker: AsyncBroker, executor: Executor | None = None) -> None:
         self.broker = broker
         self.executor = executor
-        self._graphs: dict[str, DependencyGraph | None] = {}
-        self._is_async: dict[str, bool] = {}
+        # keyed by the function, not the task name: a name can be registered again
+        self._graphs: dict[Any, DependencyGraph | None] = {}
+        self._is_async: dict[Any, bool] = {}
 
     def parse(self, raw: RawMessage) -> TaskiqMessage | None:
         """The message, or ``None`` (logged with the reason) when it cannot be parsed."""
@@ -115,34 +116,36 @@ class Receiver:
             )
             return False
 
-    def _graph(self, task_name: str, target: Any) -> DependencyGraph | None:
-        if task_name not in self._graphs:
+    def _graph(self, target: Any) -> DependencyGraph | None:
+        if target not in self._graphs:
             graph = DependencyGraph(target)
-            self._graphs[task_name] = graph if graph.dependencies else None
-            self._is_async[task_name] = _is_async(target)
-        return self._graphs[task_name]
+            self._graphs[target] = graph if graph.dependencies else None
+            self._is_async[target] = _is_async(target)
+        return self._graphs[target]
 
     async def run_task(self, target: Any, message: TaskiqMessage) -> TaskiqResult[Any]:
         """Run the task function and capture what it returned or raised."""
-        graph = self._graph(message.task_name, target)
+        graph = self._graph(target)
         kwargs = message.kwargs
         resolver = None
-        if graph is not None:
-            context = Context(message, self.broker)  # one per run: never shared
-            initial = {
-                Context: context,
-                TaskiqState: self.broker.state,
-                type(self.broker): self.broker,
-                **self.broker.custom_dependency_context,
-            }
-            resolver = graph.async_ctx(initial, self.broker.dependency_overrides or None)
-            kwargs = {**kwargs, **await resolver.resolve_kwargs()}
         timeout = _timeout_of(message)
         started = time.perf_counter()
         returned: Any = None
         error: BaseException | None = None
         try:
-            if self._is_async[message.task_name]:
+            if graph is not None:
+                context = Context(message, self.broker)  # one per run: never shared
+                initial = {
+                    Context: context,
+                    TaskiqState: self.broker.state,
+                    type(self.broker): self.broker,
+                    **self.broker.custom_dependency_context,
+                }
+                resolver = graph.async_ctx(initial, self.broker.dependency_overrides or None)
+                # a failing dependency is the task's error, not a lost message;
+                # arguments sent with the message win over resolved ones, as in taskiq
+                kwargs = {**await resolver.resolve_kwargs(), **kwargs}
+            if self._is_async[target]:
                 returned = await asyncio.wait_for(target(*message.args, **kwargs), timeout)
             else:
                 loop = asyncio.get_running_loop()
@@ -152,8 +155,13 @@ class Receiver:
                 returned = await asyncio.wait_for(future, timeout)
                 if inspect.isawaitable(returned):
                     returned = await asyncio.wait_for(returned, timeout)
-        except asyncio.TimeoutError:
-            error = TimeoutError(f"task {message.task_name!r} timed out after {timeout} s")
+        except asyncio.TimeoutError as exc:
+            # wait_for's own timeout comes from a cancellation; a TimeoutError the task
+            # raised itself is kept as it is
+            if timeout is not None and isinstance(exc.__cause__, asyncio.CancelledError):
+                error = TimeoutError(f"task {message.task_name!r} timed out after {timeout} s")
+            else:
+                error = exc
         except Exception as exc:
             error = exc
         elapsed = time.perf_counter() - started

@@ -1,0 +1,1 @@
+"""Measurements of pool (``make bench``); never run as tests."""

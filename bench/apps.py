@@ -1,0 +1,36 @@
+"""The tasks the benchmarks send to a pool."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pool import PoolBroker, TaskiqState
+
+broker = PoolBroker()
+
+
+@broker.task(task_name="noop")
+async def noop() -> None:
+    return None
+
+
+@broker.task(task_name="cpu")
+def cpu(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+@broker.task(task_name="state_bench")
+def state_bench(rounds: int) -> dict[str, Any]:
+    """Time state operations from inside a worker (per operation, in microseconds)."""
+    from bench.state_bench import time_state
+
+    state: TaskiqState = broker.state
+    return time_state(state, rounds)
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,56 @@
+"""Start a real ``pool run`` in a subprocess for a benchmark, and stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchPool:
+    def __init__(self, workers: int, app: str = "bench.apps:broker", *extra: str) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="pb-", dir="/tmp")
+        self.workers = workers
+        self.args = [sys.executable, "-m", "pool", "run", app, "--workers", str(workers),
+                     "--run-dir", self.run_dir, "--log-level", "WARNING", *extra]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def stats(self) -> dict[str, Any]:
+        from pool.client import request
+
+        return (await request({"cmd": "stats"}, self.run_dir, 10))["stats"]
+
+    async def __aenter__(self) -> BenchPool:
+        from pool.exceptions import SendTaskError
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(self.args, cwd=str(ROOT), env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                stats = await self.stats()
+                if sum(w["state"] == "ready" for w in stats["workers"]) == self.workers:
+                    return self
+            except SendTaskError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pool exited with {self.proc.returncode}")
+            await asyncio.sleep(0.05)
+        raise RuntimeError("pool not ready in 60 s")
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
