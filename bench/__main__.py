@@ -38,28 +38,31 @@ def render(results: dict[str, Any]) -> str:
         state_rows.append(
             (label, f"{ours[key]:.2f}", f"{manager[key]:.2f}", f"{manager[key] / ours[key]:.1f}x")
         )
-    return "\n\n".join(
-        [
-            "# Benchmark results",
-            f"{results['when']} on {results['machine']}. Reproduce with `make bench`.",
-            "## pool + PoolBroker (2 workers, no-op tasks)",
-            _table(
-                [
-                    ("figure", "value"),
-                    (
-                        f"throughput, {pool['tasks']} tasks in batches of 1,000",
-                        f"{pool['throughput_tasks_per_s']:.0f} tasks/s",
-                    ),
-                    ("round trip p50 (kiq + wait_result)", f"{pool['p50_ms']:.3f} ms"),
-                    ("round trip p99", f"{pool['p99_ms']:.3f} ms"),
-                ]
-            ),
-            "## Shared state vs a multiprocess Manager dict proxy (median per operation)",
-            _table(state_rows),
-            "Timed from inside a pool worker: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in worker.items()),
-        ]
-    ) + "\n"
+    return (
+        "\n\n".join(
+            [
+                "# Benchmark results",
+                f"{results['when']} on {results['machine']}. Reproduce with `make bench`.",
+                "## pool + PoolBroker (2 workers, no-op tasks)",
+                _table(
+                    [
+                        ("figure", "value"),
+                        (
+                            f"throughput, {pool['tasks']} tasks in batches of 1,000",
+                            f"{pool['throughput_tasks_per_s']:.0f} tasks/s",
+                        ),
+                        ("round trip p50 (kiq + wait_result)", f"{pool['p50_ms']:.3f} ms"),
+                        ("round trip p99", f"{pool['p99_ms']:.3f} ms"),
+                    ]
+                ),
+                "## Shared state vs a multiprocess Manager dict proxy (median per operation)",
+                _table(state_rows),
+                "Timed from inside a pool worker: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in worker.items()),
+            ]
+        )
+        + "\n"
+    )
 
 
 def main() -> None:

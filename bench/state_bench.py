@@ -33,9 +33,7 @@ def time_state(state: Any, rounds: int) -> dict[str, float]:
     state.get_value("bench:n")
     return {
         "get_unchanged_us": _per_op_us(lambda i: state.get_value("bench:n"), rounds * 10),
-        "get_unchanged_dict_us": _per_op_us(
-            lambda i: state.get_value("bench:config"), rounds * 10
-        ),
+        "get_unchanged_dict_us": _per_op_us(lambda i: state.get_value("bench:config"), rounds * 10),
         "set_us": _per_op_us(lambda i: state.set_value("bench:s", i), rounds),
         "incr_us": _per_op_us(lambda i: state.incr("bench:c"), rounds),
     }

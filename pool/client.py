@@ -38,7 +38,8 @@ class ControlClient(FrameProtocol):
                 self.on_result(fields[0].decode(), fields[1])
         elif op == Op.REPLY:
             reply = decode_json(fields)
-            waiter = self._replies.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+            reply_id = reply.get("id") if isinstance(reply, dict) else None
+            waiter = self._replies.pop(reply_id, None) if isinstance(reply_id, int) else None
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
         elif op == Op.ERROR:

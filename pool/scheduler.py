@@ -137,9 +137,7 @@ class ScheduledTask:
     task_id: str | None = None
 
     def __post_init__(self) -> None:
-        given = [
-            name for name in ("cron", "time", "interval") if getattr(self, name) is not None
-        ]
+        given = [name for name in ("cron", "time", "interval") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
                 "a ScheduledTask needs exactly one of cron, time and interval"
@@ -150,8 +148,7 @@ class ScheduledTask:
         if self.cron_offset is not None:
             if not isinstance(self.cron_offset, (str, timedelta)):
                 raise ValueError(
-                    f"cron_offset must be a time zone name or a timedelta, "
-                    f"got {self.cron_offset!r}"
+                    f"cron_offset must be a time zone name or a timedelta, got {self.cron_offset!r}"
                 )
             _tz_of(self.cron_offset)
         if self.time is not None:
@@ -239,9 +236,11 @@ class ScheduleSource(ABC):
 
     async def startup(self) -> None:
         """Called by ``TaskiqScheduler.startup()``."""
+        return None
 
     async def shutdown(self) -> None:
         """Called by ``TaskiqScheduler.shutdown()``."""
+        return None
 
     @abstractmethod
     async def get_schedules(self) -> list[ScheduledTask]:
@@ -413,7 +412,7 @@ class TaskiqScheduler:
 
         A schedule whose sending failed is logged and tried again at the next tick.
         """
-        now = _as_utc(now)
+        now = _as_utc(now).astimezone(timezone.utc)
         sent: list[ScheduledTask] = []
         for index, source in enumerate(self.sources):
             try:
@@ -546,9 +545,7 @@ class CreatedSchedule(Generic[_ReturnType]):
             if self.task.time
             else f"interval={self.task.interval}"
         )
-        return (
-            f"CreatedSchedule(id={self.schedule_id!r}, task={self.task.task_name!r}, {when})"
-        )
+        return f"CreatedSchedule(id={self.schedule_id!r}, task={self.task.task_name!r}, {when})"
 
 
 KickerLike = Union[AsyncKicker[Any], Any]  # noqa: UP007  (an AsyncKicker or a decorated task)
@@ -624,9 +621,7 @@ async def schedule_by_interval(
 ) -> CreatedSchedule[Any]:
     """Add a schedule that sends the task every ``interval`` seconds (or timedelta)."""
     kicker = _kicker_of(kicker_or_task)
-    return await _register(
-        kicker, source, interval=_seconds(interval), args=args, kwargs=kwargs
-    )
+    return await _register(kicker, source, interval=_seconds(interval), args=args, kwargs=kwargs)
 
 
 __all__ = [

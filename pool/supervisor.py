@@ -13,7 +13,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -291,7 +291,7 @@ class Supervisor:
         """Our sockets a forked child must close, so that EOFs still reach the right peers."""
         fds: list[int] = []
         if self.server is not None:
-            fds.extend(s.fileno() for s in self.server.sockets)
+            fds.extend(s.fileno() for s in cast(asyncio.Server, self.server).sockets)
         protocols: list[FrameProtocol] = [*self.connections]
         protocols.extend(h.pipe for h in self.workers.values() if h.pipe is not None)
         for proto in protocols:
@@ -458,9 +458,7 @@ class Supervisor:
         if self.stopping or not self.queue:
             return
         ready = [
-            h
-            for h in self.workers.values()
-            if h.state == "ready" and not h.retiring and not h.gone
+            h for h in self.workers.values() if h.state == "ready" and not h.retiring and not h.gone
         ]
         if not ready:
             return
@@ -564,7 +562,7 @@ class Supervisor:
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for slot, handle in sorted(self.workers.items()):
             rss, cpu = handle.usage()
             rows.append(

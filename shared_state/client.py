@@ -110,5 +110,5 @@ def connect_state(address: str, authkey: bytes, version_file: str) -> TaskiqStat
 
     manager = manager_class()(address=address, authkey=authkey)
     manager.connect()
-    store = manager.get_store()  # type: ignore[attr-defined]
+    store = manager.get_store()
     return TaskiqState(shared=SharedBackend(store, VersionTable(version_file)))

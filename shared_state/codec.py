@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 # Values of these types cannot be changed in place, so a cached object can be handed out
@@ -14,6 +15,7 @@ PICKLE_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     NotImplementedError,
     RecursionError,
+    pickle.PicklingError,
 )
 
 
@@ -51,12 +53,17 @@ def _value_pickler_class() -> Any:
         for module in (io, _pyio):
             local_only.update(
                 getattr(module, name)
-                for name in ("TextIOWrapper", "BufferedWriter", "BufferedReader",
-                             "BufferedRandom", "FileIO")
+                for name in (
+                    "TextIOWrapper",
+                    "BufferedWriter",
+                    "BufferedReader",
+                    "BufferedRandom",
+                    "FileIO",
+                )
                 if hasattr(module, name)
             )
 
-        class ValuePickler(dill.Pickler):  # type: ignore[misc]
+        class ValuePickler(dill.Pickler):
             dispatch = {k: v for k, v in dill.Pickler.dispatch.items() if k not in local_only}
 
         _value_pickler = ValuePickler
@@ -66,12 +73,11 @@ def _value_pickler_class() -> Any:
 def try_dumps(value: Any) -> bytes | None:
     """Bytes for a value of the shared tier, or ``None`` when it must stay local."""
     import io
-    import pickle
 
     buffer = io.BytesIO()
     try:
         _value_pickler_class()(buffer, protocol=5).dump(value)
-    except (pickle.PicklingError, *PICKLE_ERRORS):
+    except PICKLE_ERRORS:
         return None
     return buffer.getvalue()
 

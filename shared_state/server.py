@@ -92,14 +92,14 @@ class StateServer:
 
     @property
     def pid(self) -> int:
-        return int(self._manager._process.pid)  # type: ignore[attr-defined]
+        return int(self._manager._process.pid)
 
     def is_alive(self) -> bool:
-        return bool(self._manager._process.is_alive())  # type: ignore[attr-defined]
+        return bool(self._manager._process.is_alive())
 
     def shutdown(self) -> None:
         """Stop the server (idempotent); it is killed if it does not stop in time."""
-        self._manager.shutdown()  # type: ignore[attr-defined]
+        self._manager.shutdown()
 
 
 def start_state_server(address: str, authkey: bytes, version_file: str) -> StateServer:

@@ -85,7 +85,8 @@ class TaskiqState:
         if self._shared is None:
             return local
         seen = set(local)
-        return local + [k for k in self._shared.keys() if k not in seen]
+        shared_keys: list[str] = self._shared.keys()
+        return local + [k for k in shared_keys if k not in seen]
 
     def values(self) -> list[Any]:
         return [value for _, value in self.items()]
@@ -130,7 +131,9 @@ class TaskiqState:
             try:
                 fn_blob, default_blob = codec.dumps(fn), codec.dumps(default)
             except Exception as exc:
-                raise TypeError(f"update of {key!r}: cannot send {fn!r} to the state: {exc}")
+                raise TypeError(
+                    f"update of {key!r}: cannot send {fn!r} to the state: {exc}"
+                ) from exc
             return self._shared.update(key, fn_blob, default_blob)
         with self._guard:
             self._local[key] = new = fn(self._local.get(key, default))

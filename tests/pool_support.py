@@ -201,7 +201,9 @@ def kicker(broker: PoolBroker, task: str) -> AsyncKicker[Any]:
     return AsyncKicker(f"{APP}:{task}", broker)
 
 
-async def call(broker: PoolBroker, task: str, *args: Any, timeout: float = 30, **kwargs: Any) -> Any:
+async def call(
+    broker: PoolBroker, task: str, *args: Any, timeout: float = 30, **kwargs: Any
+) -> Any:
     """Send a task by name and return its result."""
     handle = await kicker(broker, task).kiq(*args, **kwargs)
     return await handle.wait_result(timeout=timeout)

@@ -164,9 +164,7 @@ async def test_graceful_shutdown_drains_in_flight_tasks_and_fires_worker_shutdow
     try:
         broker = running.broker()
         worker_pids = running.worker_pids()
-        handles = [
-            await kicker(broker, "sleep_then_mark").kiq(0.5, f"drain{i}") for i in range(4)
-        ]
+        handles = [await kicker(broker, "sleep_then_mark").kiq(0.5, f"drain{i}") for i in range(4)]
         for i in range(4):
             running.wait_mark(f"running-drain{i}")
         running.signal(signal.SIGTERM)

@@ -73,7 +73,7 @@ def get_value(key: str) -> list[object]:
 @broker.task
 def local_client_info() -> list[object]:
     """The unpicklable value set at startup: local to this worker, never shared."""
-    return [broker.state.is_shared("client"), "client" in broker.state.keys(), os.getpid()]
+    return [broker.state.is_shared("client"), "client" in list(broker.state.keys()), os.getpid()]
 
 
 @broker.task
