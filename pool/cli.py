@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a supervisor and its worker processes",
         description="Start a supervisor that runs the tasks of MODULE:ATTR (a broker) in worker "
         "processes. SIGINT/SIGTERM: graceful shutdown (twice: immediate); SIGTTIN/SIGTTOU: one "
-        "worker more/less.",
+        "worker more/less; SIGHUP: reload the code and replace every worker, the new one "
+        "ready before an old one drains.",
     )
     run.add_argument("app", metavar="MODULE:ATTR", help="the broker, e.g. app:broker")
     run.add_argument(
@@ -109,6 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MIN,MAX",
         help="grow and shrink the worker count between MIN and MAX with the load",
+    )
+    run.add_argument(
+        "--autoscale-idle",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --autoscale: shrink after a worker stayed idle this long (default: %(default)s)",
+    )
+    run.add_argument(
+        "--worker-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="kill and replace a worker whose event loop sent no heartbeat for this long "
+        "(a blocking call in an async task); its tasks go to another worker "
+        "(default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=_non_negative_int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics of the whole pool on this port (0: any free port)",
+    )
+    run.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (default: %(default)s, loopback only)",
     )
     run.add_argument(
         "--run-dir",
@@ -208,6 +238,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_tasks_per_child=args.max_tasks_per_child,
         max_memory_per_child=args.max_memory_per_child,
         autoscale=args.autoscale,
+        autoscale_idle=args.autoscale_idle,
+        worker_timeout=args.worker_timeout,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
         run_dir=args.run_dir,
         log_level=args.log_level,
         start_method=args.start_method,

@@ -344,6 +344,9 @@ class LabelScheduleSource(ScheduleSource):
 
 
 # --------------------------------------------------------------------------- scheduler
+_SENT, _CANCELLED, _FAILED = "sent", "cancelled", "failed"
+
+
 @dataclass
 class _State:
     last_minute: datetime | None = None  # cron: the last minute already considered
@@ -432,11 +435,14 @@ class TaskiqScheduler:
                     continue
                 if not due:
                     continue
-                if await self._send(source, task):
+                outcome = await self._send(source, task)
+                if outcome == _FAILED:
+                    continue  # tried again at the next tick
+                if outcome == _SENT:
                     sent.append(task)
-                    self._advance(task, state, now)
-                    if task.time is not None:
-                        await self._delete_fired(source, task)
+                self._advance(task, state, now)  # sent, or this run cancelled by the source
+                if task.time is not None:
+                    await self._delete_fired(source, task)
             for key in [k for k in self._states if k[0] == index and k not in seen]:
                 del self._states[key]
         return sent
@@ -478,15 +484,17 @@ class TaskiqScheduler:
         else:
             state.last_minute = _floor_minute(now)
 
-    async def _send(self, source: ScheduleSource, task: ScheduledTask) -> bool:
+    async def _send(self, source: ScheduleSource, task: ScheduledTask) -> str:
         try:
             await maybe_awaitable(source.pre_send(task))
         except ScheduledTaskCancelledError:
-            logger.info("schedule %s of %s cancelled by its source", task.schedule_id, task)
-            return True  # this run is done, it just was not sent
+            logger.info(
+                "run of schedule %s (%s) cancelled by its source", task.schedule_id, task.task_name
+            )
+            return _CANCELLED
         except Exception:
             logger.exception("pre_send of schedule %s failed", task.schedule_id)
-            return False
+            return _FAILED
         try:
             await self.on_ready(source, task)
         except Exception:
@@ -495,13 +503,13 @@ class TaskiqScheduler:
                 task.task_name,
                 task.schedule_id,
             )
-            return False
+            return _FAILED
         logger.info("sent scheduled task %s (schedule %s)", task.task_name, task.schedule_id)
         try:
             await maybe_awaitable(source.post_send(task))
         except Exception:
             logger.exception("post_send of schedule %s failed", task.schedule_id)
-        return True
+        return _SENT
 
     @staticmethod
     async def _delete_fired(source: ScheduleSource, task: ScheduledTask) -> None:

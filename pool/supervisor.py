@@ -11,19 +11,23 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 
 from pool import spool
+from pool.autoscale import Autoscaler, Observation
 from pool.exceptions import WorkerCrashedError
 from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode, encode_json
 from pool.result import TaskiqResult
 from pool.rundir import RunDir
 from pool.spool import Entry, TaskQueue
 from pool.worker import WorkerConfig, worker_main
+
+if TYPE_CHECKING:
+    from pool.metrics import PoolMetrics
 
 logger = logging.getLogger("pool.supervisor")
 
@@ -52,6 +56,12 @@ class PoolConfig:
     max_task_failures: int = 3
     startup_attempts: int = 3
     kill_grace: float = 5.0
+    worker_timeout: float = 60.0
+    autoscale_idle: float = 10.0
+    autoscale_cooldown: float = 2.0
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    monitor_interval: float = 1.0
 
 
 class WorkerHandle:
@@ -70,21 +80,31 @@ class WorkerHandle:
         self.tasks_failed = 0
         self.last_heartbeat = time.monotonic()
         self.retiring = False
+        # Why this worker is being replaced (replacement first, then it drains), if it is.
+        self.recycling: str | None = None
         self.said_bye = False
         self.gone = False
         self.startup_error: str | None = None
         self.exited = asyncio.Event()
         self.ps: psutil.Process | None = None
+        self.rss = 0
+        self.cpu = 0.0
+        self.idle_since = time.monotonic()
 
-    def usage(self) -> tuple[int, float]:
-        """(RSS bytes, CPU percent since the last call)."""
+    def sample_usage(self) -> None:
+        """Refresh RSS and CPU percent (since the previous sample) with psutil."""
         try:
             if self.ps is None:
                 self.ps = psutil.Process(self.pid)
                 self.ps.cpu_percent(None)
-            return self.ps.memory_info().rss, self.ps.cpu_percent(None)
+            self.rss = self.ps.memory_info().rss
+            self.cpu = self.ps.cpu_percent(None)
         except (psutil.Error, OSError):
-            return 0, 0.0
+            pass
+
+    @property
+    def counts_toward_target(self) -> bool:
+        return not (self.retiring or self.recycling or self.gone)
 
 
 class SupervisorPipe(FrameProtocol):
@@ -102,7 +122,14 @@ class SupervisorPipe(FrameProtocol):
     def frame_received(self, op: int, fields: list[bytes]) -> None:
         handle, sup = self.handle, self.supervisor
         if op == Op.DONE and len(fields) == 5:
-            sup.on_done(handle, int(fields[0]), fields[1].decode(), fields[2][0], fields[3])
+            sup.on_done(
+                handle,
+                int(fields[0]),
+                fields[1].decode(),
+                fields[2][0],
+                fields[3],
+                float(fields[4]),
+            )
         elif op == Op.HEARTBEAT:
             handle.last_heartbeat = time.monotonic()
         elif op == Op.READY:
@@ -193,6 +220,9 @@ class Supervisor:
         self.retired = {"tasks_done": 0, "tasks_failed": 0}
         self.ever_ready = False
         self.failed_starts = 0
+        self.recent_startup_errors: deque[str] = deque(maxlen=3)
+        self.backoff_until = 0.0
+        self.reconcile_timer: asyncio.TimerHandle | None = None
         self.fatal_error: str | None = None
         self.stopping = False
         self.forced = False
@@ -200,6 +230,15 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()
         self.server: asyncio.AbstractServer | None = None
+        self.done_history: deque[tuple[float, int]] = deque(maxlen=130)
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale is not None:
+            low, high = config.autoscale
+            self.autoscaler = Autoscaler(
+                low, high, config.autoscale_idle, config.autoscale_cooldown
+            )
+            self.target = min(max(self.target, low), high)
+        self.metrics: PoolMetrics | None = None
 
     # ----------------------------------------------------------------- main
     async def run(self) -> int:
@@ -212,6 +251,13 @@ class Supervisor:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGTTIN, self.scale_by, 1)
         loop.add_signal_handler(signal.SIGTTOU, self.scale_by, -1)
+        loop.add_signal_handler(signal.SIGHUP, self.rolling_restart)
+        if self.config.metrics_port is not None:
+            from pool.metrics import PoolMetrics
+
+            self.metrics = PoolMetrics(self.stats)
+            port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
+            logger.info("metrics on http://%s:%d/metrics", self.config.metrics_addr, port)
         spooled = spool.load(self.run_dir.spool_file)
         if spooled:
             logger.info("resuming %d task(s) left by the previous run", len(spooled))
@@ -225,8 +271,8 @@ class Supervisor:
             self.run_dir.path,
             os.getpid(),
         )
-        for slot in range(self.target):
-            await self.spawn(slot)
+        self.reconcile()
+        self.spawn_task(self.monitor())
         await self.stop_requested.wait()
         return await self.shutdown()
 
@@ -253,11 +299,62 @@ class Supervisor:
             logger.error("background task failed", exc_info=task.exception())
 
     # ----------------------------------------------------------------- workers
-    async def spawn(self, slot: int) -> None:
-        """Start a worker in ``slot``; its pipe is watched from the event loop."""
+    def reconcile(self) -> None:
+        """Bring the number of workers that count toward the target to the target.
+
+        Missing workers are started (after the crash backoff, if one is running); extra
+        ones are drained, those still starting first, then the least busy. Workers being
+        recycled drain once enough replacements are ready.
+        """
         if self.stopping:
             return
+        counted = [h for h in self.workers.values() if h.counts_toward_target]
+        missing = self.target - len(counted)
+        if missing > 0:
+            now = time.monotonic()
+            if now < self.backoff_until:
+                self._reconcile_at(self.backoff_until)
+            else:
+                for _ in range(missing):
+                    self.spawn()
+        elif missing < 0:
+            extras = sorted(
+                counted, key=lambda h: (h.state == "ready", len(h.in_flight), -h.started_at)
+            )
+            for handle in extras[:-missing]:
+                self.retire(handle, "scaling down")
+        self._drain_recycled(counted)
+
+    def _reconcile_at(self, when: float) -> None:
+        if self.reconcile_timer is not None:
+            self.reconcile_timer.cancel()
         loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.monotonic())
+        self.reconcile_timer = loop.call_later(delay, self._timer_reconcile)
+
+    def _timer_reconcile(self) -> None:
+        self.reconcile_timer = None
+        self.reconcile()
+
+    def _drain_recycled(self, counted: list[WorkerHandle]) -> None:
+        """Drain recycled workers as their replacements become ready, oldest first."""
+        recycled = sorted(
+            (h for h in self.workers.values() if h.recycling and not h.retiring and not h.gone),
+            key=lambda h: h.started_at,
+        )
+        ready = sum(1 for h in counted if h.state == "ready")
+        for left, handle in zip(range(len(recycled), 0, -1), recycled, strict=True):
+            if ready + left - 1 < self.target:
+                break
+            self.retire(handle, handle.recycling or "recycled")
+
+    def spawn(self) -> WorkerHandle | None:
+        """Start a worker in the lowest free slot; its pipe is then watched from the loop."""
+        if self.stopping:
+            return None
+        slot = 0
+        while slot in self.workers:
+            slot += 1
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         config = WorkerConfig(
             app=self.config.app,
@@ -282,10 +379,16 @@ class Supervisor:
         self.generation += 1
         handle = WorkerHandle(slot, process, self.generation)
         self.workers[slot] = handle
+        self.spawn_task(self._attach(handle, sock))
+        logger.info("worker %d starting (pid %d)", slot, handle.pid)
+        self.changed.set()
+        return handle
+
+    async def _attach(self, handle: WorkerHandle, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         _, handle.pipe = await loop.connect_accepted_socket(
             lambda: SupervisorPipe(self, handle), sock
         )
-        logger.info("worker %d starting (pid %d)", slot, handle.pid)
 
     def _inherited_fds(self) -> list[int]:
         """Our sockets a forked child must close, so that EOFs still reach the right peers."""
@@ -298,18 +401,59 @@ class Supervisor:
             sock = proto.transport.get_extra_info("socket") if proto.transport else None
             if sock is not None:
                 fds.append(sock.fileno())
+        if self.metrics is not None and self.metrics._server is not None:
+            fds.append(self.metrics._server.fileno())
         return [fd for fd in fds if fd >= 0]
 
     def on_ready(self, handle: WorkerHandle) -> None:
         handle.state = "draining" if handle.retiring else "ready"
-        handle.last_heartbeat = time.monotonic()
+        handle.last_heartbeat = handle.idle_since = time.monotonic()
         self.ever_ready = True
         self.failed_starts = 0
         logger.info("worker %d ready (pid %d)", handle.slot, handle.pid)
         if self.stopping or handle.retiring:
             self._send_drain(handle)
         self.changed.set()
+        self.reconcile()
         self.dispatch()
+
+    def retire(self, handle: WorkerHandle, reason: str) -> None:
+        """Drain a worker: no new tasks, in-flight ones finish, WORKER_SHUTDOWN, exit."""
+        if handle.retiring or handle.gone:
+            return
+        handle.retiring = True
+        logger.info("worker %d (pid %d) drains: %s", handle.slot, handle.pid, reason)
+        if handle.state == "ready":
+            handle.state = "draining"
+            self._send_drain(handle)
+        self.changed.set()
+
+    def recycle(self, handle: WorkerHandle, reason: str) -> None:
+        """Replace a worker gracefully: the replacement starts first, then this one drains."""
+        if handle.recycling or handle.retiring or handle.gone:
+            return
+        logger.info("worker %d (pid %d) is replaced: %s", handle.slot, handle.pid, reason)
+        handle.recycling = reason
+        self.reconcile()
+
+    def rolling_restart(self) -> None:
+        """SIGHUP: load the code again, then replace every worker, replacement first."""
+        if self.stopping:
+            return
+        from pool.reload import reload_app
+
+        try:
+            broker = reload_app(self.config.app)
+        except Exception:
+            logger.exception("SIGHUP: the app failed to import; keeping the running workers")
+            return
+        broker.state = self.broker.state
+        self.broker = broker
+        old = [h for h in self.workers.values() if h.counts_toward_target]
+        logger.info("SIGHUP: code reloaded; replacing %d worker(s)", len(old))
+        for handle in old:
+            handle.recycling = "rolling restart"
+        self.reconcile()
 
     def on_worker_gone(self, handle: WorkerHandle) -> None:
         """The pipe closed: the worker exited or is about to. Requeue what it held."""
@@ -331,7 +475,11 @@ class Supervisor:
         if never_ready and not self.stopping:
             self.failed_starts += 1
             reason = handle.startup_error or "it exited before it was ready"
+            self.recent_startup_errors.append(reason)
             logger.error("worker %d failed to start: %s", handle.slot, reason)
+            self.backoff_until = time.monotonic() + min(
+                0.5 * 2 ** max(self.failed_starts - 1, 0), 30.0
+            )
             if not self.ever_ready and self.failed_starts >= self.config.startup_attempts:
                 self.fatal_error = reason
                 logger.critical(
@@ -341,13 +489,15 @@ class Supervisor:
                 )
                 self.stop_requested.set()
                 self.stopping = True
-        elif crashed and not self.stopping:
+        elif crashed and not self.stopping and not handle.retiring:
             logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
+            self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
+            self.backoff_until = max(self.backoff_until, time.monotonic() + 0.05)
         self.spawn_task(self._reap(handle))
         self.dispatch()
 
     async def _reap(self, handle: WorkerHandle) -> None:
-        """Wait for the process to end (SIGKILL after a grace period), then maybe replace it."""
+        """Wait for the process to end (SIGKILL after a grace period), then rebalance."""
         deadline = time.monotonic() + self.config.kill_grace
         while handle.process.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -360,15 +510,7 @@ class Supervisor:
         if self.workers.get(handle.slot) is handle:
             del self.workers[handle.slot]
         self.changed.set()
-        if self.stopping or handle.retiring or handle.slot >= self.target:
-            return
-        delay = 0.05
-        if handle.state == "starting":
-            delay = min(0.5 * 2 ** max(self.failed_starts - 1, 0), 30.0)
-        await asyncio.sleep(delay)
-        if not self.stopping and handle.slot not in self.workers and handle.slot < self.target:
-            self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
-            await self.spawn(handle.slot)
+        self.reconcile()
 
     def _send_drain(self, handle: WorkerHandle) -> None:
         if handle.pipe is not None:
@@ -379,41 +521,106 @@ class Supervisor:
             if handle.process.is_alive():
                 handle.process.kill()
 
+    # ----------------------------------------------------------------- health
+    async def monitor(self) -> None:
+        """Once a second: usage, recycling limits, hung workers, throughput, autoscale."""
+        while not self.stopping:
+            now = time.monotonic()
+            for handle in list(self.workers.values()):
+                if handle.gone:
+                    continue
+                handle.sample_usage()
+                self._check_health(handle, now)
+            self.done_history.append((now, self.total_done()))
+            if self.autoscaler is not None:
+                self._autoscale(now)
+            await asyncio.sleep(self.config.monitor_interval)
+
+    def _check_health(self, handle: WorkerHandle, now: float) -> None:
+        limit_mb = self.config.max_memory_per_child
+        if limit_mb and handle.state == "ready" and handle.rss > limit_mb * 1024 * 1024:
+            self.recycle(handle, f"RSS {handle.rss / 2**20:.0f} MiB > {limit_mb:g} MiB")
+        silent = now - handle.last_heartbeat
+        if handle.state in ("ready", "draining") and silent > self.config.worker_timeout:
+            running = (
+                ", ".join(f"{e.task_name} ({e.task_id})" for e in handle.in_flight.values())
+                or "no task"
+            )
+            logger.error(
+                "worker %d (pid %d) sent no heartbeat for %.1f s (running: %s); killing it",
+                handle.slot,
+                handle.pid,
+                silent,
+                running,
+            )
+            handle.last_heartbeat = now  # once: the kill below ends it
+            handle.process.kill()
+
+    def _autoscale(self, now: float) -> None:
+        assert self.autoscaler is not None
+        ready = [h for h in self.workers.values() if h.counts_toward_target and h.state == "ready"]
+        idle = [now - h.idle_since for h in ready if not h.in_flight]
+        decision = self.autoscaler.decide(
+            Observation(
+                now=now,
+                target=self.target,
+                queued=len(self.queue),
+                busy_workers=sum(1 for h in ready if h.in_flight),
+                ready_workers=len(ready),
+                longest_idle_s=max(idle, default=0.0),
+            )
+        )
+        if decision is not None:
+            target, why = decision
+            logger.info("autoscale: %d -> %d worker(s): %s", self.target, target, why)
+            self.set_target(target, log=False)
+
+    def total_done(self) -> int:
+        return self.retired["tasks_done"] + sum(h.tasks_done for h in self.workers.values())
+
+    def throughput(self, window: float) -> float:
+        """Tasks finished per second over the last ``window`` seconds."""
+        if len(self.done_history) < 2:
+            return 0.0
+        now, done = self.done_history[-1]
+        for when, then_done in self.done_history:
+            if now - when <= window + 0.5:
+                elapsed = now - when
+                return (done - then_done) / elapsed if elapsed > 0 else 0.0
+        return 0.0
+
     # ----------------------------------------------------------------- scaling
     def scale_by(self, delta: int) -> None:
         self.set_target(max(0, self.target + delta))
 
-    def set_target(self, count: int) -> None:
+    def set_target(self, count: int, log: bool = True) -> None:
         if self.stopping:
             return
-        logger.info("scaling from %d to %d worker(s)", self.target, count)
+        if log:
+            logger.info("scaling from %d to %d worker(s)", self.target, count)
         self.target = count
-        for slot, handle in sorted(self.workers.items()):
-            if slot >= count and not handle.retiring:
-                handle.retiring = True
-                if handle.state == "ready":
-                    handle.state = "draining"
-                    self._send_drain(handle)
-        for slot in range(count):
-            if slot not in self.workers:
-                self.spawn_task(self.spawn(slot))
+        self.reconcile()
         self.changed.set()
 
     async def wait_for_target(self, timeout: float) -> tuple[bool, str]:
         deadline = time.monotonic() + timeout
         while True:
-            ready = sum(1 for h in self.workers.values() if h.state == "ready")
-            if ready == self.target and len(self.workers) == self.target:
+            counted = [h for h in self.workers.values() if h.counts_toward_target]
+            ready = sum(1 for h in counted if h.state == "ready")
+            if ready == self.target and len(counted) == self.target:
                 return True, ""
             if self.stopping:
                 return False, self.fatal_error or "the pool is stopping"
+            failing = self.failed_starts >= self.config.startup_attempts
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or failing:
                 errors = {h.startup_error for h in self.workers.values() if h.startup_error}
-                return False, (
-                    f"{ready} of {self.target} worker(s) ready after {timeout} s"
-                    + (f"; startup errors: {'; '.join(sorted(errors))}" if errors else "")
-                )
+                errors.update(self.recent_startup_errors)
+                why = f"{ready} of {self.target} worker(s) ready"
+                why += f" after {timeout:g} s" if remaining <= 0 else ""
+                if errors:
+                    why += f"; workers fail to start: {'; '.join(sorted(errors))}"
+                return False, why
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
@@ -457,9 +664,7 @@ class Supervisor:
         """Hand queued tasks to ready workers, least busy first, up to their capacity."""
         if self.stopping or not self.queue:
             return
-        ready = [
-            h for h in self.workers.values() if h.state == "ready" and not h.retiring and not h.gone
-        ]
+        ready = [h for h in self.workers.values() if h.state == "ready" and h.counts_toward_target]
         if not ready:
             return
         self.rotation = (self.rotation + 1) % len(ready)  # ties go round-robin
@@ -488,19 +693,33 @@ class Supervisor:
             self.held_back.clear()
 
     def on_done(
-        self, handle: WorkerHandle, delivery: int, task_id: str, flags: int, payload: bytes
+        self,
+        handle: WorkerHandle,
+        delivery: int,
+        task_id: str,
+        flags: int,
+        payload: bytes,
+        duration: float,
     ) -> None:
         entry = handle.in_flight.pop(delivery, None)
+        if not handle.in_flight:
+            handle.idle_since = time.monotonic()
         if flags & 2:
             if entry is not None:
                 self.redeliver(entry, "its result could not be saved")
             self.dispatch()
             return
         handle.tasks_done += 1
-        if flags & 1:
+        failed = bool(flags & 1)
+        if failed:
             handle.tasks_failed += 1
+        if self.metrics is not None:
+            self.metrics.observe(entry.task_name if entry else "unknown", failed, duration)
         if payload:
             self.store_result(task_id, payload, entry.producer if entry is not None else None)
+        limit = self.config.max_tasks_per_child
+        if limit and handle.tasks_done >= limit and not handle.recycling:
+            self.recycle(handle, f"it ran {handle.tasks_done} task(s) (--max-tasks-per-child)")
         self.dispatch()
 
     def store_result(self, task_id: str, payload: bytes, producer: Any) -> None:
@@ -564,7 +783,8 @@ class Supervisor:
         now = time.monotonic()
         rows: list[dict[str, Any]] = []
         for slot, handle in sorted(self.workers.items()):
-            rss, cpu = handle.usage()
+            if handle.gone:
+                continue
             rows.append(
                 {
                     "id": slot,
@@ -574,10 +794,11 @@ class Supervisor:
                     "tasks_done": handle.tasks_done,
                     "tasks_failed": handle.tasks_failed,
                     "in_flight": len(handle.in_flight),
-                    "rss_bytes": rss,
-                    "cpu_percent": cpu,
+                    "rss_bytes": handle.rss,
+                    "cpu_percent": handle.cpu,
                     "restarts": self.slot_restarts.get(slot, 0),
                     "heartbeat_age_s": round(now - handle.last_heartbeat, 3),
+                    "recycling": handle.recycling,
                 }
             )
         try:
@@ -598,6 +819,8 @@ class Supervisor:
                 "restarts": sum(self.slot_restarts.values()),
             },
             "state": {"keys": state_keys},
+            "throughput": {"last_10s": self.throughput(10), "last_1m": self.throughput(60)},
+            "autoscale": list(self.config.autoscale) if self.config.autoscale else None,
         }
 
     # ----------------------------------------------------------------- shutdown

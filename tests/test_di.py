@@ -1,0 +1,289 @@
+"""Dependency injection as taskiq users write it: Context, TaskiqDepends, TaskiqState."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from typing import Annotated, Any
+
+import pytest
+
+from pool import (
+    AsyncBroker,
+    Context,
+    InMemoryBroker,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+    TaskiqState,
+)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[InMemoryBroker]:
+    broker = InMemoryBroker()
+    await broker.startup()
+    yield broker
+    await broker.shutdown()
+
+
+async def test_context_gives_message_broker_and_state(broker: InMemoryBroker) -> None:
+    broker.state.set_value("greeting", "hi")
+
+    @broker.task(task_name="ctx.task", team="core")
+    async def inspect(x: int, context: Context = TaskiqDepends()) -> dict[str, Any]:
+        assert context.broker is broker
+        assert context.state is broker.state
+        return {
+            "task_id": context.message.task_id,
+            "task_name": context.message.task_name,
+            "args": context.message.args,
+            "labels": context.message.labels,
+            "greeting": context.state.get_value("greeting"),
+        }
+
+    task = await inspect.kiq(5)
+    result = await task.wait_result(timeout=5)
+    assert result.error is None
+    assert result.return_value == {
+        "task_id": task.task_id,
+        "task_name": "ctx.task",
+        "args": [5],
+        "labels": {"team": "core"},
+        "greeting": "hi",
+    }
+
+
+async def test_context_in_a_sync_task(broker: InMemoryBroker) -> None:
+    @broker.task
+    def sync_inspect(context: Context = TaskiqDepends()) -> tuple[str, bool]:
+        return context.message.task_id, threading.current_thread() is threading.main_thread()
+
+    task = await sync_inspect.kiq()
+    result = await task.wait_result(timeout=5)
+    assert result.return_value == (task.task_id, False)
+
+
+async def test_context_with_annotated_style(broker: InMemoryBroker) -> None:
+    @broker.task
+    async def annotated(context: Annotated[Context, TaskiqDepends()]) -> str:
+        return context.message.task_id
+
+    task = await annotated.kiq()
+    assert (await task.wait_result(timeout=5)).return_value == task.task_id
+
+
+async def test_each_concurrent_task_sees_its_own_context_message(
+    broker: InMemoryBroker,
+) -> None:
+    """SPEC 7: taskiq shares one context between concurrent tasks; pool does not."""
+    both_started = asyncio.Event()
+    started: list[str] = []
+
+    @broker.task
+    async def who_am_i(label: str, context: Context = TaskiqDepends()) -> dict[str, Any]:
+        before = (context.message.task_id, context.message.args)
+        started.append(label)
+        if len(started) == 2:
+            both_started.set()
+        await both_started.wait()  # both are running now, interleaved
+        after = (context.message.task_id, context.message.args)
+        return {"before": before, "after": after}
+
+    first = await who_am_i.kiq("first")
+    second = await who_am_i.kiq("second")
+    first_result, second_result = (
+        await first.wait_result(timeout=5),
+        await second.wait_result(timeout=5),
+    )
+    assert sorted(started) == ["first", "second"]
+    for task, label, result in (
+        (first, "first", first_result),
+        (second, "second", second_result),
+    ):
+        assert result.error is None
+        expected = [task.task_id, [label]]
+        assert result.return_value == {"before": expected, "after": expected}
+
+
+async def test_state_is_injected_by_type(broker: InMemoryBroker) -> None:
+    broker.state.set_value("config", {"debug": True})
+
+    @broker.task
+    async def read_config(state: TaskiqState = TaskiqDepends()) -> Any:
+        assert state is broker.state
+        return state.get_value("config")
+
+    @broker.task
+    def write_config(state: TaskiqState = TaskiqDepends()) -> None:
+        state.config = {"debug": False}
+
+    assert (await (await read_config.kiq()).wait_result(timeout=5)).return_value == {
+        "debug": True
+    }
+    await (await write_config.kiq()).wait_result(timeout=5)
+    assert broker.state.config == {"debug": False}
+
+
+async def test_broker_is_injected_by_its_type(broker: InMemoryBroker) -> None:
+    @broker.task
+    async def which(b: InMemoryBroker = TaskiqDepends()) -> bool:
+        return b is broker
+
+    assert (await (await which.kiq()).wait_result(timeout=5)).return_value is True
+
+
+async def test_function_dependencies_nest(broker: InMemoryBroker) -> None:
+    def base_url(state: TaskiqState = TaskiqDepends()) -> str:
+        return state.get_value("url", "http://default")
+
+    async def client(url: str = TaskiqDepends(base_url)) -> str:
+        return f"client({url})"
+
+    broker.state.url = "http://example"
+
+    @broker.task
+    async def use(c: str = TaskiqDepends(client)) -> str:
+        return c
+
+    assert (await (await use.kiq()).wait_result(timeout=5)).return_value == (
+        "client(http://example)"
+    )
+
+
+async def test_generator_dependencies_are_closed_after_the_task(broker: InMemoryBroker) -> None:
+    events: list[str] = []
+
+    def sync_resource() -> Generator[str, None, None]:
+        events.append("open sync")
+        yield "sync"
+        events.append("close sync")
+
+    async def async_resource() -> AsyncGenerator[str, None]:
+        events.append("open async")
+        yield "async"
+        events.append("close async")
+
+    @broker.task
+    async def uses(
+        a: str = TaskiqDepends(sync_resource), b: str = TaskiqDepends(async_resource)
+    ) -> str:
+        events.append("task")
+        return a + b
+
+    result = await (await uses.kiq()).wait_result(timeout=5)
+    assert result.return_value == "syncasync"
+    assert events[:2] == ["open sync", "open async"] or events[:2] == ["open async", "open sync"]
+    assert events[2] == "task"
+    assert sorted(events[3:]) == ["close async", "close sync"]
+
+
+async def test_generator_dependency_sees_the_task_error(broker: InMemoryBroker) -> None:
+    seen: list[BaseException] = []
+
+    async def resource() -> AsyncGenerator[None, None]:
+        try:
+            yield None
+        except Exception as exc:
+            seen.append(exc)
+            raise
+
+    @broker.task
+    async def fails(r: None = TaskiqDepends(resource)) -> None:
+        raise ValueError("task failed")
+
+    result = await (await fails.kiq()).wait_result(timeout=5)
+    assert isinstance(result.error, ValueError)
+    assert len(seen) == 1 and seen[0] is result.error
+
+
+async def test_dependency_is_resolved_per_run(broker: InMemoryBroker) -> None:
+    calls = 0
+
+    def counter() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    @broker.task
+    async def count(n: int = TaskiqDepends(counter)) -> int:
+        return n
+
+    values = [(await (await count.kiq()).wait_result(timeout=5)).return_value for _ in range(3)]
+    assert values == [1, 2, 3]
+
+
+async def test_kwargs_sent_with_the_message_win_over_dependencies(broker: InMemoryBroker) -> None:
+    def default_name() -> str:
+        return "from dependency"
+
+    @broker.task
+    async def hello(name: str = TaskiqDepends(default_name)) -> str:
+        return name
+
+    assert (await (await hello.kiq()).wait_result(timeout=5)).return_value == "from dependency"
+    assert (await (await hello.kiq(name="sent")).wait_result(timeout=5)).return_value == "sent"
+
+
+async def test_custom_dependency_context_and_overrides(broker: InMemoryBroker) -> None:
+    class Database:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    def real_settings() -> str:
+        return "real"
+
+    def test_settings() -> str:
+        return "test"
+
+    broker.add_dependency_context({Database: Database("primary")})
+    broker.dependency_overrides[real_settings] = test_settings
+
+    @broker.task
+    async def use(
+        db: Database = TaskiqDepends(), settings: str = TaskiqDepends(real_settings)
+    ) -> str:
+        return f"{db.name}/{settings}"
+
+    assert (await (await use.kiq()).wait_result(timeout=5)).return_value == "primary/test"
+
+
+async def test_context_reject_saves_no_result(broker: InMemoryBroker) -> None:
+    finished = asyncio.Event()
+
+    class Done(TaskiqMiddleware):
+        def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+            finished.set()
+
+    broker.add_middlewares(Done())
+
+    @broker.task
+    async def refuse(context: Context = TaskiqDepends()) -> None:
+        context.reject()
+
+    task = await refuse.kiq()
+    await asyncio.wait_for(finished.wait(), 5)
+    await broker.wait_all()
+    assert await task.is_ready() is False
+
+
+async def test_context_requeue_runs_the_task_again(broker: InMemoryBroker) -> None:
+    runs: list[Any] = []
+
+    @broker.task
+    async def flaky(context: Context = TaskiqDepends()) -> int:
+        runs.append(context.message.labels.get("X-Taskiq-requeue"))
+        if len(runs) == 1:
+            await context.requeue()
+        return len(runs)
+
+    task = await flaky.kiq()
+    result = await task.wait_result(timeout=5)
+    assert result.return_value == 2
+    assert runs[0] is None and int(runs[1]) == 1
+
+
+def test_async_broker_is_the_base_of_the_injected_broker() -> None:
+    assert isinstance(InMemoryBroker(), AsyncBroker)
