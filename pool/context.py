@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from taskiq_dependencies import Depends as TaskiqDepends
 
+# Imported at run time, not only for type checking: dependency injection reads the type
+# hints of ``Context.__init__`` and warns on every task graph when they cannot be resolved.
+from pool.broker import AsyncBroker
 from pool.exceptions import NoResultError, TaskRejectedError
-
-if TYPE_CHECKING:
-    from pool.broker import AsyncBroker
-    from pool.message import TaskiqMessage
-    from shared_state import TaskiqState
+from pool.message import TaskiqMessage
+from shared_state import TaskiqState
 
 
 class Context:

@@ -37,7 +37,9 @@ class InMemoryBroker(AsyncBroker):
             raise ValueError("max_async_tasks must be at least 1")
         self._pool_size = sync_tasks_pool_size
         self.executor = ThreadPoolExecutor(sync_tasks_pool_size, thread_name_prefix="pool-sync")
-        self.receiver = Receiver(self, executor=self.executor)
+        self.receiver = Receiver(
+            self, executor=self.executor, propagate_exceptions=propagate_exceptions
+        )
         self.max_async_tasks = max_async_tasks
         self.await_inplace = await_inplace
         self.cast_types = cast_types

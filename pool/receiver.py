@@ -31,11 +31,21 @@ logger = logging.getLogger("pool.receiver")
 
 
 class Receiver:
-    """Executes messages for ``broker``; sync tasks run on ``executor`` (a thread pool)."""
+    """Executes messages for ``broker``; sync tasks run on ``executor`` (a thread pool).
 
-    def __init__(self, broker: AsyncBroker, executor: Executor | None = None) -> None:
+    With ``propagate_exceptions`` (taskiq's default) a task's exception is thrown into its
+    generator dependencies at teardown, so they can see that the task failed.
+    """
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        executor: Executor | None = None,
+        propagate_exceptions: bool = True,
+    ) -> None:
         self.broker = broker
         self.executor = executor
+        self.propagate_exceptions = propagate_exceptions
         # keyed by the function, not the task name: a name can be registered again
         self._graphs: dict[Any, DependencyGraph | None] = {}
         self._is_async: dict[Any, bool] = {}
@@ -167,7 +177,11 @@ class Receiver:
         elapsed = time.perf_counter() - started
         if resolver is not None:
             try:
-                await resolver.close(*((error,) if error is not None else ()))
+                if error is not None and self.propagate_exceptions:
+                    # taskiq_dependencies wants exc_info, as __exit__ takes it
+                    await resolver.close(type(error), error, error.__traceback__)
+                else:
+                    await resolver.close()
             except Exception:
                 logger.exception("closing dependencies of task %s failed", message.task_id)
         result: TaskiqResult[Any] = TaskiqResult(

@@ -54,13 +54,25 @@ class TaskiqResult(Generic[_ReturnType]):
         )
 
 
+def _constructor_args(exc: BaseException) -> tuple[Any, ...]:
+    """The arguments that rebuild ``exc``: what its ``__reduce__`` says, else ``exc.args``."""
+    try:
+        reduced = exc.__reduce__()
+    except Exception:
+        return exc.args
+    if isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[0] is type(exc):
+        return tuple(reduced[1])
+    return exc.args
+
+
 def encode_error(exc: BaseException) -> dict[str, Any]:
     """Describe an exception with plain data (type, arguments, message, traceback)."""
     cls = type(exc)
-    args = [a for a in exc.args if isinstance(a, (str, int, float, bool, type(None)))]
+    raw = _constructor_args(exc)
+    args = [a for a in raw if isinstance(a, (str, int, float, bool, type(None)))]
     return {
         "type": f"{cls.__module__}.{cls.__qualname__}",
-        "args": args if len(args) == len(exc.args) else None,
+        "args": args if len(args) == len(raw) else None,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
     }

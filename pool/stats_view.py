@@ -16,10 +16,13 @@ def table(stats: dict[str, Any]) -> Any:
     from rich.table import Table
 
     totals = stats["totals"]
+    rate = stats.get("throughput") or {}
     caption = (
         f"supervisor pid {stats['pid']} · up {stats['uptime_s']:.0f} s · "
         f"target {stats['target_workers']} worker(s) · queued {totals['queued']} · "
-        f"state keys {stats['state']['keys']}"
+        f"state keys {stats['state']['keys']}\n"
+        f"throughput {rate.get('last_10s', 0.0):.1f} tasks/s (10 s) · "
+        f"{rate.get('last_1m', 0.0):.1f} tasks/s (1 min)"
     )
     view = Table(title="pool", caption=caption)
     for name in (
@@ -39,7 +42,7 @@ def table(stats: dict[str, Any]) -> Any:
         view.add_row(
             str(row["id"]),
             str(row["pid"]),
-            row["state"],
+            row["state"] + (" (replacing)" if row.get("recycling") else ""),
             f"{row['uptime_s']:.0f} s",
             str(row["tasks_done"]),
             str(row["tasks_failed"]),

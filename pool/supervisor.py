@@ -239,6 +239,7 @@ class Supervisor:
             )
             self.target = min(max(self.target, low), high)
         self.metrics: PoolMetrics | None = None
+        self.metrics_url: str | None = None
 
     # ----------------------------------------------------------------- main
     async def run(self) -> int:
@@ -257,7 +258,8 @@ class Supervisor:
 
             self.metrics = PoolMetrics(self.stats)
             port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
-            logger.info("metrics on http://%s:%d/metrics", self.config.metrics_addr, port)
+            self.metrics_url = f"http://{self.config.metrics_addr}:{port}/metrics"
+            logger.info("metrics on %s", self.metrics_url)
         spooled = spool.load(self.run_dir.spool_file)
         if spooled:
             logger.info("resuming %d task(s) left by the previous run", len(spooled))
@@ -821,6 +823,7 @@ class Supervisor:
             "state": {"keys": state_keys},
             "throughput": {"last_10s": self.throughput(10), "last_1m": self.throughput(60)},
             "autoscale": list(self.config.autoscale) if self.config.autoscale else None,
+            "metrics_url": self.metrics_url,
         }
 
     # ----------------------------------------------------------------- shutdown

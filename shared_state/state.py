@@ -16,6 +16,11 @@ from shared_state.locks import LockTable, StateLock
 
 if TYPE_CHECKING:
     from shared_state.client import SharedBackend
+else:
+    # Dependency injection by type (``state: TaskiqState = TaskiqDepends()``) resolves the
+    # hints of ``__init__``; the real class cannot be imported here (a cycle), and an
+    # unresolvable hint makes taskiq_dependencies warn for every task that asks for a state.
+    SharedBackend = Any
 
 _MISSING: Any = object()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from typing import Annotated, Any
 
@@ -19,6 +20,13 @@ from pool import (
     TaskiqResult,
     TaskiqState,
 )
+
+
+class Database:
+    """A client a user registers with ``add_dependency_context``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 @pytest.fixture
@@ -104,7 +112,7 @@ async def test_each_concurrent_task_sees_its_own_context_message(
         (second, "second", second_result),
     ):
         assert result.error is None
-        expected = [task.task_id, [label]]
+        expected = (task.task_id, [label])
         assert result.return_value == {"before": expected, "after": expected}
 
 
@@ -228,10 +236,6 @@ async def test_kwargs_sent_with_the_message_win_over_dependencies(broker: InMemo
 
 
 async def test_custom_dependency_context_and_overrides(broker: InMemoryBroker) -> None:
-    class Database:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
     def real_settings() -> str:
         return "real"
 
@@ -287,3 +291,19 @@ async def test_context_requeue_runs_the_task_again(broker: InMemoryBroker) -> No
 
 def test_async_broker_is_the_base_of_the_injected_broker() -> None:
     assert isinstance(InMemoryBroker(), AsyncBroker)
+
+
+async def test_injecting_context_and_state_raises_no_warning(broker: InMemoryBroker) -> None:
+    """Their ``__init__`` type hints resolve, so taskiq_dependencies has nothing to warn about."""
+
+    @broker.task
+    async def both(
+        context: Context = TaskiqDepends(), state: TaskiqState = TaskiqDepends()
+    ) -> bool:
+        return context.state is state
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = await (await both.kiq()).wait_result(timeout=5)
+    assert result.return_value is True
+    assert [str(w.message) for w in caught] == []

@@ -26,6 +26,9 @@ def mark(name: str, text: str = "") -> None:
 async def on_startup(state: TaskiqState) -> None:
     if os.environ.get("POOL_TEST_FAIL_STARTUP"):
         raise RuntimeError("database unreachable (test)")
+    switch = os.environ.get("POOL_TEST_FAIL_STARTUP_IF")
+    if switch and os.path.exists(switch):
+        raise RuntimeError("cache unreachable (test switch)")
     state.incr("workers_started")
     state.set_value("client", threading.Lock())  # unpicklable: stays in this worker
     mark(f"startup-{os.getpid()}")
@@ -111,3 +114,22 @@ def fail(message: str) -> None:
 def count_run(tag: str) -> int:
     """Counts how often a task with this tag ran, across workers."""
     return int(broker.state.incr(f"runs-{tag}"))
+
+
+_hoard: list[bytes] = []
+
+
+@broker.task
+def hog(megabytes: int) -> int:
+    """Grow this worker's RSS by ``megabytes`` and keep it."""
+    _hoard.append(os.urandom(megabytes * 1024 * 1024))
+    return os.getpid()
+
+
+@broker.task
+async def block_loop_once(tag: str, seconds: float) -> int:
+    """The first run blocks its worker's event loop (a bug users make); later runs do not."""
+    if MARKS and not (Path(MARKS) / f"blocked-{tag}").exists():
+        mark(f"blocked-{tag}")
+        time.sleep(seconds)  # noqa: ASYNC251 - blocking on purpose
+    return os.getpid()
