@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from shared_state import codec
@@ -25,6 +26,9 @@ class SharedBackend:
         self._store = store
         self._versions = versions
         self._cache: dict[str, tuple[int, Any, bool]] = {}
+
+    def encode(self, value: Any) -> bytes | None:
+        return codec.try_dumps(value)
 
     # --- reads ----------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -84,7 +88,11 @@ class SharedBackend:
         self._remember(key, version, new, True)
         return new
 
-    def update(self, key: str, fn_blob: bytes, default_blob: bytes) -> Any:
+    def update(self, key: str, fn: Callable[[Any], Any], default: Any) -> Any:
+        try:
+            fn_blob, default_blob = codec.dumps(fn), codec.dumps(default)
+        except Exception as exc:
+            raise TypeError(f"update of {key!r}: cannot send {fn!r} to the state: {exc}") from exc
         version, blob = self._store._callmethod("update", (key, fn_blob, default_blob))
         value = codec.loads(blob)
         self._remember_value(key, version, value, blob)

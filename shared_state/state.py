@@ -11,16 +11,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from shared_state import codec
 from shared_state.locks import LockTable, StateLock
 
 if TYPE_CHECKING:
-    from shared_state.client import SharedBackend
+    from shared_state.backend import StateBackend
 else:
     # Dependency injection by type (``state: TaskiqState = TaskiqDepends()``) resolves the
     # hints of ``__init__``; the real class cannot be imported here (a cycle), and an
     # unresolvable hint makes taskiq_dependencies warn for every task that asks for a state.
-    SharedBackend = Any
+    StateBackend = Any
 
 _MISSING: Any = object()
 
@@ -36,7 +35,7 @@ class TaskiqState:
 
     __slots__ = ("_guard", "_local", "_local_locks", "_shared")
 
-    def __init__(self, shared: SharedBackend | None = None) -> None:
+    def __init__(self, shared: StateBackend | None = None) -> None:
         object.__setattr__(self, "_local", {})
         object.__setattr__(self, "_guard", threading.RLock())
         object.__setattr__(self, "_local_locks", LockTable())
@@ -44,7 +43,7 @@ class TaskiqState:
         self._local: dict[str, Any]
         self._guard: threading.RLock
         self._local_locks: LockTable
-        self._shared: SharedBackend | None
+        self._shared: StateBackend | None
 
     # --- the seed's methods -----------------------------------------------------------
     def set_value(self, key: str, value: Any) -> None:
@@ -52,7 +51,7 @@ class TaskiqState:
         _check_key(key)
         shared = self._shared
         if shared is not None:
-            blob = codec.try_dumps(value)
+            blob = shared.encode(value)
             if blob is not None:
                 shared.set(key, value, blob)
                 self._local.pop(key, None)
@@ -133,13 +132,7 @@ class TaskiqState:
         """Replace the value with ``fn(old)`` atomically (``fn`` runs once); returns it."""
         _check_key(key)
         if self._shared is not None and key not in self._local:
-            try:
-                fn_blob, default_blob = codec.dumps(fn), codec.dumps(default)
-            except Exception as exc:
-                raise TypeError(
-                    f"update of {key!r}: cannot send {fn!r} to the state: {exc}"
-                ) from exc
-            return self._shared.update(key, fn_blob, default_blob)
+            return self._shared.update(key, fn, default)
         with self._guard:
             self._local[key] = new = fn(self._local.get(key, default))
             return new
@@ -152,7 +145,7 @@ class TaskiqState:
                 return self._local[key]
             if self._shared is None:
                 return self._local.setdefault(key, default)
-            blob = codec.try_dumps(default)
+            blob = self._shared.encode(default)
             if blob is not None:
                 return self._shared.setdefault(key, blob)
             value = self._shared.get(key, _MISSING)
