@@ -7,8 +7,8 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 from uuid import uuid4
 
 from pool.decor import AsyncTaskiqDecoratedTask
@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pool.broker")
 
 _T = TypeVar("_T")
+
+
+class _TaskDecorator(Protocol):
+    """What ``@broker.task(...)`` returns: async functions give their awaited type."""
+
+    @overload
+    def __call__(
+        self, func: Callable[..., Coroutine[Any, Any, _T]]
+    ) -> AsyncTaskiqDecoratedTask[_T]: ...
+
+    @overload
+    def __call__(self, func: Callable[..., _T]) -> AsyncTaskiqDecoratedTask[_T]: ...
+
 
 MIDDLEWARE_HOOKS = (
     "pre_send",
@@ -157,12 +170,15 @@ class AsyncBroker(ABC):
 
     # ----------------------------------------------------------------- tasks
     @overload
+    def task(
+        self, task_name: Callable[..., Coroutine[Any, Any, _T]], **labels: Any
+    ) -> AsyncTaskiqDecoratedTask[_T]: ...
+
+    @overload
     def task(self, task_name: Callable[..., _T], **labels: Any) -> AsyncTaskiqDecoratedTask[_T]: ...
 
     @overload
-    def task(
-        self, task_name: str | None = None, **labels: Any
-    ) -> Callable[[Callable[..., _T]], AsyncTaskiqDecoratedTask[_T]]: ...
+    def task(self, task_name: str | None = None, **labels: Any) -> _TaskDecorator: ...
 
     def task(self, task_name: Any = None, **labels: Any) -> Any:
         """Register a task: ``@broker.task``, ``@broker.task()``, ``@broker.task("name", x=1)``."""

@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of the metrics endpoint (default: %(default)s, loopback only)",
     )
     run.add_argument(
+        "--state",
+        default=None,
+        metavar="URL",
+        help="keep the shared state in Redis (redis://host:port/db) instead of the pool's own "
+        "state server, so that pools on several machines share one state",
+    )
+    run.add_argument(
         "--run-dir",
         default=None,
         help="private run directory (default: $POOL_RUN_DIR, else ./.pool)",
@@ -242,6 +249,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         worker_timeout=args.worker_timeout,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        state_url=args.state,
         run_dir=args.run_dir,
         log_level=args.log_level,
         start_method=args.start_method,

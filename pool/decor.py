@@ -10,7 +10,10 @@ from pool.kicker import AsyncKicker
 from pool.task import AsyncTaskiqTask
 
 if TYPE_CHECKING:
+    from datetime import datetime, timedelta
+
     from pool.broker import AsyncBroker
+    from pool.scheduler import CreatedSchedule, CronSpec, ScheduleSource
 
 _ReturnType = TypeVar("_ReturnType")
 
@@ -41,6 +44,24 @@ class AsyncTaskiqDecoratedTask(Generic[_ReturnType]):
     async def kiq(self, *args: Any, **kwargs: Any) -> AsyncTaskiqTask[_ReturnType]:
         """Send the task with these arguments."""
         return await self.kicker().kiq(*args, **kwargs)
+
+    async def schedule_by_cron(
+        self, source: ScheduleSource, cron: str | CronSpec, *args: Any, **kwargs: Any
+    ) -> CreatedSchedule[_ReturnType]:
+        """Send the task on a cron schedule; see :meth:`AsyncKicker.schedule_by_cron`."""
+        return await self.kicker().schedule_by_cron(source, cron, *args, **kwargs)
+
+    async def schedule_by_time(
+        self, source: ScheduleSource, time: datetime, *args: Any, **kwargs: Any
+    ) -> CreatedSchedule[_ReturnType]:
+        """Send the task once at ``time``; see :meth:`AsyncKicker.schedule_by_time`."""
+        return await self.kicker().schedule_by_time(source, time, *args, **kwargs)
+
+    async def schedule_by_interval(
+        self, source: ScheduleSource, interval: float | timedelta, *args: Any, **kwargs: Any
+    ) -> CreatedSchedule[_ReturnType]:
+        """Send the task every ``interval`` seconds (a number or a ``timedelta``)."""
+        return await self.kicker().schedule_by_interval(source, interval, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"AsyncTaskiqDecoratedTask({self.task_name!r})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +14,11 @@ from pool.exceptions import UnknownTaskError
 from pool.message import BrokerMessage, RawMessage
 from pool.receiver import Receiver
 from pool.result_backend import AsyncResultBackend, InMemoryResultBackend
+
+# The InMemoryBroker whose task is running, in that task's context.
+_running_in: contextvars.ContextVar[InMemoryBroker | None] = contextvars.ContextVar(
+    "pool_inmemory_running_in", default=None
+)
 
 
 class InMemoryBroker(AsyncBroker):
@@ -52,7 +58,12 @@ class InMemoryBroker(AsyncBroker):
         if self.find_task(message.task_name) is None:
             raise UnknownTaskError(message.task_name)
         if self.await_inplace:
-            await self._run(message.message)
+            if _running_in.get() is self:
+                # sent from a running task, which waits for it: it runs in the sender's
+                # slot, or a nested send would wait forever for a slot its sender holds
+                await self.receiver.callback(message.message)
+            else:
+                await self._run(message.message)
             return
         job = asyncio.create_task(self._run(message.message))
         self._running.add(job)
@@ -66,7 +77,11 @@ class InMemoryBroker(AsyncBroker):
             self._slots = asyncio.Semaphore(self.max_async_tasks)
             self._slots_loop = loop
         async with self._slots:
-            await self.receiver.callback(data)
+            token = _running_in.set(self)
+            try:
+                await self.receiver.callback(data)
+            finally:
+                _running_in.reset(token)
 
     async def wait_all(self) -> None:
         """Wait until every task sent so far has finished."""
@@ -79,12 +94,17 @@ class InMemoryBroker(AsyncBroker):
         )
 
     async def startup(self) -> None:
-        await self.run_event(TaskiqEvents.WORKER_STARTUP)
+        # the base class fires the event of this process's role; this one fires the other
+        await self.run_event(
+            TaskiqEvents.CLIENT_STARTUP if self.is_worker_process else TaskiqEvents.WORKER_STARTUP
+        )
         await super().startup()
 
     async def shutdown(self) -> None:
         await self.wait_all()
-        await self.run_event(TaskiqEvents.WORKER_SHUTDOWN)
+        await self.run_event(
+            TaskiqEvents.CLIENT_SHUTDOWN if self.is_worker_process else TaskiqEvents.WORKER_SHUTDOWN
+        )
         await super().shutdown()
         self.executor.shutdown(wait=True)
         # a fresh pool, so the broker can be started again (threads are created lazily)

@@ -10,9 +10,12 @@ from pool.task import AsyncTaskiqTask
 from pool.utils import maybe_awaitable
 
 if TYPE_CHECKING:
+    from datetime import datetime, timedelta
+
     from typing_extensions import Self
 
     from pool.broker import AsyncBroker
+    from pool.scheduler import CreatedSchedule, CronSpec, ScheduleSource
 
 _ReturnType = TypeVar("_ReturnType")
 
@@ -80,6 +83,34 @@ class AsyncKicker(Generic[_ReturnType]):
         handle = AsyncTaskiqTask(message.task_id, result_backend=broker.result_backend)
         broker.result_backend.track(handle)
         return handle
+
+    # ----------------------------------------------------------------- scheduling
+    async def schedule_by_cron(
+        self, source: ScheduleSource, cron: str | CronSpec, *args: Any, **kwargs: Any
+    ) -> CreatedSchedule[_ReturnType]:
+        """Send this call on a cron schedule (5 fields, UTC; a ``CronSpec`` may set a zone).
+
+        Returns a handle whose ``cancel()`` removes the schedule from ``source``.
+        """
+        from pool.scheduler import schedule_by_cron
+
+        return await schedule_by_cron(self, source, cron, *args, **kwargs)
+
+    async def schedule_by_time(
+        self, source: ScheduleSource, time: datetime, *args: Any, **kwargs: Any
+    ) -> CreatedSchedule[_ReturnType]:
+        """Send this call once at ``time`` (naive = UTC); ``ValueError`` if it is past."""
+        from pool.scheduler import schedule_by_time
+
+        return await schedule_by_time(self, source, time, *args, **kwargs)
+
+    async def schedule_by_interval(
+        self, source: ScheduleSource, interval: float | timedelta, *args: Any, **kwargs: Any
+    ) -> CreatedSchedule[_ReturnType]:
+        """Send this call every ``interval`` seconds (a number or a ``timedelta``)."""
+        from pool.scheduler import schedule_by_interval
+
+        return await schedule_by_interval(self, source, interval, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"AsyncKicker(task_name={self.task_name!r}, labels={self.labels!r})"

@@ -44,8 +44,9 @@ class Op(enum.IntEnum):
     DRAIN = 32  # json {"timeout": seconds}
     READY = 33  # json {"pid": ...}
     STARTUP_FAILED = 34  # json {"error": ...}
-    HEARTBEAT = 35
+    HEARTBEAT = 35  # json {"in_flight": n}
     BYE = 36
+    COUNTED = 37  # task_name, flags, duration: a task from an external broker finished
 
 
 class FrameError(ValueError):

@@ -62,13 +62,16 @@ class Receiver:
             logger.warning("dropping a message that cannot be parsed (%s): %r", exc, preview)
             return None
 
-    async def callback(self, raw: RawMessage) -> TaskiqResult[Any] | None:
+    async def callback(
+        self, raw: RawMessage, parsed: TaskiqMessage | None = None
+    ) -> TaskiqResult[Any] | None:
         """Run one message to the end. Returns the saved result (``None`` when none was saved).
 
         The message is acknowledged only after its result is saved; a failed save leaves
-        it unacknowledged so the broker can deliver it again.
+        it unacknowledged so the broker can deliver it again. ``parsed`` saves parsing
+        ``raw`` again when the caller already did.
         """
-        message = self.parse(raw)
+        message = parsed if parsed is not None else self.parse(raw)
         if message is None:
             await _ack(raw)  # it can never succeed: log (done) and drop
             return None

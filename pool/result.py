@@ -44,9 +44,10 @@ class TaskiqResult(Generic[_ReturnType]):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskiqResult[Any]:
         error = data.get("error")
+        return_value: Any = data.get("return_value")  # any JSON value, so Any for mypy
         return cls(
             is_err=bool(data.get("is_err")),
-            return_value=data.get("return_value"),
+            return_value=return_value,
             execution_time=float(data.get("execution_time") or 0.0),
             labels=dict(data.get("labels") or {}),
             error=decode_error(error) if error else None,

@@ -15,6 +15,7 @@ from pool.supervisor import PoolConfig, Supervisor
 logger = logging.getLogger("pool.run")
 
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 4
 
 
 def run_event_loop(coro: Any) -> Any:
@@ -39,7 +40,8 @@ def run_pool(config: PoolConfig) -> int:
     """Run a pool until it is stopped; returns the process exit status."""
     import multiprocess
 
-    from shared_state import connect_state, start_state_server
+    from pool.pool_state import open_state
+    from shared_state import StateServer, start_state_server
 
     configure_logging(config.log_level, "supervisor")
     run_dir = RunDir.at(config.run_dir)
@@ -57,14 +59,21 @@ def run_pool(config: PoolConfig) -> int:
     except AppImportError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
+    problem = _unreachable(broker, config.state_url)
+    if problem is not None:
+        print(f"pool: {problem}", file=sys.stderr)
+        logger.error("%s", problem)
+        return EXIT_UNREACHABLE
     authkey = run_dir.new_authkey()
     run_dir.write_pid()
     context = multiprocess.get_context(config.start_method)
-    server = start_state_server(str(run_dir.state_socket), authkey, str(run_dir.state_versions))
-    try:
-        broker.state = connect_state(
+    server: StateServer | None = None
+    if not config.state_url:
+        server = start_state_server(
             str(run_dir.state_socket), authkey, str(run_dir.state_versions)
         )
+    try:
+        broker.state = open_state(config.state_url, run_dir, authkey)
         supervisor = Supervisor(config, broker, run_dir, authkey, context)
         code = int(run_event_loop(supervisor.run()))
         if supervisor.fatal_error:
@@ -75,5 +84,24 @@ def run_pool(config: PoolConfig) -> int:
         logger.info("pool stopped (exit status %d)", code)
         return code
     finally:
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
         run_dir.cleanup()
+
+
+def _unreachable(broker: Any, state_url: str | None) -> str | None:
+    """Why the broker or the state cannot be reached, or ``None`` when both answer."""
+    check = getattr(broker, "check_connection", None)
+    if check is not None:
+        try:
+            run_event_loop(check())
+        except Exception as exc:
+            return f"cannot reach the broker: {exc}"
+    if state_url:
+        from pool.pool_state import open_state
+
+        try:
+            len(open_state(state_url, RunDir.at(None), b""))
+        except Exception as exc:
+            return f"cannot reach the shared state at {state_url}: {exc}"
+    return None

@@ -50,6 +50,7 @@ class PoolConfig:
     autoscale: tuple[int, int] | None = None
     run_dir: str | None = None
     log_level: str = "INFO"
+    state_url: str | None = None
     start_method: str = "fork"
     queue_size: int = 10_000
     max_stored_results: int = 10_000
@@ -90,6 +91,8 @@ class WorkerHandle:
         self.rss = 0
         self.cpu = 0.0
         self.idle_since = time.monotonic()
+        # What the worker itself says it runs (tasks it took from an external broker).
+        self.reported_in_flight = 0
 
     def sample_usage(self) -> None:
         """Refresh RSS and CPU percent (since the previous sample) with psutil."""
@@ -101,6 +104,11 @@ class WorkerHandle:
             self.cpu = self.ps.cpu_percent(None)
         except (psutil.Error, OSError):
             pass
+
+    @property
+    def busy(self) -> int:
+        """Tasks this worker runs now, whoever handed them out."""
+        return max(len(self.in_flight), self.reported_in_flight)
 
     @property
     def counts_toward_target(self) -> bool:
@@ -132,6 +140,11 @@ class SupervisorPipe(FrameProtocol):
             )
         elif op == Op.HEARTBEAT:
             handle.last_heartbeat = time.monotonic()
+            report = decode_json(fields) if fields else {}
+            if isinstance(report, dict):
+                handle.reported_in_flight = int(report.get("in_flight") or 0)
+        elif op == Op.COUNTED and len(fields) == 3:
+            sup.on_counted(handle, fields[0].decode(), bool(fields[1][0]), float(fields[2]))
         elif op == Op.READY:
             sup.on_ready(handle)
         elif op == Op.STARTUP_FAILED:
@@ -369,6 +382,7 @@ class Supervisor:
             sync_threads=self.config.sync_threads,
             shutdown_timeout=self.config.shutdown_timeout,
             log_level=self.config.log_level,
+            state_url=self.config.state_url,
             close_fds=[*self._inherited_fds(), parent_conn.fileno()],
         )
         process = self.context.Process(
@@ -561,13 +575,13 @@ class Supervisor:
     def _autoscale(self, now: float) -> None:
         assert self.autoscaler is not None
         ready = [h for h in self.workers.values() if h.counts_toward_target and h.state == "ready"]
-        idle = [now - h.idle_since for h in ready if not h.in_flight]
+        idle = [now - h.idle_since for h in ready if not h.busy]
         decision = self.autoscaler.decide(
             Observation(
                 now=now,
                 target=self.target,
                 queued=len(self.queue),
-                busy_workers=sum(1 for h in ready if h.in_flight),
+                busy_workers=sum(1 for h in ready if h.busy),
                 ready_workers=len(ready),
                 longest_idle_s=max(idle, default=0.0),
             )
@@ -711,18 +725,34 @@ class Supervisor:
                 self.redeliver(entry, "its result could not be saved")
             self.dispatch()
             return
+        self.count_finished(
+            handle, entry.task_name if entry else "unknown", bool(flags & 1), duration
+        )
+        if payload:
+            self.store_result(task_id, payload, entry.producer if entry is not None else None)
+        self.dispatch()
+
+    def on_counted(
+        self, handle: WorkerHandle, task_name: str, failed: bool, duration: float
+    ) -> None:
+        """A task the worker took from an external broker (Redis) finished."""
+        if handle.reported_in_flight > 0:
+            handle.reported_in_flight -= 1
+        if not handle.busy:
+            handle.idle_since = time.monotonic()
+        self.count_finished(handle, task_name, failed, duration)
+
+    def count_finished(
+        self, handle: WorkerHandle, task_name: str, failed: bool, duration: float
+    ) -> None:
         handle.tasks_done += 1
-        failed = bool(flags & 1)
         if failed:
             handle.tasks_failed += 1
         if self.metrics is not None:
-            self.metrics.observe(entry.task_name if entry else "unknown", failed, duration)
-        if payload:
-            self.store_result(task_id, payload, entry.producer if entry is not None else None)
+            self.metrics.observe(task_name, failed, duration)
         limit = self.config.max_tasks_per_child
         if limit and handle.tasks_done >= limit and not handle.recycling:
             self.recycle(handle, f"it ran {handle.tasks_done} task(s) (--max-tasks-per-child)")
-        self.dispatch()
 
     def store_result(self, task_id: str, payload: bytes, producer: Any) -> None:
         results = self.results
@@ -795,7 +825,7 @@ class Supervisor:
                     "uptime_s": round(now - handle.started_at, 3),
                     "tasks_done": handle.tasks_done,
                     "tasks_failed": handle.tasks_failed,
-                    "in_flight": len(handle.in_flight),
+                    "in_flight": handle.busy,
                     "rss_bytes": handle.rss,
                     "cpu_percent": handle.cpu,
                     "restarts": self.slot_restarts.get(slot, 0),

@@ -45,6 +45,7 @@ class WorkerConfig:
     shutdown_timeout: float = 30.0
     heartbeat_interval: float = 1.0
     log_level: str = "INFO"
+    state_url: str | None = None
     close_fds: list[int] = field(default_factory=list)
 
 
@@ -57,6 +58,7 @@ def worker_main(config: WorkerConfig, conn: Any) -> None:
         level=config.log_level.upper(),
         format=f"%(asctime)s [worker {config.worker_id} %(process)d] %(levelname)s %(name)s: "
         "%(message)s",
+        force=True,  # a forked worker inherits the supervisor's logging setup
     )
     worker = Worker(config, sock)
     code = _run(worker.run())
@@ -144,6 +146,7 @@ class Worker:
         self.receiver: Any = None
         self.broker: Any = None
         self.results: Any = None
+        self.consumer: Any = None
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -166,6 +169,8 @@ class Worker:
         self.started = True
         self.pipe.send_raw(encode_json(Op.READY, {"pid": os.getpid()}))
         heartbeat = asyncio.create_task(self._heartbeat())
+        if self.consumer is not None:
+            await self.consumer.run(self.stop)
         await self.stop.wait()
         await self._drain()
         heartbeat.cancel()
@@ -179,16 +184,16 @@ class Worker:
 
     async def _start(self) -> None:
         from pool.app import load_broker
+        from pool.consumer import Consumer
         from pool.pool_broker import PoolBroker
+        from pool.pool_state import open_state
         from pool.receiver import Receiver
         from pool.rundir import RunDir
         from pool.worker_results import WorkerResultBackend
-        from shared_state import connect_state
 
         broker = load_broker(self.config.app)
-        rd = RunDir.at(self.config.run_dir)
-        broker.state = connect_state(
-            str(rd.state_socket), self.config.authkey, str(rd.state_versions)
+        broker.state = open_state(
+            self.config.state_url, RunDir.at(self.config.run_dir), self.config.authkey
         )
         broker.is_worker_process = True
         if isinstance(broker, PoolBroker) and broker.result_backend is broker.pool_results:
@@ -200,7 +205,18 @@ class Worker:
         executor = ThreadPoolExecutor(self.config.sync_threads, thread_name_prefix="pool-sync")
         self.receiver = Receiver(broker, executor=executor)
         self.broker = broker
+        if not isinstance(broker, PoolBroker):
+            self.consumer = Consumer(
+                broker, self.receiver, self.config.max_async_tasks, self._report
+            )
         await broker.startup()
+
+    def _report(self, task_name: str, failed: bool, duration: float) -> None:
+        """A task from an external broker finished: tell the supervisor, for stats."""
+        assert self.pipe is not None
+        self.pipe.send(
+            Op.COUNTED, task_name.encode(), bytes((int(failed),)), repr(duration).encode()
+        )
 
     def start_task(self, delivery: bytes, task_id: str, data: bytes) -> None:
         """Run one delivery; ``delivery`` is the supervisor's id of this attempt."""
@@ -246,20 +262,24 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let running tasks finish, up to the shutdown timeout; cancel the rest."""
-        if self.running:
-            try:
-                await asyncio.wait_for(self.idle.wait(), self.drain_timeout)
-            except asyncio.TimeoutError:
-                pending = list(self.running.values())
-                logger.warning(
-                    "shutdown timeout (%.1f s) passed: cancelling %d task(s); the pool "
-                    "delivers them again",
-                    self.drain_timeout,
-                    len(pending),
-                )
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+        if self.consumer is not None:
+            tasks, idle = list(self.consumer.running), self.consumer.idle
+        else:
+            tasks, idle = list(self.running.values()), self.idle
+        if not tasks:
+            return
+        try:
+            await asyncio.wait_for(idle.wait(), self.drain_timeout)
+        except asyncio.TimeoutError:
+            pending = [task for task in tasks if not task.done()]
+            logger.warning(
+                "shutdown timeout (%.1f s) passed: cancelling %d task(s); they are delivered again",
+                self.drain_timeout,
+                len(pending),
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def supervisor_lost(self) -> None:
         if self.stop.is_set() and not self.running:
@@ -271,7 +291,8 @@ class Worker:
         assert self.pipe is not None
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            self.pipe.send(Op.HEARTBEAT, json.dumps({"in_flight": len(self.running)}).encode())
+            in_flight = len(self.consumer.running) if self.consumer else len(self.running)
+            self.pipe.send(Op.HEARTBEAT, json.dumps({"in_flight": in_flight}).encode())
 
     async def _flush(self) -> None:
         """Give the transport a moment to hand the last frames to the kernel."""

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+# Imported at run time, not only for type checking: dependency injection by type
+# (``state: TaskiqState = TaskiqDepends()``) resolves the hints of ``__init__``, and an
+# unresolvable hint makes taskiq_dependencies warn for every task that asks for a state.
+from shared_state.backend import StateBackend
 from shared_state.locks import LockTable, StateLock
-
-if TYPE_CHECKING:
-    from shared_state.backend import StateBackend
-else:
-    # Dependency injection by type (``state: TaskiqState = TaskiqDepends()``) resolves the
-    # hints of ``__init__``; the real class cannot be imported here (a cycle), and an
-    # unresolvable hint makes taskiq_dependencies warn for every task that asks for a state.
-    StateBackend = Any
 
 _MISSING: Any = object()
 

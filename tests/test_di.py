@@ -128,9 +128,7 @@ async def test_state_is_injected_by_type(broker: InMemoryBroker) -> None:
     def write_config(state: TaskiqState = TaskiqDepends()) -> None:
         state.config = {"debug": False}
 
-    assert (await (await read_config.kiq()).wait_result(timeout=5)).return_value == {
-        "debug": True
-    }
+    assert (await (await read_config.kiq()).wait_result(timeout=5)).return_value == {"debug": True}
     await (await write_config.kiq()).wait_result(timeout=5)
     assert broker.state.config == {"debug": False}
 

@@ -51,9 +51,9 @@ def test_with_event_handlers_is_chainable() -> None:
         return None
 
     broker = InMemoryBroker()
-    returned = broker.with_event_handlers(TaskiqEvents.WORKER_STARTUP, one, two).with_event_handlers(
-        TaskiqEvents.WORKER_SHUTDOWN, three
-    )
+    returned = broker.with_event_handlers(
+        TaskiqEvents.WORKER_STARTUP, one, two
+    ).with_event_handlers(TaskiqEvents.WORKER_SHUTDOWN, three)
     assert returned is broker
     assert broker.event_handlers[TaskiqEvents.WORKER_STARTUP] == [one, two]
     assert broker.event_handlers[TaskiqEvents.WORKER_SHUTDOWN] == [three]
@@ -272,3 +272,14 @@ async def test_broker_can_start_again_after_shutdown() -> None:
         assert (await (await sync_task.kiq()).wait_result(timeout=5)).return_value == "ran"
         await broker.shutdown()
     assert starts == [1, 1]
+
+
+async def test_inmemory_broker_in_a_worker_process_fires_each_event_once() -> None:
+    fired: list[str] = []
+    broker = InMemoryBroker()
+    broker.is_worker_process = True
+    for event in ALL_EVENTS:
+        broker.add_event_handler(event, lambda state, e=event: fired.append(e.value))
+    await broker.startup()
+    await broker.shutdown()
+    assert sorted(fired) == sorted(e.value for e in ALL_EVENTS)

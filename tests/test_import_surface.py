@@ -102,7 +102,7 @@ def test_taskiq_state_is_the_shared_state_class() -> None:
 
 
 def test_inmemory_result_backend_has_taskiq_spelling_alias() -> None:
-    from pool import InmemoryResultBackend, InMemoryResultBackend
+    from pool import InMemoryResultBackend, InmemoryResultBackend
 
     assert InmemoryResultBackend is InMemoryResultBackend
 

@@ -239,8 +239,13 @@ async def test_metrics_endpoint_counts_tasks_across_worker_restarts() -> None:
         for i in range(5):
             await call(broker, "add", i, i)
         await call(broker, "fail", "x")
-        os.kill(running.worker_pids()[0], signal.SIGKILL)
-        running.wait_ready(2)
+        victim = running.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: victim not in ready_pids(s := running.wait_ready(2)) and s,
+            30,
+            "the killed worker replaced",
+        )
 
         def scrape() -> str:
             with urllib.request.urlopen(url, timeout=5) as response:

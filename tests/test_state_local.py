@@ -56,7 +56,7 @@ def test_clear_removes_everything(state: TaskiqState) -> None:
     assert len(state) == 0
 
 
-# --------------------------------------------------------------------- taskiq's dict and attribute style
+# ------------------------------------------------------- taskiq's dict and attribute style
 def test_dict_style(state: TaskiqState) -> None:
     state["k"] = "v"
     assert state["k"] == "v"
@@ -131,7 +131,9 @@ _NON_STR_KEY_CALLS: list[tuple[str, Callable[[TaskiqState], Any]]] = [
 @pytest.mark.parametrize(
     "call", [c for _, c in _NON_STR_KEY_CALLS], ids=[n for n, _ in _NON_STR_KEY_CALLS]
 )
-def test_non_str_key_raises_type_error(state: TaskiqState, call: Callable[[TaskiqState], Any]) -> None:
+def test_non_str_key_raises_type_error(
+    state: TaskiqState, call: Callable[[TaskiqState], Any]
+) -> None:
     with pytest.raises(TypeError):
         call(state)
     assert state.keys() == []

@@ -239,6 +239,48 @@ async def test_await_inplace_runs_the_task_before_kiq_returns() -> None:
     assert (await task.get_result()).return_value == 42
 
 
+async def test_await_inplace_task_can_send_another_at_the_concurrency_limit() -> None:
+    broker = InMemoryBroker(await_inplace=True, max_async_tasks=1)
+
+    @broker.task
+    async def inner(x: int) -> int:
+        return x + 1
+
+    @broker.task
+    async def outer(x: int) -> int:
+        task = await inner.kiq(x)
+        return (await task.wait_result(timeout=5)).return_value * 10
+
+    task = await asyncio.wait_for(outer.kiq(1), 5)
+    assert (await task.get_result()).return_value == 20
+
+
+async def test_await_inplace_still_honours_the_limit_for_concurrent_senders() -> None:
+    broker = InMemoryBroker(await_inplace=True, max_async_tasks=1)
+    running = 0
+    most = 0
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    @broker.task
+    async def gated() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        first_in.set()
+        await release.wait()
+        running -= 1
+
+    senders = [asyncio.create_task(gated.kiq()) for _ in range(3)]
+    await asyncio.wait_for(first_in.wait(), 5)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert running == 1
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*senders), 5)
+    assert most == 1
+
+
 # --------------------------------------------------------------------- waiting and results
 async def test_is_ready_and_get_result(broker: InMemoryBroker) -> None:
     release = asyncio.Event()
@@ -684,7 +726,7 @@ async def test_builders_chain() -> None:
 async def test_kiq_of_an_unknown_task_raises_send_task_error_naming_it(
     broker: InMemoryBroker,
 ) -> None:
-    with pytest.raises(SendTaskError, match="no.such:task") as info:
+    with pytest.raises(SendTaskError, match=r"no\.such:task") as info:
         await AsyncKicker("no.such:task", broker).kiq()
     assert isinstance(info.value.__cause__, UnknownTaskError)
     assert info.value.__cause__.task_name == "no.such:task"

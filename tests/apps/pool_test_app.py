@@ -131,5 +131,5 @@ async def block_loop_once(tag: str, seconds: float) -> int:
     """The first run blocks its worker's event loop (a bug users make); later runs do not."""
     if MARKS and not (Path(MARKS) / f"blocked-{tag}").exists():
         mark(f"blocked-{tag}")
-        time.sleep(seconds)  # noqa: ASYNC251 - blocking on purpose
+        time.sleep(seconds)
     return os.getpid()
