@@ -34,3 +34,9 @@ def state_bench(rounds: int) -> dict[str, Any]:
 
 def now() -> float:
     return time.perf_counter()
+
+
+@broker.task(task_name="chaos_run")
+async def chaos_run(index: int) -> int:
+    """Counts its own runs in the shared state, so that a second run is seen."""
+    return int(broker.state.incr(f"chaos:{index}"))

@@ -479,9 +479,18 @@ class Supervisor:
         lost = list(handle.in_flight.values())
         handle.in_flight.clear()
         crashed = not handle.said_bye
+        if lost and crashed:
+            logger.warning(
+                "worker %d (pid %d) died with %d task(s) in flight; delivering them again: %s",
+                handle.slot,
+                handle.pid,
+                len(lost),
+                ", ".join(f"{e.task_name} ({e.task_id})" for e in lost[:5])
+                + (", ..." if len(lost) > 5 else ""),
+            )
         for entry in lost:
             if crashed:
-                self.redeliver(entry, f"worker {handle.slot} (pid {handle.pid}) died")
+                self.redeliver(entry, f"worker {handle.slot} (pid {handle.pid}) died", log=False)
             else:
                 self.queue.put_front(entry)  # cancelled by the shutdown timeout
         self.retired["tasks_done"] += handle.tasks_done
@@ -654,7 +663,7 @@ class Supervisor:
             self.held_back.add(conn)
             conn.pause()
 
-    def redeliver(self, entry: Entry, reason: str) -> None:
+    def redeliver(self, entry: Entry, reason: str, log: bool = True) -> None:
         entry.failures += 1
         if entry.failures >= self.config.max_task_failures:
             logger.error(
@@ -673,7 +682,8 @@ class Supervisor:
                 entry.task_id, self.broker.serializer.dumpb(result.to_dict()), entry.producer
             )
             return
-        logger.warning("redelivering task %s (%s): %s", entry.task_id, entry.task_name, reason)
+        if log:
+            logger.warning("redelivering task %s (%s): %s", entry.task_id, entry.task_name, reason)
         self.queue.put_front(entry)
 
     def dispatch(self) -> None:

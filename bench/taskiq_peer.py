@@ -1,0 +1,71 @@
+"""taskiq + taskiq-redis measured the same way as pool (same Redis, same machine, same run)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+from bench.pool_bench import round_trips, throughput
+from bench.pool_run import ROOT
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def _cleanup(prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start : start + 500])
+    finally:
+        await client.aclose()
+
+
+async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> dict[str, Any]:
+    queue = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "BENCH_QUEUE": queue,
+        "BENCH_REDIS_URL": REDIS_URL,
+        "PYTHONPATH": str(ROOT),
+    }
+    os.environ.update({"BENCH_QUEUE": queue, "BENCH_REDIS_URL": REDIS_URL})
+    sys.modules.pop("bench.taskiq_app", None)
+    from bench import taskiq_app
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "taskiq", "worker", "bench.taskiq_app:broker",
+         "--workers", str(workers), "--log-level", "WARNING"],
+        cwd=str(ROOT), env=env,
+    )  # fmt: skip
+    broker = taskiq_app.broker
+    await broker.startup()
+    try:
+        # The consumer group exists once the workers listen: the first task proves it.
+        await (await taskiq_app.noop.kiq()).wait_result(timeout=60)
+        await throughput(broker, taskiq_app.noop, 1000)
+        tasks_per_s = await throughput(broker, taskiq_app.noop, total)
+        latency = await round_trips(taskiq_app.noop, calls)
+    finally:
+        await broker.shutdown()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
+        await _cleanup(queue)
+    return {"workers": workers, "tasks": total, "throughput_tasks_per_s": tasks_per_s, **latency}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(asyncio.run(measure()), indent=1))

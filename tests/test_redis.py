@@ -1,0 +1,806 @@
+"""pool.redis against a real Redis: the stream broker, the result backend and the state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pool.exceptions import (
+    BrokerError,
+    ResultGetError,
+    SendTaskError,
+    TaskiqResultTimeoutError,
+)
+from pool.message import AckableMessage, BrokerMessage
+from pool.receiver import Receiver
+from pool.result import TaskiqResult
+from pool.result_backend import InMemoryResultBackend
+from tests.redis_support import (
+    REDIS_URL,
+    UNREACHABLE_URL,
+    PrivateRedis,
+    RedisSpace,
+    redis_space,
+    wait_for,
+)
+
+redis = pytest.importorskip("redis")
+
+from pool.redis import RedisResultBackend, RedisState, RedisStreamBroker  # noqa: E402
+from shared_state import TaskiqState  # noqa: E402
+
+
+@pytest.fixture
+def space() -> Iterator[RedisSpace]:
+    yield from redis_space()
+
+
+# --------------------------------------------------------------------------- helpers
+def message(payload: bytes, task_id: str | None = None, **labels: Any) -> BrokerMessage:
+    return BrokerMessage(
+        task_id=task_id or uuid.uuid4().hex, task_name="t", message=payload, labels=labels
+    )
+
+
+async def next_message(gen: AsyncGenerator[Any, None], timeout: float = 10.0) -> AckableMessage:
+    raw = await asyncio.wait_for(gen.__anext__(), timeout)
+    assert isinstance(raw, AckableMessage)
+    return raw
+
+
+class Collector:
+    """Runs ``broker.listen()`` in a task and records what arrives, with arrival times."""
+
+    def __init__(self, broker: RedisStreamBroker) -> None:
+        self.broker = broker
+        self.queue: asyncio.Queue[tuple[float, AckableMessage]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Collector:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        async for raw in self.broker.listen():
+            assert isinstance(raw, AckableMessage)
+            self.queue.put_nowait((time.monotonic(), raw))
+
+    async def get(self, timeout: float = 10.0) -> tuple[float, AckableMessage]:
+        assert self.task is not None
+        getter = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait({getter, self.task}, timeout=timeout)
+        if getter not in done:
+            getter.cancel()
+            if self.task in done:
+                self.task.result()  # raises what ended the listener
+                raise AssertionError("listen() ended")
+            raise AssertionError(f"no message within {timeout} s")
+        return getter.result()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+
+def sync_client(url: str = REDIS_URL) -> Any:
+    return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def pending_count(queue: str, group: str = "pool") -> int:
+    client = sync_client()
+    try:
+        return int(client.xpending(queue, group)["pending"])
+    finally:
+        client.close()
+
+
+def stream_len(queue: str) -> int:
+    client = sync_client()
+    try:
+        return int(client.xlen(queue))
+    finally:
+        client.close()
+
+
+def run_processes(target: Callable[..., Any], n: int, *args: Any, timeout: float = 40) -> list[Any]:
+    """Run ``target(index, *args)`` in ``n`` forked processes; their return values."""
+    ctx = multiprocessing.get_context("fork")
+    results: Any = ctx.Queue()
+
+    def child(index: int) -> None:
+        try:
+            results.put(("ok", target(index, *args)))
+        except BaseException:
+            results.put(("error", traceback.format_exc()))
+
+    procs = [ctx.Process(target=child, args=(i,), daemon=True) for i in range(n)]
+    for proc in procs:
+        proc.start()
+    out: list[tuple[str, Any]] = []
+    try:
+        for _ in range(n):
+            out.append(results.get(timeout=timeout))
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+    errors = [value for status, value in out if status == "error"]
+    assert not errors, "\n".join(errors)
+    return [value for _, value in out]
+
+
+# --------------------------------------------------------------------------- import surface
+def test_importing_pool_does_not_import_redis() -> None:
+    code = (
+        "import sys, pool\n"
+        "assert 'redis' not in sys.modules, 'import pool imported redis'\n"
+        "from pool.redis import RedisStreamBroker, RedisResultBackend, RedisState\n"
+        "from shared_state import TaskiqState\n"
+        "assert issubclass(RedisState, TaskiqState)\n"
+        "assert 'redis' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_pool_redis_without_redis_py_says_what_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['redis'] = None  # as if redis-py were not installed\n"
+        "import pool\n"
+        "try:\n"
+        "    import pool.redis\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=30, capture_output=True, text=True
+    )
+    assert "pip install 'pool[redis]'" in done.stdout
+
+
+# --------------------------------------------------------------------------- broker
+async def test_kick_listen_ack_round_trip(space: RedisSpace) -> None:
+    queue = space.name("q")
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=space.name("r"))
+    broker = RedisStreamBroker(space.url, queue_name=queue, result_backend=backend)
+
+    @broker.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    await broker.startup()
+    gen = broker.listen()
+    try:
+        handle = await add.kiq(2, 3)
+        raw = await next_message(gen)
+        assert pending_count(queue) == 1  # delivered, not yet acknowledged
+        result = await Receiver(broker).callback(raw)
+        assert result is not None and result.return_value == 5
+        waited = await handle.wait_result(timeout=5)
+        assert waited.return_value == 5 and not waited.is_err
+        # acknowledged after the result was saved: not pending, and deleted from the stream
+        assert pending_count(queue) == 0
+        assert stream_len(queue) == 0
+    finally:
+        await gen.aclose()
+        await broker.shutdown()
+
+
+async def test_message_not_acked_when_the_result_cannot_be_saved(space: RedisSpace) -> None:
+    class Broken(InMemoryResultBackend[Any]):
+        async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+            raise ConnectionError("result store down")
+
+    queue = space.name("q")
+    broker = RedisStreamBroker(space.url, queue_name=queue, result_backend=Broken())
+
+    @broker.task
+    async def one() -> int:
+        return 1
+
+    gen = broker.listen()
+    try:
+        await one.kiq()
+        raw = await next_message(gen)
+        assert await Receiver(broker).callback(raw) is None
+        assert pending_count(queue) == 1  # left for redelivery
+    finally:
+        await gen.aclose()
+        await broker.shutdown()
+
+
+async def test_unacked_message_is_claimed_by_another_consumer(space: RedisSpace) -> None:
+    queue = space.name("q")
+    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", idle_timeout=0.5)
+    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b", idle_timeout=0.5)
+    try:
+        await a.kick(message(b"payload-1"))
+        gen_a = a.listen()
+        got_a = await next_message(gen_a)
+        delivered = time.monotonic()
+        assert got_a.data == b"payload-1"
+        await gen_a.aclose()  # consumer a "dies" without acknowledging
+
+        async with Collector(b) as collector:
+            arrived, got_b = await collector.get(timeout=10)
+        assert got_b.data == b"payload-1"
+        assert arrived - delivered >= 0.45  # not before the idle timeout
+        await got_b.ack()
+        assert pending_count(queue) == 0
+        assert stream_len(queue) == 0
+    finally:
+        await a.shutdown()
+        await b.shutdown()
+
+
+async def test_running_message_is_not_claimed_while_its_consumer_lives(space: RedisSpace) -> None:
+    queue = space.name("q")
+    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", idle_timeout=0.5)
+    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b", idle_timeout=0.5)
+    gen_a = a.listen()
+    try:
+        await a.kick(message(b"long task"))
+        got = await next_message(gen_a)
+        async with Collector(b) as collector:
+            # three idle timeouts: a's listener keeps the entry fresh while "the task runs"
+            with pytest.raises(AssertionError, match="no message"):
+                await collector.get(timeout=1.5)
+            await got.ack()
+        assert pending_count(queue) == 0
+    finally:
+        await gen_a.aclose()
+        await a.shutdown()
+        await b.shutdown()
+
+
+async def test_delayed_message_arrives_after_its_delay(space: RedisSpace) -> None:
+    queue = space.name("q")
+    broker = RedisStreamBroker(space.url, queue_name=queue, xread_block=0.2)
+    client = sync_client()
+    try:
+        async with Collector(broker) as collector:
+            sent = time.monotonic()
+            await broker.kick(message(b"later", delay=1.0))
+            await broker.kick(message(b"now"))
+            assert client.zcard(f"{queue}:delayed") == 1
+            first_at, first = await collector.get(timeout=5)
+            assert first.data == b"now"
+            assert first_at - sent < 1.0
+            later_at, later = await collector.get(timeout=5)
+            assert later.data == b"later"
+            assert later_at - sent >= 0.95, "delivered before its delay"
+            assert later_at - sent < 3.0
+            assert client.zcard(f"{queue}:delayed") == 0
+            await first.ack()
+            await later.ack()
+    finally:
+        client.close()
+        await broker.shutdown()
+
+
+async def test_invalid_delay_label_is_refused(space: RedisSpace) -> None:
+    broker = RedisStreamBroker(space.url, queue_name=space.name("q"))
+    try:
+        with pytest.raises(SendTaskError, match="delay"):
+            await broker.kick(message(b"x", delay="soon"))
+    finally:
+        await broker.shutdown()
+
+
+async def test_stream_is_capped(space: RedisSpace) -> None:
+    queue = space.name("q")
+    broker = RedisStreamBroker(space.url, queue_name=queue, maxlen=100)
+    try:
+        for i in range(1000):
+            await broker.kick(message(str(i).encode()))
+        length = stream_len(queue)
+        assert 100 <= length < 300, length  # MAXLEN ~ trims whole nodes
+    finally:
+        await broker.shutdown()
+
+
+async def test_kick_to_unreachable_redis_fails_quickly() -> None:
+    broker = RedisStreamBroker(UNREACHABLE_URL)
+
+    @broker.task
+    async def job() -> None: ...
+
+    started = time.monotonic()
+    with pytest.raises(SendTaskError, match=r"127\.0\.0\.1:1"):
+        await broker.kick(message(b"x"))
+    with pytest.raises(SendTaskError, match=r"127\.0\.0\.1:1"):
+        await job.kiq()
+    assert time.monotonic() - started < 5
+    await broker.shutdown()
+
+
+async def test_check_connection() -> None:
+    secret = "hunter2"
+    bad = RedisStreamBroker(f"redis://:{secret}@127.0.0.1:1/0")
+    with pytest.raises(SendTaskError) as caught:
+        await bad.check_connection()
+    assert isinstance(caught.value, BrokerError)
+    assert "127.0.0.1:1" in str(caught.value) and "unreachable" in str(caught.value)
+    assert secret not in str(caught.value)
+    await bad.shutdown()
+
+
+async def test_check_connection_ok(space: RedisSpace) -> None:
+    broker = RedisStreamBroker(space.url, queue_name=space.name("q"))
+    try:
+        await broker.check_connection()
+    finally:
+        await broker.shutdown()
+
+
+async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture) -> None:
+    server = PrivateRedis()
+    server.start()
+    caplog.set_level(logging.WARNING, logger="pool.redis")
+    broker = RedisStreamBroker(server.url, queue_name="q", xread_block=0.2)
+    try:
+        async with Collector(broker) as collector:
+            await broker.kick(message(b"before"))
+            _, got = await collector.get()
+            assert got.data == b"before"
+            await got.ack()
+
+            server.stop()  # no persistence: the stream and the group are gone
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while "lost the connection" not in caplog.text:
+                assert loop.time() < deadline, "the listener did not notice Redis going away"
+                await asyncio.sleep(0.05)
+            server.start()
+
+            await broker.kick(message(b"after"))
+            _, got = await collector.get(timeout=20)
+            assert got.data == b"after"
+            await got.ack()
+            assert collector.task is not None and not collector.task.done()
+        assert "is back" in caplog.text
+    finally:
+        await broker.shutdown()
+        server.close()
+
+
+# --------------------------------------------------------------------------- results
+def result_of(value: Any, **kwargs: Any) -> TaskiqResult[Any]:
+    return TaskiqResult(is_err=False, return_value=value, execution_time=0.5, **kwargs)
+
+
+async def test_result_set_get_and_ttl(space: RedisSpace) -> None:
+    prefix = space.name("r")
+    backend: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, result_ex_time=60, prefix=prefix
+    )
+    client = sync_client()
+    try:
+        tid = uuid.uuid4().hex
+        assert not await backend.is_result_ready(tid)
+        await backend.set_result(tid, result_of({"a": [1, 2]}, labels={"x": 1}, log="output"))
+        assert await backend.is_result_ready(tid)
+        got = await backend.get_result(tid)
+        assert got.return_value == {"a": [1, 2]} and got.labels == {"x": 1}
+        assert got.execution_time == 0.5 and not got.is_err and got.log is None
+        assert (await backend.get_result(tid, with_logs=True)).log == "output"
+        assert 0 < client.ttl(f"{prefix}:{tid}") <= 60
+        # stored as JSON
+        assert json.loads(client.get(f"{prefix}:{tid}"))["return_value"] == {"a": [1, 2]}
+
+        failed = TaskiqResult(is_err=True, error=ValueError("boom"))
+        await backend.set_result("failed", failed)
+        error = (await backend.get_result("failed")).error
+        assert isinstance(error, ValueError) and str(error) == "boom"
+
+        px: RedisResultBackend[Any] = RedisResultBackend(
+            space.url, result_px_time=5000, prefix=prefix
+        )
+        await px.set_result("px", result_of(1))
+        assert 0 < client.pttl(f"{prefix}:px") <= 5000
+        await px.shutdown()
+    finally:
+        client.close()
+        await backend.shutdown()
+
+
+async def test_result_errors(space: RedisSpace) -> None:
+    prefix = space.name("r")
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
+    client = sync_client()
+    try:
+        with pytest.raises(ResultGetError):
+            await backend.get_result("missing")
+        started = time.monotonic()
+        with pytest.raises(TaskiqResultTimeoutError):
+            await backend.wait_result("missing", timeout=0.3)
+        assert time.monotonic() - started < 2
+        with pytest.raises(TypeError):  # not JSON: the receiver saves an error result instead
+            await backend.set_result("set", result_of({1, 2}))
+        # a pickle planted in Redis is refused, never unpickled
+        client.set(f"{prefix}:planted", pickle.dumps({"is_err": False}))
+        with pytest.raises(ResultGetError, match="cannot be decoded"):
+            await backend.get_result("planted")
+    finally:
+        client.close()
+        await backend.shutdown()
+    with pytest.raises(ValueError):
+        RedisResultBackend(space.url, result_ex_time=1, result_px_time=1)
+    with pytest.raises(ValueError):
+        RedisResultBackend(space.url, result_ex_time=0)
+
+
+async def test_wait_result_is_woken_by_pubsub(space: RedisSpace) -> None:
+    prefix = space.name("r")
+    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
+    setter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
+    tid = uuid.uuid4().hex
+    try:
+        task = asyncio.create_task(waiter.wait_result(tid, check_interval=5, timeout=20))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not (
+            waiter._notifier is not None
+            and waiter._notifier.subscribed.is_set()
+            and tid in waiter._notifier.waiters
+        ):
+            assert loop.time() < deadline, "the waiter never subscribed"
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # past the waiter's first read: only pub/sub can wake it now
+        saved = time.monotonic()
+        await setter.set_result(tid, result_of("done"))
+        got = await asyncio.wait_for(task, 10)
+        assert got.return_value == "done"
+        assert time.monotonic() - saved < 1.0, "woken by the 5 s re-check, not the notification"
+
+        # a result saved before the wait starts is returned at once
+        await setter.set_result("early", result_of(1))
+        started = time.monotonic()
+        assert (await waiter.wait_result("early", check_interval=5, timeout=5)).return_value == 1
+        assert time.monotonic() - started < 1.0
+    finally:
+        await waiter.shutdown()
+        await setter.shutdown()
+
+
+async def test_keep_results_false_deletes_after_get(space: RedisSpace) -> None:
+    backend: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, keep_results=False, prefix=space.name("r")
+    )
+    try:
+        await backend.set_result("t", result_of(7))
+        assert (await backend.wait_result("t", timeout=5)).return_value == 7
+        assert not await backend.is_result_ready("t")
+        with pytest.raises(ResultGetError):
+            await backend.get_result("t")
+    finally:
+        await backend.shutdown()
+
+
+async def test_progress(space: RedisSpace) -> None:
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=space.name("r"))
+    try:
+        assert await backend.get_progress("t") is None
+        await backend.set_progress("t", {"state": "running", "meta": {"done": 3}})
+        assert await backend.get_progress("t") == {"state": "running", "meta": {"done": 3}}
+    finally:
+        await backend.shutdown()
+
+
+async def test_result_waiters_survive_a_redis_restart() -> None:
+    server = PrivateRedis()
+    server.start()
+    waiter: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix="r")
+    setter: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix="r")
+    try:
+        task = asyncio.create_task(waiter.wait_result("t", check_interval=5, timeout=30))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while waiter._notifier is None or not waiter._notifier.subscribed.is_set():
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        server.stop()
+        while waiter._notifier.subscribed.is_set():
+            assert loop.time() < deadline, "the subscription loss went unnoticed"
+            await asyncio.sleep(0.01)
+        server.start()
+        while not waiter._notifier.subscribed.is_set():
+            assert loop.time() < deadline + 10, "never subscribed again"
+            await asyncio.sleep(0.01)
+        await setter.set_result("t", result_of("after restart"))
+        got = await asyncio.wait_for(task, 10)
+        assert got.return_value == "after restart"
+    finally:
+        await waiter.shutdown()
+        await setter.shutdown()
+        server.close()
+
+
+# --------------------------------------------------------------------------- state
+def make_state(space: RedisSpace, name: str = "s", **kwargs: Any) -> RedisState:
+    return RedisState(space.url, prefix=space.name(name), **kwargs)
+
+
+def test_state_api(space: RedisSpace) -> None:
+    state = make_state(space)
+    other = make_state(space)  # another client of the same state
+    assert isinstance(state, TaskiqState) and state.shared
+    state.set_value("a", {"x": [1, 2]})
+    assert other.get_value("a") == {"x": [1, 2]} and other.is_shared("a")
+    assert state.get_value("missing") is None and state.get_value("missing", 5) == 5
+    state.delete_value("missing")  # not an error
+    state["b"] = 2
+    state.c = "three"
+    assert other["b"] == 2 and other.c == "three"
+    assert "b" in other and "zzz" not in other
+    assert sorted(other.keys()) == ["a", "b", "c"] and len(other) == 3
+    assert sorted(other.values(), key=repr) == sorted([{"x": [1, 2]}, 2, "three"], key=repr)
+    assert dict(other.items()) == {"a": {"x": [1, 2]}, "b": 2, "c": "three"}
+    with pytest.raises(KeyError):
+        other["zzz"]
+    with pytest.raises(AttributeError):
+        _ = other.zzz
+    del other.c
+    del other["b"]
+    assert state.keys() == ["a"]
+    with pytest.raises(TypeError):
+        state.set_value(1, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        state.get_value(b"a")  # type: ignore[arg-type]
+    # types JSON carries exactly come back exactly; tuples come back as lists
+    for value in (1, 1.5, True, None, "é", [1, "a"], {"k": {"n": None}}, 2**70):
+        state.set_value("v", value)
+        assert other.get_value("v") == value and type(other.get_value("v")) is type(value)
+    state.set_value("t", (1, 2))
+    assert other.get_value("t") == [1, 2]
+    # stored as JSON text
+    client = sync_client()
+    try:
+        assert client.get(f"{space.name('s')}:v:a") == b'{"x":[1,2]}'
+    finally:
+        client.close()
+    state.clear()
+    assert other.keys() == [] and len(other) == 0
+
+
+def test_state_values_json_cannot_carry_stay_local(space: RedisSpace) -> None:
+    state = make_state(space)
+    other = make_state(space)
+    lock = threading.Lock()
+    state.db = lock
+    state.set_value("a set", {1, 2})
+    state.set_value("int keys", {1: "a"})
+    state.set_value("bytes", b"raw")
+    state.set_value("shared", 1)
+    for key in ("db", "a set", "int keys", "bytes"):
+        assert key in state and not state.is_shared(key)
+        assert key not in other
+    assert state.db is lock
+    assert state.is_shared("shared")
+    assert sorted(state.keys()) == ["a set", "bytes", "db", "int keys", "shared"]
+    assert other.keys() == ["shared"]
+
+
+def test_state_clear_and_keys_stay_in_their_prefix(space: RedisSpace) -> None:
+    globby = make_state(space, "s*")  # glob characters in the prefix are matched literally
+    neighbour = make_state(space, "sx")
+    globby.set_value("mine", 1)
+    neighbour.set_value("theirs", 2)
+    assert globby.keys() == ["mine"]
+    globby.clear()
+    assert neighbour.get_value("theirs") == 2 and globby.keys() == []
+
+
+def test_state_incr(space: RedisSpace) -> None:
+    state = make_state(space)
+    assert state.incr("n") == 1
+    assert state.incr("n", 41) == 42
+    assert state.incr("n", -2) == 40 and type(state.get_value("n")) is int
+    assert state.incr("f", 0.1) == 0.1
+    assert state.incr("f", 0.2) == 0.1 + 0.2
+    state.set_value("g", 1.0)
+    assert state.incr("g") == 2.0 and type(state.get_value("g")) is float
+    state.set_value("s", "5")
+    with pytest.raises(TypeError, match="'s'"):
+        state.incr("s")
+    state.set_value("l", [1])
+    with pytest.raises(TypeError, match="'l'"):
+        state.incr("l")
+    with pytest.raises(TypeError):
+        state.incr("n", "1")  # type: ignore[arg-type]
+    state.set_value("big", 2**63 - 1)
+    with pytest.raises(OverflowError, match="'big'"):
+        state.incr("big")
+
+
+def _incr_worker(index: int, state: RedisState) -> int:
+    for _ in range(500):
+        state.incr("counter")
+    return index
+
+
+def test_state_incr_is_exact_across_processes(space: RedisSpace) -> None:
+    state = make_state(space)
+    state.set_value("counter", 0)  # the parent's connections exist before the fork
+    assert state.get_value("counter") == 0
+    run_processes(_incr_worker, 4, state)
+    assert state.get_value("counter") == 2000
+
+
+def _update_worker(index: int, state: RedisState) -> int:
+    calls = 0
+
+    def bump(old: int) -> int:
+        nonlocal calls
+        calls += 1
+        return old + 1
+
+    for _ in range(500):
+        state.update("counter", bump, 0)
+    return calls
+
+
+def test_state_update_runs_fn_once_and_is_exact_across_processes(space: RedisSpace) -> None:
+    state = make_state(space)
+    assert state.update("counter", lambda old: old, 0) == 0
+    calls = run_processes(_update_worker, 4, state)
+    assert calls == [500, 500, 500, 500]
+    assert state.get_value("counter") == 2000
+
+
+def test_state_update_semantics(space: RedisSpace) -> None:
+    state = make_state(space)
+    assert state.update("xs", lambda old: [*old, 1], []) == [1]
+    assert state.update("xs", lambda old: [*old, 2]) == [1, 2]
+
+    def boom(old: Any) -> Any:
+        raise RuntimeError("fn failed")
+
+    with pytest.raises(RuntimeError, match="fn failed"):
+        state.update("xs", boom)
+    with pytest.raises(TypeError, match="'xs'"):
+        state.update("xs", lambda old: {1, 2})  # a set cannot be stored as JSON
+    # unchanged, and the update lock was released: the next update does not wait
+    started = time.monotonic()
+    assert state.update("xs", lambda old: old + [3]) == [1, 2, 3]
+    assert time.monotonic() - started < 1
+
+
+def test_state_update_holds_off_other_writers(space: RedisSpace) -> None:
+    state = make_state(space)
+    other = make_state(space)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(old: Any) -> str:
+        inside.set()
+        assert release.wait(10)
+        return "from update"
+
+    updater = threading.Thread(target=state.update, args=("k", slow, None))
+    updater.start()
+    assert inside.wait(10)
+    writer = threading.Thread(target=other.set_value, args=("k", "from set"))
+    writer.start()
+    writer.join(timeout=0.3)
+    assert writer.is_alive(), "set_value went through while an update of the key ran"
+    release.set()
+    updater.join(timeout=10)
+    writer.join(timeout=10)
+    assert not updater.is_alive() and not writer.is_alive()
+    assert state.get_value("k") == "from set"  # the set is ordered after the update
+
+
+def _setdefault_worker(index: int, state: RedisState, barrier: Any) -> tuple[int, Any]:
+    barrier.wait(timeout=20)
+    return os.getpid(), state.setdefault("winner", os.getpid())
+
+
+def test_state_setdefault_has_a_single_winner(space: RedisSpace) -> None:
+    state = make_state(space)
+    barrier = multiprocessing.get_context("fork").Barrier(6)
+    results = run_processes(_setdefault_worker, 6, state, barrier)
+    pids = {pid for pid, _ in results}
+    values = {value for _, value in results}
+    assert len(values) == 1 and values <= pids
+    assert state.get_value("winner") in pids
+    assert state.setdefault("winner", -1) == state.get_value("winner")
+
+
+def _lock_worker(index: int, state: RedisState) -> int:
+    for _ in range(25):
+        with state.lock("L"):
+            if state.incr("inside") != 1:
+                state.incr("violations")
+            value = state.get_value("counter", 0)
+            time.sleep(0.001)
+            state.set_value("counter", value + 1)
+            state.incr("inside", -1)
+    return index
+
+
+def test_state_lock_is_exclusive_across_processes(space: RedisSpace) -> None:
+    state = make_state(space)
+    run_processes(_lock_worker, 4, state)
+    assert state.get_value("counter") == 100
+    assert state.get_value("violations", 0) == 0
+
+
+async def test_state_lock_async(space: RedisSpace) -> None:
+    state = make_state(space)
+    async with state.lock("A"):
+        assert not state.lock("A").acquire(blocking=False)
+    assert state.lock("A").acquire(blocking=False)
+
+
+def test_state_lock_expires(space: RedisSpace) -> None:
+    state = make_state(space, lock_timeout=0.5)
+    holder = state.lock("L")
+    assert holder.acquire()  # and never released in time: as if its process died
+    waiter = state.lock("L")
+    assert not waiter.acquire(blocking=False)
+    started = time.monotonic()
+    assert waiter.acquire(timeout=10)
+    assert 0.3 <= time.monotonic() - started < 5
+    holder.release()  # too late: logged, and does not free the new holder's lock
+    assert not state.lock("L").acquire(blocking=False)
+    waiter.release()
+
+
+def test_state_dill_is_an_explicit_opt_in(space: RedisSpace) -> None:
+    dill_state = make_state(space, serializer="dill")
+    dill_other = make_state(space, serializer="dill")
+    json_state = make_state(space)
+    dill_state.set_value("s", {1, 2})
+    dill_state.set_value("t", (1, 2))
+    assert dill_state.is_shared("s")
+    assert dill_other.get_value("s") == {1, 2} and dill_other.get_value("t") == (1, 2)
+    with pytest.raises(ValueError, match="does not unpickle"):
+        json_state.get_value("s")
+    # numbers stay JSON, readable by both and incremented by Redis
+    dill_state.set_value("n", 1)
+    assert json_state.incr("n") == 2 and dill_other.get_value("n") == 2
+    assert dill_state.update("t", lambda old: (*old, 3)) == (1, 2, 3)
+    with pytest.raises(ValueError):
+        make_state(space, serializer="pickle")
+
+
+def test_state_works_in_a_forked_child_after_use_in_the_parent(space: RedisSpace) -> None:
+    state = make_state(space)
+    state.set_value("k", "parent")
+
+    def child(index: int, state: RedisState) -> Any:
+        value = state.get_value("k")
+        state.set_value(f"child{index}", index)
+        return value
+
+    assert run_processes(child, 2, state) == ["parent", "parent"]
+    assert state.get_value("k") == "parent"  # the parent's connection still works
+    assert sorted(k for k in state.keys() if k.startswith("child")) == ["child0", "child1"]
+
+
+def test_wait_for_helper_is_bounded() -> None:
+    with pytest.raises(AssertionError):
+        wait_for(lambda: False, timeout=0.05, what="nothing")
