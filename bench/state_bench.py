@@ -74,8 +74,32 @@ def time_state_standalone(rounds: int) -> dict[str, float]:
             server.shutdown()
 
 
+def time_redis(rounds: int, url: str = "redis://127.0.0.1:6379/0") -> dict[str, float]:
+    """Plain redis-py GET / SET / INCR on the local Redis, for scale."""
+    import uuid
+
+    import redis
+
+    client = redis.Redis.from_url(url)
+    key = f"bench-state-{uuid.uuid4().hex[:8]}"
+    try:
+        client.set(f"{key}:n", 1)
+        return {
+            "get_unchanged_us": _per_op_us(lambda i: client.get(f"{key}:n"), rounds),
+            "set_us": _per_op_us(lambda i: client.set(f"{key}:s", i), rounds),
+            "incr_us": _per_op_us(lambda i: client.incr(f"{key}:c"), rounds),
+        }
+    finally:
+        client.delete(f"{key}:n", f"{key}:s", f"{key}:c")
+        client.close()
+
+
 def run(rounds: int = 5000) -> dict[str, dict[str, float]]:
-    return {"pool_state": time_state_standalone(rounds), "manager_dict": time_manager(rounds)}
+    return {
+        "pool_state": time_state_standalone(rounds),
+        "manager_dict": time_manager(rounds),
+        "redis": time_redis(rounds),
+    }
 
 
 if __name__ == "__main__":

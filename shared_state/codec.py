@@ -70,10 +70,31 @@ def _value_pickler_class() -> Any:
     return _value_pickler
 
 
+_PLAIN_SCALARS = (int, float, complex, str, bytes, bool, type(None))
+_PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _plain(value: Any, budget: list[int]) -> bool:
+    """True for builtin data only (bounded walk): the C pickler is exact and much faster."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if kind is dict:
+        return all(_plain(k, budget) and _plain(v, budget) for k, v in value.items())
+    if kind in _PLAIN_CONTAINERS:
+        return all(_plain(item, budget) for item in value)
+    return False
+
+
 def try_dumps(value: Any) -> bytes | None:
     """Bytes for a value of the shared tier, or ``None`` when it must stay local."""
     import io
 
+    if _plain(value, [256]):
+        return pickle.dumps(value, protocol=5)
     buffer = io.BytesIO()
     try:
         _value_pickler_class()(buffer, protocol=5).dump(value)

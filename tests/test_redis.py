@@ -82,7 +82,9 @@ class Collector:
     async def get(self, timeout: float = 10.0) -> tuple[float, AckableMessage]:
         assert self.task is not None
         getter = asyncio.ensure_future(self.queue.get())
-        done, _ = await asyncio.wait({getter, self.task}, timeout=timeout)
+        done, _ = await asyncio.wait(
+            {getter, self.task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if getter not in done:
             getter.cancel()
             if self.task in done:
