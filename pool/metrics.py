@@ -37,11 +37,33 @@ class PoolMetrics:
         self.tasks.labels(task_name, "error" if failed else "success").inc()
         self.duration.labels(task_name).observe(duration)
 
-    def serve(self, port: int, addr: str) -> int:
-        """Serve ``/metrics`` over HTTP; returns the bound port (useful with port 0)."""
-        from prometheus_client import start_http_server
+    def serve(self, port: int, addr: str, token: str | None = None) -> int:
+        """Serve ``/metrics`` over HTTP; returns the bound port (useful with port 0).
 
-        self._server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        With ``token``, a scrape must send ``Authorization: Bearer <token>``: the pool
+        requires one whenever the endpoint listens beyond loopback.
+        """
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        from prometheus_client import make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer
+
+        metrics_app = make_wsgi_app(self.registry)
+        expected = f"Bearer {token}" if token else None
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if expected is not None and environ.get("HTTP_AUTHORIZATION") != expected:
+                start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+                return [b"a bearer token is required\n"]
+            return metrics_app(environ, start_response)
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = make_server(addr, port, app, ThreadingWSGIServer, QuietHandler)
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
         return int(self._server.server_port)
 
     def close(self) -> None:

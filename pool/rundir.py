@@ -63,6 +63,18 @@ class RunDir:
                 "choose a shorter --run-dir"
             )
 
+    @property
+    def metrics_token_file(self) -> Path:
+        return self.path / "metrics.token"
+
+    def new_metrics_token(self) -> str:
+        """A random bearer token for a metrics endpoint beyond loopback (file mode 0600)."""
+        token = secrets.token_urlsafe(32)
+        fd = os.open(self.metrics_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
+        return token
+
     def new_authkey(self) -> bytes:
         """Write a fresh random authkey with mode 0600 and return it."""
         key = secrets.token_bytes(AUTHKEY_BYTES)
@@ -95,7 +107,13 @@ class RunDir:
 
     def cleanup(self) -> None:
         """Remove what only a running pool needs; spooled tasks stay."""
-        for path in (self.control_socket, self.state_socket, self.state_versions, self.pid_file):
+        for path in (
+            self.control_socket,
+            self.state_socket,
+            self.state_versions,
+            self.pid_file,
+            self.metrics_token_file,
+        ):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -65,6 +65,15 @@ class PoolConfig:
     monitor_interval: float = 1.0
 
 
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
 class WorkerHandle:
     """What the supervisor knows about one worker process."""
 
@@ -270,7 +279,9 @@ class Supervisor:
             from pool.metrics import PoolMetrics
 
             self.metrics = PoolMetrics(self.stats)
-            port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
+            addr = self.config.metrics_addr
+            token = None if _is_loopback(addr) else self.run_dir.new_metrics_token()
+            port = self.metrics.serve(self.config.metrics_port, addr, token)
             self.metrics_url = f"http://{self.config.metrics_addr}:{port}/metrics"
             logger.info("metrics on %s", self.metrics_url)
         spooled = spool.load(self.run_dir.spool_file)

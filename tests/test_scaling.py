@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,19 @@ async def test_metrics_endpoint_counts_tasks_across_worker_restarts() -> None:
         assert "pool_task_duration_seconds_bucket" in body
         assert "pool_worker_restarts_total 1.0" in body
         await broker.shutdown()
+
+
+def test_metrics_beyond_loopback_require_the_token() -> None:
+    extra = ["--metrics-port", "0", "--metrics-addr", "0.0.0.0"]
+    with RunningPool(workers=1, extra=extra) as running:
+        url = running.stats()["metrics_url"].replace("0.0.0.0", "127.0.0.1")
+        token_file = Path(running.run_dir) / "metrics.token"
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.code == 401
+        request = urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {token_file.read_text()}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert "pool_workers" in response.read().decode()
