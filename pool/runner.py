@@ -69,9 +69,7 @@ def run_pool(config: PoolConfig) -> int:
     context = multiprocess.get_context(config.start_method)
     server: StateServer | None = None
     if not config.state_url:
-        server = start_state_server(
-            str(run_dir.state_socket), authkey, str(run_dir.state_versions)
-        )
+        server = start_state_server(str(run_dir.state_socket), authkey, str(run_dir.state_versions))
     try:
         broker.state = open_state(config.state_url, run_dir, authkey)
         supervisor = Supervisor(config, broker, run_dir, authkey, context)
