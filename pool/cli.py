@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "state server, so that pools on several machines share one state",
     )
     run.add_argument(
+        "--state-prefix",
+        default="pool:state",
+        metavar="PREFIX",
+        help="with --state: the key prefix of this state in Redis (default: %(default)s)",
+    )
+    run.add_argument(
         "--run-dir",
         default=None,
         help="private run directory (default: $POOL_RUN_DIR, else ./.pool)",
@@ -250,6 +256,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
         state_url=args.state,
+        state_prefix=args.state_prefix,
         run_dir=args.run_dir,
         log_level=args.log_level,
         start_method=args.start_method,

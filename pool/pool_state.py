@@ -9,12 +9,17 @@ if TYPE_CHECKING:
     from shared_state import TaskiqState
 
 
-def open_state(state_url: str | None, run_dir: RunDir, authkey: bytes) -> TaskiqState:
+DEFAULT_PREFIX = "pool:state"
+
+
+def open_state(
+    state_url: str | None, run_dir: RunDir, authkey: bytes, prefix: str = DEFAULT_PREFIX
+) -> TaskiqState:
     """A client of the pool's shared state, for the supervisor or a worker."""
     if state_url:
         from pool.redis import RedisState
 
-        return RedisState(state_url)
+        return RedisState(state_url, prefix=prefix)
     from shared_state import connect_state
 
     return connect_state(str(run_dir.state_socket), authkey, str(run_dir.state_versions))

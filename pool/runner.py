@@ -59,7 +59,7 @@ def run_pool(config: PoolConfig) -> int:
     except AppImportError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
-    problem = _unreachable(broker, config.state_url)
+    problem = _unreachable(broker, config.state_url, config.state_prefix)
     if problem is not None:
         print(f"pool: {problem}", file=sys.stderr)
         logger.error("%s", problem)
@@ -71,7 +71,7 @@ def run_pool(config: PoolConfig) -> int:
     if not config.state_url:
         server = start_state_server(str(run_dir.state_socket), authkey, str(run_dir.state_versions))
     try:
-        broker.state = open_state(config.state_url, run_dir, authkey)
+        broker.state = open_state(config.state_url, run_dir, authkey, config.state_prefix)
         supervisor = Supervisor(config, broker, run_dir, authkey, context)
         code = int(run_event_loop(supervisor.run()))
         if supervisor.fatal_error:
@@ -87,7 +87,7 @@ def run_pool(config: PoolConfig) -> int:
         run_dir.cleanup()
 
 
-def _unreachable(broker: Any, state_url: str | None) -> str | None:
+def _unreachable(broker: Any, state_url: str | None, prefix: str) -> str | None:
     """Why the broker or the state cannot be reached, or ``None`` when both answer."""
     check = getattr(broker, "check_connection", None)
     if check is not None:
@@ -99,7 +99,7 @@ def _unreachable(broker: Any, state_url: str | None) -> str | None:
         from pool.pool_state import open_state
 
         try:
-            len(open_state(state_url, RunDir.at(None), b""))
+            len(open_state(state_url, RunDir.at(None), b"", prefix))
         except Exception as exc:
             return f"cannot reach the shared state at {state_url}: {exc}"
     return None

@@ -51,6 +51,7 @@ class PoolConfig:
     run_dir: str | None = None
     log_level: str = "INFO"
     state_url: str | None = None
+    state_prefix: str = "pool:state"
     start_method: str = "fork"
     queue_size: int = 10_000
     max_stored_results: int = 10_000
@@ -394,6 +395,7 @@ class Supervisor:
             shutdown_timeout=self.config.shutdown_timeout,
             log_level=self.config.log_level,
             state_url=self.config.state_url,
+            state_prefix=self.config.state_prefix,
             close_fds=[*self._inherited_fds(), parent_conn.fileno()],
         )
         process = self.context.Process(

@@ -46,6 +46,7 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     log_level: str = "INFO"
     state_url: str | None = None
+    state_prefix: str = "pool:state"
     close_fds: list[int] = field(default_factory=list)
 
 
@@ -193,7 +194,10 @@ class Worker:
 
         broker = load_broker(self.config.app)
         broker.state = open_state(
-            self.config.state_url, RunDir.at(self.config.run_dir), self.config.authkey
+            self.config.state_url,
+            RunDir.at(self.config.run_dir),
+            self.config.authkey,
+            self.config.state_prefix,
         )
         broker.is_worker_process = True
         if isinstance(broker, PoolBroker) and broker.result_backend is broker.pool_results:

@@ -1,0 +1,131 @@
+"""The pool on Redis: supervisors and workers on a RedisStreamBroker, the state in Redis.
+
+Two pools on one Redis stand in for two machines.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pool import AsyncKicker
+from tests.pool_support import RunningPool, wait_for
+from tests.redis_support import PrivateRedis, RedisSpace, redis_space
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def space() -> Iterator[RedisSpace]:
+    yield from redis_space()
+
+
+def redis_pool(
+    space: RedisSpace, workers: int = 2, url: str | None = None, extra: list[str] | None = None
+) -> RunningPool:
+    url = url or space.url
+    env = {"POOL_TEST_REDIS_URL": url, "POOL_TEST_QUEUE": space.name("queue")}
+    state = ["--state", url, "--state-prefix", space.name("state")]
+    return RunningPool(
+        workers, app="redis_test_app:broker", env=env, extra=[*state, *(extra or [])]
+    )
+
+
+def producer(space: RedisSpace, url: str | None = None) -> Any:
+    from tests.apps.redis_test_app import make_broker
+
+    return make_broker(url or space.url, space.name("queue"))
+
+
+async def send(broker: Any, task: str, count: int, *args: Any) -> list[Any]:
+    return [await AsyncKicker(task, broker).kiq(*args) for _ in range(count)]
+
+
+def state_of(space: RedisSpace, url: str | None = None) -> Any:
+    from pool.redis import RedisState
+
+    return RedisState(url or space.url, prefix=space.name("state"))
+
+
+async def test_a_pool_on_redis_runs_tasks_shares_state_and_reports_stats(
+    space: RedisSpace,
+) -> None:
+    with redis_pool(space, workers=2) as running:
+        broker = producer(space)
+        await broker.startup()
+        handles = await send(broker, "whoami", 60, 0.01)
+        pids = {(await h.wait_result(timeout=30)).raise_for_error().return_value for h in handles}
+        assert pids == set(running.worker_pids())
+        stats = wait_for(
+            lambda: (s := running.stats())["totals"]["tasks_done"] >= 60 and s, 10, "stats"
+        )
+        assert stats["totals"]["tasks_failed"] == 0
+        assert state_of(space).get_value("workers_started") == 2
+        await broker.shutdown()
+
+
+async def test_two_pools_share_the_work_and_the_state(space: RedisSpace) -> None:
+    with redis_pool(space, workers=2) as first, redis_pool(space, workers=2) as second:
+        broker = producer(space)
+        await broker.startup()
+        handles = [await AsyncKicker("count_run", broker).kiq(f"t{i}") for i in range(300)]
+        results = [(await h.wait_result(timeout=60)).raise_for_error() for h in handles]
+        assert [r.return_value[0] for r in results] == [1] * 300, "each task ran once"
+        ran_in = {r.return_value[1] for r in results}
+        assert ran_in & set(first.worker_pids()) and ran_in & set(second.worker_pids())
+        done = first.stats()["totals"]["tasks_done"] + second.stats()["totals"]["tasks_done"]
+        assert done == 300
+        assert state_of(space).get_value("workers_started") == 4
+        await broker.shutdown()
+
+
+async def test_sigkill_of_a_whole_pool_and_the_other_finishes_its_tasks(
+    space: RedisSpace,
+) -> None:
+    with redis_pool(space, workers=2) as doomed, redis_pool(space, workers=1) as survivor:
+        broker = producer(space)
+        await broker.startup()
+        handles = await send(broker, "whoami", 40, 0.3)
+        wait_for(lambda: doomed.stats()["totals"]["in_flight"] > 0, 20, "tasks in the doomed pool")
+        doomed.remember(doomed.stats())
+        assert doomed.proc is not None
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait(10)
+        results = [await h.wait_result(timeout=60) for h in handles]
+        assert all(not r.is_err for r in results)
+        assert survivor.stats()["totals"]["tasks_done"] > 0
+        await broker.shutdown()
+
+
+async def test_the_pool_survives_a_redis_restart(space: RedisSpace) -> None:
+    private = PrivateRedis(persistent=True)
+    private.start()
+    try:
+        with redis_pool(space, workers=2, url=private.url) as running:
+            broker = producer(space, private.url)
+            await broker.startup()
+            first = await send(broker, "whoami", 20, 0.05)
+            for handle in first:
+                assert not (await handle.wait_result(timeout=30)).is_err
+            private.restart()
+            second = await send(broker, "whoami", 20, 0.05)
+            for handle in second:
+                assert not (await handle.wait_result(timeout=60)).is_err
+            assert running.stats()["totals"]["tasks_done"] >= 40
+            await broker.shutdown()
+    finally:
+        private.stop()
+
+
+def test_unreachable_redis_at_start_is_a_clear_error(space: RedisSpace) -> None:
+    running = redis_pool(space, workers=1, url="redis://127.0.0.1:1/0")
+    try:
+        running.start(wait_ready=False)
+        assert running.wait(30) == 4
+        assert "cannot reach the broker" in running.log()
+        assert "127.0.0.1:1" in running.log()
+    finally:
+        running.close()
