@@ -204,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument("--run-dir", default=None, help="run directory of the pool")
 
+    from pool.scheduler_cli import DESCRIPTION, HELP
+
     sched = commands.add_parser(
         "scheduler",
-        help="run a TaskiqScheduler",
-        description="Run the TaskiqScheduler named by MODULE:ATTR until SIGINT/SIGTERM.",
+        help=HELP,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sched.add_argument("app", metavar="MODULE:ATTR", help="the scheduler, e.g. app:scheduler")
     sched.add_argument("--log-level", default="INFO", type=str.upper)

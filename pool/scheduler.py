@@ -23,6 +23,21 @@ starts the interval grid at its first tick. If a running scheduler falls behind 
 loop was blocked past one or more due times), the schedule is sent **once**, late, never
 in a burst. One-shot ``time`` schedules are not lost: one that became due while the
 scheduler was down is sent once at the first tick.
+
+Several schedulers at once (high availability)
+----------------------------------------------
+Give each scheduler the same *run claim* (``TaskiqScheduler(broker, sources,
+claim=RedisRunClaim(url))``): before sending a due run, a scheduler claims it, and only the
+scheduler whose claim succeeds sends it; the others treat the run as sent. A claim names the
+schedule and the occurrence: the due minute for ``cron`` (UTC ISO, the same in every
+scheduler) and ``"once"`` for ``time``, both kept a day, and ``"interval"`` for ``interval``,
+kept ``0.9 * interval`` seconds (so the scheduler that sent the last run keeps the schedule,
+and another takes over within about one interval when it stops). A run whose claim cannot be
+taken (the claim store is unreachable) is not sent, and tried again at the next tick.
+
+When no ``claim`` is given and a source offers one (a ``run_claim()`` method, as
+:class:`pool.redis.RedisScheduleSource` does), the scheduler uses it; ``claim=False`` turns
+claiming off. Without a claim, every scheduler sends every run.
 """
 
 from __future__ import annotations
@@ -36,7 +51,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -232,6 +247,9 @@ class ScheduleSource(ABC):
     ``NotImplementedError``. ``pre_send`` (which may raise
     :class:`ScheduledTaskCancelledError` to skip a run) and ``post_send`` are called around
     each sending and may be sync or async.
+
+    A source shared by several schedulers may also offer ``run_claim()``, returning a
+    :class:`RunClaim` that a ``TaskiqScheduler`` created without ``claim`` uses.
     """
 
     async def startup(self) -> None:
@@ -343,13 +361,35 @@ class LabelScheduleSource(ScheduleSource):
         return found
 
 
+# --------------------------------------------------------------------------- run claims
+CLAIM_TTL = 24 * 3600.0
+"""Seconds a scheduler asks a claim on a ``cron`` or ``time`` run to be kept."""
+
+INTERVAL_CLAIM_FACTOR = 0.9
+"""An ``interval`` run is claimed for this fraction of the interval."""
+
+
+class RunClaim(Protocol):
+    """Decides which of several schedulers sends a run (see the module docstring).
+
+    ``claim`` returns True for exactly one caller per ``(schedule_id, occurrence)`` while
+    the claim lasts (``ttl`` seconds). Optionally, a claim object may also have
+    ``release(schedule_id, occurrence)``, called when the claimed run could not be sent so
+    that it can be tried again, and ``shutdown()``, called by ``TaskiqScheduler.shutdown()``
+    (either may be sync or async).
+    """
+
+    async def claim(self, schedule_id: str, occurrence: str, ttl: float) -> bool: ...
+
+
 # --------------------------------------------------------------------------- scheduler
-_SENT, _CANCELLED, _FAILED = "sent", "cancelled", "failed"
+_SENT, _CANCELLED, _FAILED, _ELSEWHERE = "sent", "cancelled", "failed", "elsewhere"
 
 
 @dataclass
 class _State:
     last_minute: datetime | None = None  # cron: the last minute already considered
+    due_minute: datetime | None = None  # cron: the matching minute found due (UTC)
     next_due: datetime | None = None  # interval: when it is due next
     fired: bool = False  # time: already sent
 
@@ -365,12 +405,40 @@ class TaskiqScheduler:
     not sent on start; a running scheduler that fell behind sends each due schedule once,
     late, never a burst of the runs it missed. One-shot ``time`` schedules that became due
     while the scheduler was down are sent once at the first tick.
+
+    ``claim`` (a :class:`RunClaim`, such as :class:`pool.redis.RedisRunClaim`) lets several
+    schedulers run at once and still send each run once: each due run is claimed just before
+    it is sent (before the source's ``pre_send``), and a run claimed by another scheduler is
+    not sent here (logged at debug level) but counted as done; a claimed run that could not
+    be sent is released (when the claim has ``release``) and retried. When ``claim`` is None,
+    the first source with a ``run_claim()`` method provides it; ``claim=False`` sends every
+    run without claiming, as a lone scheduler does.
     """
 
-    def __init__(self, broker: AsyncBroker, sources: list[ScheduleSource]) -> None:
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        sources: list[ScheduleSource],
+        claim: RunClaim | Literal[False] | None = None,
+    ) -> None:
         self.broker = broker
         self.sources = list(sources)
         self._states: dict[tuple[int, str], _State] = {}
+        resolved: RunClaim | None = None
+        if claim is None:
+            for source in self.sources:
+                make = getattr(source, "run_claim", None)
+                if callable(make):
+                    resolved = make()
+                    break
+        elif claim is not False:
+            resolved = claim
+        if resolved is not None and not callable(getattr(resolved, "claim", None)):
+            raise TypeError(
+                "claim must have an async claim(schedule_id, occurrence, ttl) method, "
+                f"got {resolved!r}"
+            )
+        self.claim: RunClaim | None = resolved
 
     async def startup(self) -> None:
         """Start the broker (as a scheduler process), then each source."""
@@ -380,12 +448,18 @@ class TaskiqScheduler:
             await source.startup()
 
     async def shutdown(self) -> None:
-        """Stop each source (failures are logged), then the broker."""
+        """Stop each source and the claim (failures are logged), then the broker."""
         for source in self.sources:
             try:
                 await source.shutdown()
             except Exception:
                 logger.exception("schedule source %r failed to shut down", source)
+        close = getattr(self.claim, "shutdown", None)
+        if callable(close):
+            try:
+                await maybe_awaitable(close())
+            except Exception:
+                logger.exception("run claim %r failed to shut down", self.claim)
         await self.broker.shutdown()
 
     async def on_ready(self, source: ScheduleSource, task: ScheduledTask) -> None:
@@ -413,7 +487,8 @@ class TaskiqScheduler:
     async def tick(self, now: datetime) -> list[ScheduledTask]:
         """Send every schedule due at ``now`` (a naive datetime is UTC); returns those sent.
 
-        A schedule whose sending failed is logged and tried again at the next tick.
+        A schedule whose sending failed is logged and tried again at the next tick. With a
+        ``claim``, a run another scheduler claimed is counted as done but not returned.
         """
         now = _as_utc(now).astimezone(timezone.utc)
         sent: list[ScheduledTask] = []
@@ -435,13 +510,16 @@ class TaskiqScheduler:
                     continue
                 if not due:
                     continue
-                outcome = await self._send(source, task)
+                outcome = await self._send(source, task, state)
                 if outcome == _FAILED:
                     continue  # tried again at the next tick
                 if outcome == _SENT:
                     sent.append(task)
-                self._advance(task, state, now)  # sent, or this run cancelled by the source
-                if task.time is not None:
+                # sent, cancelled by the source, or sent by another scheduler
+                self._advance(task, state, now)
+                if task.time is not None and outcome != _ELSEWHERE:
+                    # the scheduler that sent it deletes it: if its sending fails, it
+                    # releases the claim and tries again, so the schedule must stay
                     await self._delete_fired(source, task)
             for key in [k for k in self._states if k[0] == index and k not in seen]:
                 del self._states[key]
@@ -466,6 +544,7 @@ class TaskiqScheduler:
         start = (minute + timedelta(minutes=1)).astimezone(task.timezone)
         latest = croniter(task.cron, start).get_prev(datetime).astimezone(timezone.utc)
         if latest > state.last_minute:
+            state.due_minute = latest
             return True
         state.last_minute = minute
         return False
@@ -484,7 +563,46 @@ class TaskiqScheduler:
         else:
             state.last_minute = _floor_minute(now)
 
-    async def _send(self, source: ScheduleSource, task: ScheduledTask) -> str:
+    @staticmethod
+    def _occurrence(task: ScheduledTask, state: _State) -> tuple[str, float]:
+        """The claim of a due run: its occurrence key and how long the claim is kept."""
+        if task.time is not None:
+            return "once", CLAIM_TTL
+        if task.interval is not None:
+            return "interval", INTERVAL_CLAIM_FACTOR * task.interval
+        assert state.due_minute is not None
+        return state.due_minute.astimezone(timezone.utc).isoformat(timespec="minutes"), CLAIM_TTL
+
+    async def _release(self, task: ScheduledTask, occurrence: str) -> None:
+        release = getattr(self.claim, "release", None)
+        if not callable(release):
+            return
+        try:
+            await maybe_awaitable(release(task.schedule_id, occurrence))
+        except Exception:
+            logger.exception(
+                "cannot release the claim on run %s of schedule %s", occurrence, task.schedule_id
+            )
+
+    async def _send(self, source: ScheduleSource, task: ScheduledTask, state: _State) -> str:
+        occurrence: str | None = None
+        if self.claim is not None:
+            occurrence, ttl = self._occurrence(task, state)
+            try:
+                won = await self.claim.claim(task.schedule_id, occurrence, ttl)
+            except Exception:
+                logger.exception(
+                    "cannot claim run %s of schedule %s; will retry", occurrence, task.schedule_id
+                )
+                return _FAILED
+            if not won:
+                logger.debug(
+                    "run %s of schedule %s (%s) was claimed by another scheduler",
+                    occurrence,
+                    task.schedule_id,
+                    task.task_name,
+                )
+                return _ELSEWHERE
         try:
             await maybe_awaitable(source.pre_send(task))
         except ScheduledTaskCancelledError:
@@ -494,6 +612,8 @@ class TaskiqScheduler:
             return _CANCELLED
         except Exception:
             logger.exception("pre_send of schedule %s failed", task.schedule_id)
+            if occurrence is not None:
+                await self._release(task, occurrence)
             return _FAILED
         try:
             await self.on_ready(source, task)
@@ -503,6 +623,8 @@ class TaskiqScheduler:
                 task.task_name,
                 task.schedule_id,
             )
+            if occurrence is not None:
+                await self._release(task, occurrence)
             return _FAILED
         logger.info("sent scheduled task %s (schedule %s)", task.task_name, task.schedule_id)
         try:
@@ -633,10 +755,12 @@ async def schedule_by_interval(
 
 
 __all__ = [
+    "CLAIM_TTL",
     "CreatedSchedule",
     "CronSpec",
     "InMemoryScheduleSource",
     "LabelScheduleSource",
+    "RunClaim",
     "ScheduleSource",
     "ScheduledTask",
     "ScheduledTaskCancelledError",
