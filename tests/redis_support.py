@@ -105,9 +105,15 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    """A throwaway ``redis-server`` without persistence, that a test may stop and restart."""
+    """A throwaway ``redis-server`` on its own port, that a test may stop and restart.
 
-    def __init__(self) -> None:
+    Without persistence (the default) a restart starts empty. With ``persistent=True`` every
+    write is in an append-only file synced before Redis replies, so a restart (even after
+    SIGKILL) comes back with everything acknowledged so far.
+    """
+
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
@@ -121,14 +127,13 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.dir,
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--dir", self.dir]
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
@@ -150,6 +155,11 @@ class PrivateRedis:
             return
         proc.kill()
         proc.wait(timeout=10)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Kill the server and start it again on the same port."""
+        self.stop()
+        self.start(timeout)
 
     def close(self) -> None:
         self.stop()

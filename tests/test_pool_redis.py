@@ -88,7 +88,7 @@ async def test_sigkill_of_a_whole_pool_and_the_other_finishes_its_tasks(
     with redis_pool(space, workers=2) as doomed, redis_pool(space, workers=1) as survivor:
         broker = producer(space)
         await broker.startup()
-        handles = await send(broker, "whoami", 40, 0.3)
+        handles = await send(broker, "whoami", 40, 2.0)
         wait_for(lambda: doomed.stats()["totals"]["in_flight"] > 0, 20, "tasks in the doomed pool")
         doomed.remember(doomed.stats())
         assert doomed.proc is not None

@@ -102,6 +102,12 @@ class Collector:
             pass
 
 
+async def ack(raw: AckableMessage) -> None:
+    done = raw.ack()
+    if done is not None:
+        await done
+
+
 def sync_client(url: str = REDIS_URL) -> Any:
     return redis.Redis.from_url(url, socket_timeout=5)
 
@@ -249,9 +255,30 @@ async def test_unacked_message_is_claimed_by_another_consumer(space: RedisSpace)
             arrived, got_b = await collector.get(timeout=10)
         assert got_b.data == b"payload-1"
         assert arrived - delivered >= 0.45  # not before the idle timeout
-        await got_b.ack()
+        await ack(got_b)
         assert pending_count(queue) == 0
         assert stream_len(queue) == 0
+    finally:
+        await a.shutdown()
+        await b.shutdown()
+
+
+async def test_messages_read_but_not_handed_out_go_back_at_once(space: RedisSpace) -> None:
+    queue = space.name("q")
+    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", xread_count=10)
+    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b")  # idle 600 s
+    try:
+        for i in range(5):
+            await a.kick(message(f"m{i}".encode()))
+        gen_a = a.listen()
+        first = await next_message(gen_a)  # a read all five in one batch
+        await gen_a.aclose()  # stops after one: the other four are given back
+        async with Collector(b) as collector:
+            rest = [(await collector.get(timeout=5))[1] for _ in range(4)]
+        assert sorted(m.data for m in [first, *rest]) == [f"m{i}".encode() for i in range(5)]
+        for raw in [first, *rest]:
+            await ack(raw)
+        assert pending_count(queue) == 0 and stream_len(queue) == 0
     finally:
         await a.shutdown()
         await b.shutdown()
@@ -269,7 +296,7 @@ async def test_running_message_is_not_claimed_while_its_consumer_lives(space: Re
             # three idle timeouts: a's listener keeps the entry fresh while "the task runs"
             with pytest.raises(AssertionError, match="no message"):
                 await collector.get(timeout=1.5)
-            await got.ack()
+            await ack(got)
         assert pending_count(queue) == 0
     finally:
         await gen_a.aclose()
@@ -295,8 +322,8 @@ async def test_delayed_message_arrives_after_its_delay(space: RedisSpace) -> Non
             assert later_at - sent >= 0.95, "delivered before its delay"
             assert later_at - sent < 3.0
             assert client.zcard(f"{queue}:delayed") == 0
-            await first.ack()
-            await later.ack()
+            await ack(first)
+            await ack(later)
     finally:
         client.close()
         await broker.shutdown()
@@ -357,6 +384,46 @@ async def test_check_connection_ok(space: RedisSpace) -> None:
         await broker.shutdown()
 
 
+async def test_forked_child_leaves_the_parents_connections_alone(space: RedisSpace) -> None:
+    """A worker forked while the parent listens gets its own connections; the parent's keep
+    working (dropping inherited ones could unregister them from the shared epoll)."""
+    queue = space.name("q")
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=space.name("r"))
+    broker = RedisStreamBroker(space.url, queue_name=queue, xread_block=0.2, result_backend=backend)
+    waiter = asyncio.create_task(backend.wait_result("from-child", timeout=20))
+
+    def child(index: int) -> str:
+        import gc
+
+        asyncio.events._set_running_loop(None)  # as a forked pool worker does
+
+        async def main() -> None:
+            for i in range(3):
+                await broker.kick(message(f"child {i}".encode()))
+            gc.collect()  # what was dropped from the parent is finalized now, in a running loop
+            await backend.set_result("from-child", result_of("hi"))
+            await broker.shutdown()
+
+        asyncio.run(main())
+        return "ok"
+
+    try:
+        async with Collector(broker) as collector:
+            await broker.kick(message(b"parent"))
+            _, got = await collector.get()
+            await ack(got)
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, run_processes, child, 1) == ["ok"]
+            for _ in range(3):
+                _, got = await collector.get(timeout=10)
+                assert got.data.startswith(b"child")
+                await ack(got)
+            assert (await asyncio.wait_for(waiter, 10)).return_value == "hi"
+    finally:
+        waiter.cancel()
+        await broker.shutdown()
+
+
 async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture) -> None:
     server = PrivateRedis()
     server.start()
@@ -367,7 +434,7 @@ async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture)
             await broker.kick(message(b"before"))
             _, got = await collector.get()
             assert got.data == b"before"
-            await got.ack()
+            await ack(got)
 
             server.stop()  # no persistence: the stream and the group are gone
             loop = asyncio.get_running_loop()
@@ -380,7 +447,7 @@ async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture)
             await broker.kick(message(b"after"))
             _, got = await collector.get(timeout=20)
             assert got.data == b"after"
-            await got.ack()
+            await ack(got)
             assert collector.task is not None and not collector.task.done()
         assert "is back" in caplog.text
     finally:
@@ -412,7 +479,7 @@ async def test_result_set_get_and_ttl(space: RedisSpace) -> None:
         # stored as JSON
         assert json.loads(client.get(f"{prefix}:{tid}"))["return_value"] == {"a": [1, 2]}
 
-        failed = TaskiqResult(is_err=True, error=ValueError("boom"))
+        failed: TaskiqResult[Any] = TaskiqResult(is_err=True, error=ValueError("boom"))
         await backend.set_result("failed", failed)
         error = (await backend.get_result("failed")).error
         assert isinstance(error, ValueError) and str(error) == "boom"
@@ -687,7 +754,7 @@ def test_state_update_semantics(space: RedisSpace) -> None:
         state.update("xs", lambda old: {1, 2})  # a set cannot be stored as JSON
     # unchanged, and the update lock was released: the next update does not wait
     started = time.monotonic()
-    assert state.update("xs", lambda old: old + [3]) == [1, 2, 3]
+    assert state.update("xs", lambda old: [*old, 3]) == [1, 2, 3]
     assert time.monotonic() - started < 1
 
 
@@ -800,7 +867,7 @@ def test_state_works_in_a_forked_child_after_use_in_the_parent(space: RedisSpace
 
     assert run_processes(child, 2, state) == ["parent", "parent"]
     assert state.get_value("k") == "parent"  # the parent's connection still works
-    assert sorted(k for k in state.keys() if k.startswith("child")) == ["child0", "child1"]
+    assert sorted(k for k in state if k.startswith("child")) == ["child0", "child1"]
 
 
 def test_wait_for_helper_is_bounded() -> None:

@@ -16,6 +16,14 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from pool.redis.broker import RedisStreamBroker
 from pool.redis.result_backend import RedisResultBackend
+from pool.redis.schedule import RedisRunClaim, RedisScheduleSource
 from pool.redis.state import RedisState, RedisStateBackend
 
-__all__ = ["RedisResultBackend", "RedisState", "RedisStateBackend", "RedisStreamBroker"]
+__all__ = [
+    "RedisResultBackend",
+    "RedisRunClaim",
+    "RedisScheduleSource",
+    "RedisState",
+    "RedisStateBackend",
+    "RedisStreamBroker",
+]

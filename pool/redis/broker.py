@@ -30,6 +30,7 @@ import random
 import secrets
 import socket
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -75,13 +76,23 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
 
-def client_kwargs(connection_kwargs: dict[str, Any], read_block: float = 0.0) -> dict[str, Any]:
+def client_kwargs(
+    connection_kwargs: dict[str, Any], read_block: float = 0.0, retry: bool = False
+) -> dict[str, Any]:
     """Connection settings with defaults that do not depend on the redis-py version.
 
     Every command gets a socket timeout longer than the longest blocking read we issue, so a
-    silently dead connection is noticed instead of blocking forever.
+    silently dead connection is noticed instead of blocking forever. With ``retry`` (for an
+    asyncio client whose commands may safely run twice), a command that fails on a lost
+    connection, such as a pooled connection to a Redis that restarted, is tried twice more
+    on a new connection, unless the caller passed its own ``retry``.
     """
     kwargs = dict(connection_kwargs)
+    if retry and "retry" not in kwargs:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import EqualJitterBackoff
+
+        kwargs["retry"] = Retry(EqualJitterBackoff(cap=0.5, base=0.05), 2)
     kwargs.setdefault("socket_connect_timeout", 5.0)
     kwargs.setdefault("socket_keepalive", True)
     floor = read_block + 5.0
@@ -93,6 +104,29 @@ def client_kwargs(connection_kwargs: dict[str, Any], read_block: float = 0.0) ->
             f"socket_timeout ({timeout} s) must be longer than the blocking read ({read_block} s)"
         )
     return kwargs
+
+
+def raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` if the current task was asked to stop.
+
+    On Python < 3.12, redis-py's ``asyncio.wait_for`` around socket writes can swallow a
+    cancellation that lands while a command completes (CPython bpo-42130), so loops that call
+    Redis check after each call; otherwise a cancelled listener could run on forever.
+    """
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
+# Clients (and subscriptions) inherited from a parent process through fork. They are kept
+# referenced and never touched: garbage-collecting them would close their transports, which
+# unregisters the shared sockets from the parent's (shared, inherited) epoll instance.
+_INHERITED: list[Any] = []
+
+
+def keep_inherited(obj: Any) -> None:
+    _INHERITED.append(obj)
 
 
 class LoopClient:
@@ -111,39 +145,45 @@ class LoopClient:
         self.url = url
         self.kwargs = kwargs
         self.on_create = on_create
-        self._client: aioredis.Redis | None = None
-        self._owner: tuple[int, asyncio.AbstractEventLoop] | None = None
+        self._pid = os.getpid()
+        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            if self._clients:
+                keep_inherited(self._clients)
+            self._clients = {}
+            self._pid = os.getpid()
 
     def get(self) -> aioredis.Redis:
-        owner = (os.getpid(), asyncio.get_running_loop())
-        if (
-            self._client is None
-            or self._owner is None
-            or self._owner[0] != owner[0]
-            or (self._owner[1] is not owner[1])
-        ):
-            # the previous client (another process's or a finished loop's) is dropped
-            # without touching its sockets
-            self._client = aioredis.Redis.from_url(self.url, **self.kwargs)
-            self._owner = owner
+        loop = asyncio.get_running_loop()
+        self._check_fork()
+        client = self._clients.get(loop)
+        if client is None:
+            for stale in [other for other in self._clients if other.is_closed()]:
+                del self._clients[stale]  # its loop is gone, and its sockets with it
+            client = self._clients[loop] = aioredis.Redis.from_url(self.url, **self.kwargs)
             if self.on_create is not None:
-                self.on_create(self._client)
-        return self._client
+                self.on_create(client)
+        return client
 
     def owned_here(self) -> bool:
-        if self._client is None or self._owner is None:
-            return False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        return self._owner == (os.getpid(), loop)
+        self._check_fork()
+        return loop in self._clients
 
     async def close(self) -> None:
-        client, here = self._client, self.owned_here()
-        self._client = None
-        self._owner = None
-        if client is not None and here:
+        """Close the client of this process and event loop, if there is one."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._check_fork()
+        client = self._clients.pop(loop, None)
+        if client is not None:
             try:
                 await client.aclose()
             except Exception:  # closing a broken connection may fail: it is gone anyway
@@ -198,6 +238,21 @@ end
 return 0
 """
 
+# Give entries back: add a copy at the end of the stream, then acknowledge and delete them.
+_REQUEUE = """
+local n = 0
+for i = 2, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #entry > 0 then
+    redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+    n = n + 1
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+return n
+"""
+
 _DELAYED_BATCH = 100
 
 
@@ -224,9 +279,12 @@ def _delay_of(message: BrokerMessage) -> float:
 class RedisStreamBroker(AsyncBroker):
     """Tasks in the Redis stream ``queue_name``, read by the consumer group ``consumer_group``.
 
-    ``idle_timeout``, ``xread_block`` are seconds. ``consumer_name`` must be unique per
-    listening process; by default it is ``<host>-<pid>-<random>``, chosen when ``listen()``
-    starts. Other keyword arguments go to ``redis.asyncio.Redis.from_url``.
+    ``idle_timeout`` and ``xread_block`` are seconds. ``consumer_name`` must be unique per
+    listening process (leave it ``None`` for forked workers): by default it is
+    ``<host>-<pid>-<random>``, chosen when ``listen()`` starts. ``check_connection()`` PINGs
+    Redis and checks its version, so a runner can fail fast before spawning workers. Other
+    keyword arguments go to ``redis.asyncio.Redis.from_url``; connections are opened lazily,
+    per process and event loop.
     """
 
     def __init__(
@@ -270,7 +328,9 @@ class RedisStreamBroker(AsyncBroker):
         if max_connection_pool_size is not None:
             connection_kwargs.setdefault("max_connections", max_connection_pool_size)
         self._redis = LoopClient(
-            url, client_kwargs(connection_kwargs, self.xread_block), self._register_scripts
+            url,
+            client_kwargs(connection_kwargs, self.xread_block, retry=True),
+            self._register_scripts,
         )
         self._scripts: dict[str, Any] = {}
 
@@ -281,6 +341,7 @@ class RedisStreamBroker(AsyncBroker):
             "schedule": client.register_script(_SCHEDULE),
             "keepalive": client.register_script(_KEEPALIVE),
             "forget": client.register_script(_FORGET_CONSUMER),
+            "requeue": client.register_script(_REQUEUE),
         }
 
     def _client(self) -> aioredis.Redis:
@@ -293,10 +354,9 @@ class RedisStreamBroker(AsyncBroker):
             client = self._client()
             await client.ping()
             info = await client.info("server")
-        except RedisError as exc:
-            raise SendTaskError(f"Redis at {where} is unreachable: {exc}") from exc
-        except OSError as exc:
-            raise SendTaskError(f"Redis at {where} is unreachable: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            what = "is unreachable" if is_transient(exc) else "refused the connection check"
+            raise SendTaskError(f"Redis at {where} {what}: {type(exc).__name__}: {exc}") from exc
         version = str(info.get("redis_version", "0"))
         parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
         if parts and parts < MIN_REDIS_VERSION:
@@ -304,9 +364,6 @@ class RedisStreamBroker(AsyncBroker):
                 f"Redis at {where} is version {version}; RedisStreamBroker needs "
                 f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer"
             )
-
-    async def startup(self) -> None:
-        await super().startup()
 
     async def shutdown(self) -> None:
         try:
@@ -343,6 +400,7 @@ class RedisStreamBroker(AsyncBroker):
         """Yield messages for this consumer; reconnects (with backoff) when Redis goes away."""
         consumer = self.consumer_name or _default_consumer_name()
         inflight: set[bytes] = set()
+        unyielded: deque[tuple[bytes, dict[bytes, bytes] | None]] = deque()
         keepalive = asyncio.create_task(self._keepalive(consumer, inflight))
         loop = asyncio.get_running_loop()
         group_ready = False
@@ -356,6 +414,7 @@ class RedisStreamBroker(AsyncBroker):
         )  # fmt: skip
         try:
             while True:
+                raise_if_cancelled()
                 batch: list[tuple[bytes, dict[bytes, bytes] | None]] = []
                 try:
                     client = self._client()
@@ -382,6 +441,7 @@ class RedisStreamBroker(AsyncBroker):
                     if not batch:
                         wait = min(self.xread_block, next_delayed - now, next_claim - now)
                         batch = await self._read(client, consumer, wait)
+                    raise_if_cancelled()
                 except asyncio.CancelledError:
                     raise
                 except ResponseError as exc:
@@ -417,7 +477,9 @@ class RedisStreamBroker(AsyncBroker):
                         safe_url(self.url), loop.time() - failing_since,
                     )  # fmt: skip
                     failing_since, backoff = None, 0.1
-                for entry_id, fields in batch:
+                unyielded.extend(batch)
+                while unyielded:
+                    entry_id, fields = unyielded.popleft()
                     data = fields.get(b"data") if fields else None
                     if data is None:
                         logger.warning(
@@ -434,6 +496,9 @@ class RedisStreamBroker(AsyncBroker):
                 await keepalive
             except BaseException:
                 pass
+            if unyielded:
+                # read but never handed out: back into the stream for the other consumers
+                await self._requeue([eid for eid, _ in unyielded])
             if not inflight:
                 await self._forget_consumer(consumer)
 
@@ -573,10 +638,31 @@ class RedisStreamBroker(AsyncBroker):
                                 eid.decode(errors="replace"), consumer,
                             )  # fmt: skip
                             inflight.discard(eid)
+                raise_if_cancelled()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.debug("keepalive of pending entries failed: %s", exc)
+
+    async def _requeue(self, entry_ids: list[bytes]) -> None:
+        """Put entries this consumer read but did not hand out back at the end of the stream,
+        so another consumer takes them now instead of after the idle timeout (best effort)."""
+        try:
+            client = self._client()
+            await asyncio.wait_for(
+                self._scripts["requeue"](
+                    keys=[self.queue_name], args=[self.consumer_group, *entry_ids], client=client
+                ),
+                timeout=5.0,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "could not give back %d unread message(s) (%s); they will be delivered again "
+                "after the idle timeout",
+                len(entry_ids), exc,
+            )  # fmt: skip
 
     async def _forget_consumer(self, consumer: str) -> None:
         """Remove this consumer from the group if it owns no pending entry (best effort)."""

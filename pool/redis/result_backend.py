@@ -28,7 +28,13 @@ from pool.exceptions import (
     ResultSetError,
     TaskiqResultTimeoutError,
 )
-from pool.redis.broker import LoopClient, client_kwargs, safe_url
+from pool.redis.broker import (
+    LoopClient,
+    client_kwargs,
+    keep_inherited,
+    raise_if_cancelled,
+    safe_url,
+)
 from pool.result import TaskiqResult
 from pool.result_backend import AsyncResultBackend
 from pool.serializers import JSONSerializer, TaskiqSerializer
@@ -106,7 +112,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         if max_connection_pool_size is not None:
             connection_kwargs.setdefault("max_connections", max_connection_pool_size)
         # pub/sub reads wait at most 1 s at a time
-        self._redis = LoopClient(url, client_kwargs(connection_kwargs, 1.0))
+        self._redis = LoopClient(url, client_kwargs(connection_kwargs, 1.0, retry=True))
         self._notifier: _Notifier | None = None
 
     # ----------------------------------------------------------------- keys
@@ -241,6 +247,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                     if last_error is None:
                         logger.warning("waiting for task %s: %s", task_id, exc)
                     last_error = exc
+                raise_if_cancelled()
                 wait = period
                 if deadline is not None:
                     remaining = deadline - loop.time()
@@ -262,6 +269,8 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
     def _ensure_notifier(self) -> _Notifier:
         notifier = self._notifier
         if notifier is None or not self._is_here(notifier):
+            if notifier is not None and notifier.pid != os.getpid():
+                keep_inherited(notifier)  # its subscription belongs to the parent process
             notifier = self._notifier = _Notifier()
         if notifier.task is None or notifier.task.done():
             notifier.task = asyncio.create_task(
@@ -279,6 +288,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 # wait until Redis confirmed the subscription: from then on no result is missed
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
+                    raise_if_cancelled()
                     if message is not None and message.get("type") == "subscribe":
                         break
                 notifier.subscribed.set()
@@ -288,6 +298,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 backoff = 0.1
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    raise_if_cancelled()
                     if message is not None and message.get("type") == "message":
                         data = message.get("data")
                         task_id = data.decode() if isinstance(data, bytes) else str(data)
