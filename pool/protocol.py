@@ -136,6 +136,10 @@ class FrameProtocol(asyncio.Protocol):
         self.authenticated = authkey is None
         self._nonce = b""
         loop = asyncio.get_event_loop()
+        self._loop = loop
+        # Frames sent during one turn of the event loop leave in one write (one syscall).
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self._paused = False
@@ -213,12 +217,25 @@ class FrameProtocol(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def send(self, op: int, *fields: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode(op, *fields))
+        self.send_raw(encode(op, *fields))
 
     def send_raw(self, frame: bytes) -> None:
+        """Queue ``frame``; it is written with the others of this loop iteration."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._outbox.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the queued frames now."""
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        frames, self._outbox = self._outbox, []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame)
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def drain(self) -> None:
         """Wait while the peer is slow to read (write buffer above the high mark)."""
@@ -232,6 +249,7 @@ class FrameProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def _set_ready(self) -> None:

@@ -301,6 +301,7 @@ class Worker:
     async def _flush(self) -> None:
         """Give the transport a moment to hand the last frames to the kernel."""
         assert self.pipe is not None
+        self.pipe.flush()
         transport = self.pipe.transport
         deadline = time.monotonic() + 5
         while (

@@ -873,3 +873,31 @@ def test_state_works_in_a_forked_child_after_use_in_the_parent(space: RedisSpace
 def test_wait_for_helper_is_bounded() -> None:
     with pytest.raises(AssertionError):
         wait_for(lambda: False, timeout=0.05, what="nothing")
+
+
+async def test_a_small_result_reaches_its_waiting_handle_inside_the_notification(
+    space: RedisSpace,
+) -> None:
+    from pool.task import AsyncTaskiqTask
+
+    prefix = space.name("inline")
+    producer: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
+    worker: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
+    try:
+        handle: AsyncTaskiqTask[Any] = AsyncTaskiqTask("t-inline", producer)
+        producer.track(handle)
+        notifier = producer._ensure_notifier()
+        await asyncio.wait_for(notifier.subscribed.wait(), 10)
+        await worker.set_result("t-inline", TaskiqResult(is_err=False, return_value=42))
+        deadline = asyncio.get_running_loop().time() + 10
+        while "t-inline" not in notifier.inline:
+            assert asyncio.get_running_loop().time() < deadline, "no inline notification"
+            await asyncio.sleep(0.01)
+        client = space.client()
+        client.delete(producer.result_key("t-inline"))  # only the notification has it now
+        client.close()
+        result = await handle.wait_result(timeout=5)
+        assert result.return_value == 42
+    finally:
+        await producer.shutdown()
+        await worker.shutdown()

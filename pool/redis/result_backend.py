@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
+from collections import OrderedDict
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -45,6 +47,10 @@ _ReturnType = TypeVar("_ReturnType")
 
 _MISSING: Any = object()
 
+# Results up to this size travel inside the notification, so a waiting producer needs no GET.
+INLINE_LIMIT = 4096
+_SEP = b"\x00"
+
 
 class _Notifier:
     """The subscription of one backend in one process and event loop, and its waiters."""
@@ -53,6 +59,8 @@ class _Notifier:
         self.loop = asyncio.get_running_loop()
         self.pid = os.getpid()
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # Results that came inside notifications, for tasks this process holds a handle of.
+        self.inline: OrderedDict[str, bytes] = OrderedDict()
         self.subscribed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -67,6 +75,14 @@ class _Notifier:
             futures.discard(future)
             if not futures:
                 del self.waiters[task_id]
+
+    def deliver(self, task_id: str, blob: bytes, wanted: bool) -> None:
+        """A notification that carried the result itself."""
+        if wanted:
+            self.inline[task_id] = blob
+            while len(self.inline) > 10_000:
+                self.inline.popitem(last=False)
+        self.wake(task_id)
 
     def wake(self, task_id: str) -> None:
         for future in self.waiters.get(task_id, ()):
@@ -114,6 +130,11 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         # pub/sub reads wait at most 1 s at a time
         self._redis = LoopClient(url, client_kwargs(connection_kwargs, 1.0, retry=True))
         self._notifier: _Notifier | None = None
+        self._handles: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+    def track(self, handle: Any) -> None:
+        """Results of tasks whose handle is alive are kept when they come inline."""
+        self._handles[handle.task_id] = handle
 
     # ----------------------------------------------------------------- keys
     def result_key(self, task_id: str) -> str:
@@ -163,7 +184,8 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             client = self._client()
             async with client.pipeline(transaction=True) as pipe:
                 pipe.set(self.result_key(task_id), blob, **self._expiry())
-                pipe.publish(self.channel, task_id)
+                inline = len(blob) <= INLINE_LIMIT and self.keep_results
+                pipe.publish(self.channel, task_id.encode() + _SEP + blob if inline else task_id)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise ResultSetError(
@@ -179,23 +201,29 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             ) from exc
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[_ReturnType]:
+        blob = await self._read(task_id)
+        if blob is None:
+            raise ResultGetError(f"no result stored for task {task_id} in {self._where()}")
+        return self._decode(task_id, blob, with_logs)
+
+    async def _read(self, task_id: str) -> bytes | None:
+        """The stored result (deleted as it is read unless ``keep_results``), or ``None``."""
         key = self.result_key(task_id)
         try:
             client = self._client()
             if self.keep_results:
-                blob = _bytes(await client.get(key))
-            else:
-                async with client.pipeline(transaction=True) as pipe:
-                    pipe.get(key)
-                    pipe.delete(key, self.progress_key(task_id))
-                    raw, _ = await pipe.execute()
-                    blob = _bytes(raw)
+                return _bytes(await client.get(key))
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(key)
+                pipe.delete(key, self.progress_key(task_id))
+                raw, _ = await pipe.execute()
+                return _bytes(raw)
         except (RedisError, OSError) as exc:
             raise ResultGetError(
                 f"cannot read the result of task {task_id} from {self._where()}: {exc}"
             ) from exc
-        if blob is None:
-            raise ResultGetError(f"no result stored for task {task_id} in {self._where()}")
+
+    def _decode(self, task_id: str, blob: bytes, with_logs: bool) -> TaskiqResult[_ReturnType]:
         try:
             data = self.serializer.loadb(blob)
             if not isinstance(data, dict):
@@ -227,6 +255,9 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         deadline = loop.time() + timeout if timeout is not None and timeout >= 0 else None
         period = check_interval if check_interval and check_interval > 0 else 0.2
         notifier = self._ensure_notifier()
+        blob = notifier.inline.pop(task_id, None)
+        if blob is not None:
+            return self._decode(task_id, blob, with_logs)
         future = notifier.register(task_id)
         last_error: BaseException | None = None
         try:
@@ -239,11 +270,15 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 except asyncio.TimeoutError:
                     pass
             while True:
+                blob = notifier.inline.pop(task_id, None)
+                if blob is not None:
+                    return self._decode(task_id, blob, with_logs)
                 try:
-                    if await self.is_result_ready(task_id):
-                        break
+                    blob = await self._read(task_id)
+                    if blob is not None:
+                        return self._decode(task_id, blob, with_logs)
                     last_error = None
-                except ResultIsReadyError as exc:
+                except ResultGetError as exc:
                     if last_error is None:
                         logger.warning("waiting for task %s: %s", task_id, exc)
                     last_error = exc
@@ -263,7 +298,6 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                     future = notifier.register(task_id)
         finally:
             notifier.unregister(task_id, future)
-        return await self.get_result(task_id, with_logs=with_logs)
 
     # ----------------------------------------------------------------- notifications
     def _ensure_notifier(self) -> _Notifier:
@@ -301,8 +335,13 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                     raise_if_cancelled()
                     if message is not None and message.get("type") == "message":
                         data = message.get("data")
-                        task_id = data.decode() if isinstance(data, bytes) else str(data)
-                        notifier.wake(task_id)
+                        data = data if isinstance(data, bytes) else str(data).encode()
+                        raw_id, sep, blob = data.partition(_SEP)
+                        task_id = raw_id.decode()
+                        if sep:
+                            notifier.deliver(task_id, blob, task_id in self._handles)
+                        else:
+                            notifier.wake(task_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
