@@ -20,12 +20,12 @@ async def throughput(broker: Any, task: Any, total: int, batch: int = 1000) -> f
     return total / (time.perf_counter() - start)
 
 
-async def round_trips(task: Any, count: int) -> dict[str, float]:
+async def round_trips(task: Any, count: int, check_interval: float = 0.2) -> dict[str, float]:
     """Sequential kiq + wait_result, in milliseconds."""
     samples = []
     for _ in range(count):
         start = time.perf_counter()
-        await (await task.kiq()).wait_result(timeout=30)
+        await (await task.kiq()).wait_result(check_interval=check_interval, timeout=30)
         samples.append((time.perf_counter() - start) * 1000)
     return {"p50_ms": median(samples), "p99_ms": percentile(samples, 99)}
 

@@ -53,6 +53,7 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
         await throughput(broker, taskiq_app.noop, 1000)
         tasks_per_s = await throughput(broker, taskiq_app.noop, total)
         latency = await round_trips(taskiq_app.noop, calls)
+        fast = await round_trips(taskiq_app.noop, calls, check_interval=0.01)
     finally:
         await broker.shutdown()
         worker.send_signal(signal.SIGTERM)
@@ -62,7 +63,13 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
             worker.kill()
             worker.wait(10)
         await _cleanup(queue)
-    return {"workers": workers, "tasks": total, "throughput_tasks_per_s": tasks_per_s, **latency}
+    return {
+        "workers": workers,
+        "tasks": total,
+        "throughput_tasks_per_s": tasks_per_s,
+        **latency,
+        "fast_poll": fast,
+    }
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class FrameProtocol(asyncio.Protocol):
     Until that answer checks out, any other frame closes the connection.
     """
 
+    coalesce_writes = False
+
     def __init__(self, authkey: bytes | None = None, server_side: bool = False) -> None:
         self.authkey = authkey
         self.server_side = server_side
@@ -220,8 +222,13 @@ class FrameProtocol(asyncio.Protocol):
         self.send_raw(encode(op, *fields))
 
     def send_raw(self, frame: bytes) -> None:
-        """Queue ``frame``; it is written with the others of this loop iteration."""
+        """Write ``frame``; with ``coalesce_writes``, together with the others of this turn
+        of the event loop (only for peers whose loop never blocks: a producer's ``kiq`` must
+        have written its task when it returns)."""
         if self.transport is None or self.transport.is_closing():
+            return
+        if not self.coalesce_writes:
+            self.transport.write(frame)
             return
         self._outbox.append(frame)
         if not self._flush_scheduled:

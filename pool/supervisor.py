@@ -128,6 +128,8 @@ class WorkerHandle:
 class SupervisorPipe(FrameProtocol):
     """The supervisor's end of one worker's pipe."""
 
+    coalesce_writes = True
+
     def __init__(self, supervisor: Supervisor, handle: WorkerHandle) -> None:
         super().__init__()
         self.supervisor = supervisor
@@ -170,6 +172,8 @@ class SupervisorPipe(FrameProtocol):
 
 class ControlConnection(FrameProtocol):
     """One authenticated producer or admin connection on the control socket."""
+
+    coalesce_writes = True
 
     def __init__(self, supervisor: Supervisor) -> None:
         super().__init__(authkey=supervisor.authkey, server_side=True)

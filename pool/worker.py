@@ -112,6 +112,8 @@ def _die_with_parent(parent_pid: int) -> None:
 class WorkerPipe(FrameProtocol):
     """The worker's end of the supervisor pipe."""
 
+    coalesce_writes = True
+
     def __init__(self, worker: Worker) -> None:
         super().__init__()
         self.worker = worker

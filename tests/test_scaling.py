@@ -275,3 +275,23 @@ def test_metrics_beyond_loopback_require_the_token() -> None:
         )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert "pool_workers" in response.read().decode()
+
+
+def test_stats_watch_refreshes_until_interrupted() -> None:
+    with RunningPool(workers=1) as running:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "pool", "stats", "--watch", "--json",
+             "--run-dir", running.run_dir],
+            stdout=subprocess.PIPE, text=True, cwd=str(ROOT), env=running.env,
+        )  # fmt: skip
+        try:
+            assert watcher.stdout is not None
+            first = json.loads(watcher.stdout.readline())
+            second = json.loads(watcher.stdout.readline())
+            assert second["uptime_s"] > first["uptime_s"]
+            watcher.send_signal(signal.SIGINT)
+            assert watcher.wait(10) == 0
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait(10)
