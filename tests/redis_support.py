@@ -12,13 +12,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+from tests.pool_support import wait_for
 
 REDIS_URL = os.environ.get("POOL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 UNREACHABLE_URL = "redis://127.0.0.1:1/0"
@@ -84,18 +85,6 @@ def redis_space() -> Iterator[RedisSpace]:
         yield space
     finally:
         space.cleanup()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def free_port() -> int:
