@@ -129,3 +129,19 @@ def test_unreachable_redis_at_start_is_a_clear_error(space: RedisSpace) -> None:
         assert "127.0.0.1:1" in running.log()
     finally:
         running.close()
+
+
+async def test_scale_and_graceful_shutdown_work_on_redis(space: RedisSpace) -> None:
+    from tests.test_scaling import pool_cli
+
+    with redis_pool(space, workers=1) as running:
+        done = pool_cli(running, "scale", "2")
+        assert done.returncode == 0, done.stderr
+        broker = producer(space)
+        await broker.startup()
+        handles = await send(broker, "whoami", 4, 1.0)
+        wait_for(lambda: running.stats()["totals"]["in_flight"] == 4, 20, "4 tasks running")
+        assert running.stop() == 0
+        results = [await h.wait_result(timeout=30) for h in handles]
+        assert all(not r.is_err for r in results), "in-flight tasks finished during the drain"
+        await broker.shutdown()
