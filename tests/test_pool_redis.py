@@ -139,7 +139,7 @@ async def test_scale_and_graceful_shutdown_work_on_redis(space: RedisSpace) -> N
         assert done.returncode == 0, done.stderr
         broker = producer(space)
         await broker.startup()
-        handles = await send(broker, "whoami", 4, 1.0)
+        handles = await send(broker, "whoami", 4, 3.0)
         wait_for(lambda: running.stats()["totals"]["in_flight"] == 4, 20, "4 tasks running")
         assert running.stop() == 0
         results = [await h.wait_result(timeout=30) for h in handles]
