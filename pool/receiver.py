@@ -86,20 +86,32 @@ class Receiver:
                 error=UnknownTaskError(message.task_name),
             )
         else:
-            for middleware in self.broker.hooks("pre_execute"):
-                message = await maybe_awaitable(middleware.pre_execute(message))
-            result = await self.run_task(task.original_func, message)
-            for middleware in self.broker.hooks("post_execute"):
-                await maybe_awaitable(middleware.post_execute(message, result))
+            try:
+                for middleware in self.broker.hooks("pre_execute"):
+                    message = await maybe_awaitable(middleware.pre_execute(message))
+            except Exception as exc:
+                # The task does not run, but its caller still gets an answer.
+                logger.exception("pre_execute failed for task %s", message.task_id)
+                result = TaskiqResult(is_err=True, labels=message.labels, error=exc)
+            else:
+                result = await self.run_task(task.original_func, message)
+                await self._after("post_execute", message, result)
         if isinstance(result.error, (NoResultError, TaskRejectedError)):
             await _ack(raw)
             return None
         if not await self._save(message, result):
             return None
-        for middleware in self.broker.hooks("post_save"):
-            await maybe_awaitable(middleware.post_save(message, result))
+        await self._after("post_save", message, result)
         await _ack(raw)
         return result
+
+    async def _after(self, hook: str, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        """Run a hook of every middleware; one that raises is logged and the rest still run."""
+        for middleware in self.broker.hooks(hook):
+            try:
+                await maybe_awaitable(getattr(middleware, hook)(message, result))
+            except Exception:
+                logger.exception("%s of %r failed for task %s", hook, middleware, message.task_id)
 
     async def _save(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> bool:
         backend = self.broker.result_backend

@@ -186,8 +186,8 @@ class TaskiqState:
 
     # --- attribute style --------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
+        if name.startswith("__") or name in TaskiqState.__slots__:
+            raise AttributeError(name)  # protocols (copy, pickle) and unset internals
         value = self.get_value(name, _MISSING)
         if value is _MISSING:
             raise AttributeError(f"state has no value {name!r}")
@@ -200,6 +200,12 @@ class TaskiqState:
         if name not in self:
             raise AttributeError(f"state has no value {name!r}")
         self.delete_value(name)
+
+    def __copy__(self) -> TaskiqState:
+        """Another handle on the same shared tier, with a copy of the local tier."""
+        twin = TaskiqState(self._shared)
+        twin._local.update(self._local)
+        return twin
 
     def __repr__(self) -> str:
         kind = "shared" if self._shared is not None else "local"

@@ -366,3 +366,40 @@ async def test_add_middlewares_sets_the_broker_on_each() -> None:
     broker.add_middlewares(first, second)
     assert broker.middlewares == [first, second]
     assert first.broker is broker and second.broker is broker
+
+
+async def test_a_raising_middleware_hook_still_gives_the_caller_an_answer() -> None:
+    from pool import InMemoryBroker, TaskiqMiddleware
+
+    class Broken(TaskiqMiddleware):
+        def __init__(self, hook: str) -> None:
+            super().__init__()
+            self.hook = hook
+
+        def pre_execute(self, message: Any) -> Any:
+            if self.hook == "pre_execute":
+                raise RuntimeError("pre_execute broke")
+            return message
+
+        def post_execute(self, message: Any, result: Any) -> None:
+            if self.hook == "post_execute":
+                raise RuntimeError("post_execute broke")
+
+        def post_save(self, message: Any, result: Any) -> None:
+            if self.hook == "post_save":
+                raise RuntimeError("post_save broke")
+
+    for hook in ("pre_execute", "post_execute", "post_save"):
+        broker = InMemoryBroker().with_middlewares(Broken(hook))
+
+        @broker.task
+        async def double(x: int) -> int:
+            return 2 * x
+
+        await broker.startup()
+        result = await (await double.kiq(4)).wait_result(timeout=5)
+        await broker.shutdown()
+        if hook == "pre_execute":
+            assert result.is_err and "pre_execute broke" in str(result.error)
+        else:
+            assert result.return_value == 8, hook

@@ -329,3 +329,14 @@ def test_values_are_kept_by_reference_in_a_local_state(state: TaskiqState) -> No
     state.set_value("cache", cache)
     state.get_value("cache")["x"] = 1
     assert cache == {"x": 1}
+
+
+def test_copying_a_state_copies_its_local_tier() -> None:
+    import copy
+
+    state = TaskiqState()
+    state.set_value("a", [1])
+    twin = copy.copy(state)
+    twin.set_value("b", 2)
+    assert twin.get_value("a") == [1]
+    assert "b" not in state
