@@ -57,33 +57,38 @@ async def by_workers(counts: tuple[int, ...] = (1, 2, 4), total: int = 10_000) -
     return rows
 
 
-async def stats_cost(total: int = 10_000) -> dict[str, float]:
-    """Throughput with nobody reading stats, then with a reader polling every second."""
+async def stats_cost(total: int = 10_000, rounds: int = 3) -> dict[str, float]:
+    """Throughput with nobody reading stats and with a reader polling every second,
+    alternated ``rounds`` times (medians), since one short run is mostly noise here."""
     from bench.apps import broker, noop
 
+    quiet: list[float] = []
+    watched: list[float] = []
     async with BenchPool(2) as pool:
         broker.run_dir = pool.run_dir
         await broker.startup()
         try:
             await throughput(broker, noop, 1000)
-            quiet = await throughput(broker, noop, total)
-            stop = asyncio.Event()
+            for _ in range(rounds):
+                quiet.append(await throughput(broker, noop, total))
+                stop = asyncio.Event()
 
-            async def watch() -> None:
-                while not stop.is_set():
-                    await pool.stats()
-                    try:
-                        await asyncio.wait_for(stop.wait(), 1.0)
-                    except asyncio.TimeoutError:
-                        pass
+                async def watch(stop: asyncio.Event = stop) -> None:
+                    while not stop.is_set():
+                        await pool.stats()
+                        try:
+                            await asyncio.wait_for(stop.wait(), 1.0)
+                        except asyncio.TimeoutError:
+                            pass
 
-            watcher = asyncio.create_task(watch())
-            watched = await throughput(broker, noop, total)
-            stop.set()
-            await watcher
+                watcher = asyncio.create_task(watch())
+                watched.append(await throughput(broker, noop, total))
+                stop.set()
+                await watcher
         finally:
             await broker.shutdown()
-    return {"without_watch": quiet, "with_watch": watched, "ratio": watched / quiet}
+    without, with_watch = statistics.median(quiet), statistics.median(watched)
+    return {"without_watch": without, "with_watch": with_watch, "ratio": with_watch / without}
 
 
 async def measure() -> dict[str, Any]:
