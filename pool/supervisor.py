@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, cast
 import psutil
 
 from pool import spool
-from pool.autoscale import Autoscaler, Observation
 from pool.exceptions import WorkerCrashedError
+from pool.health import HealthMonitor
 from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode, encode_json
 from pool.result import TaskiqResult
 from pool.rundir import RunDir
@@ -257,13 +257,9 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()
         self.server: asyncio.AbstractServer | None = None
-        self.done_history: deque[tuple[float, int]] = deque(maxlen=130)
-        self.autoscaler: Autoscaler | None = None
+        self.health = HealthMonitor(self)
         if config.autoscale is not None:
             low, high = config.autoscale
-            self.autoscaler = Autoscaler(
-                low, high, config.autoscale_idle, config.autoscale_cooldown
-            )
             self.target = min(max(self.target, low), high)
         self.metrics: PoolMetrics | None = None
         self.metrics_url: str | None = None
@@ -303,7 +299,7 @@ class Supervisor:
             os.getpid(),
         )
         self.reconcile()
-        self.spawn_task(self.monitor())
+        self.spawn_task(self.health.run())
         await self.stop_requested.wait()
         return await self.shutdown()
 
@@ -563,74 +559,6 @@ class Supervisor:
             if handle.process.is_alive():
                 handle.process.kill()
 
-    # ----------------------------------------------------------------- health
-    async def monitor(self) -> None:
-        """Once a second: usage, recycling limits, hung workers, throughput, autoscale."""
-        while not self.stopping:
-            now = time.monotonic()
-            for handle in list(self.workers.values()):
-                if handle.gone:
-                    continue
-                handle.sample_usage()
-                self._check_health(handle, now)
-            self.done_history.append((now, self.total_done()))
-            if self.autoscaler is not None:
-                self._autoscale(now)
-            await asyncio.sleep(self.config.monitor_interval)
-
-    def _check_health(self, handle: WorkerHandle, now: float) -> None:
-        limit_mb = self.config.max_memory_per_child
-        if limit_mb and handle.state == "ready" and handle.rss > limit_mb * 1024 * 1024:
-            self.recycle(handle, f"RSS {handle.rss / 2**20:.0f} MiB > {limit_mb:g} MiB")
-        silent = now - handle.last_heartbeat
-        if handle.state in ("ready", "draining") and silent > self.config.worker_timeout:
-            running = (
-                ", ".join(f"{e.task_name} ({e.task_id})" for e in handle.in_flight.values())
-                or "no task"
-            )
-            logger.error(
-                "worker %d (pid %d) sent no heartbeat for %.1f s (running: %s); killing it",
-                handle.slot,
-                handle.pid,
-                silent,
-                running,
-            )
-            handle.last_heartbeat = now  # once: the kill below ends it
-            handle.process.kill()
-
-    def _autoscale(self, now: float) -> None:
-        assert self.autoscaler is not None
-        ready = [h for h in self.workers.values() if h.counts_toward_target and h.state == "ready"]
-        idle = [now - h.idle_since for h in ready if not h.busy]
-        decision = self.autoscaler.decide(
-            Observation(
-                now=now,
-                target=self.target,
-                queued=len(self.queue),
-                busy_workers=sum(1 for h in ready if h.busy),
-                ready_workers=len(ready),
-                longest_idle_s=max(idle, default=0.0),
-            )
-        )
-        if decision is not None:
-            target, why = decision
-            logger.info("autoscale: %d -> %d worker(s): %s", self.target, target, why)
-            self.set_target(target, log=False)
-
-    def total_done(self) -> int:
-        return self.retired["tasks_done"] + sum(h.tasks_done for h in self.workers.values())
-
-    def throughput(self, window: float) -> float:
-        """Tasks finished per second over the last ``window`` seconds."""
-        if len(self.done_history) < 2:
-            return 0.0
-        now, done = self.done_history[-1]
-        for when, then_done in self.done_history:
-            if now - when <= window + 0.5:
-                elapsed = now - when
-                return (done - then_done) / elapsed if elapsed > 0 else 0.0
-        return 0.0
-
     # ----------------------------------------------------------------- scaling
     def scale_by(self, delta: int) -> None:
         self.set_target(max(0, self.target + delta))
@@ -878,7 +806,10 @@ class Supervisor:
                 "restarts": sum(self.slot_restarts.values()),
             },
             "state": {"keys": state_keys},
-            "throughput": {"last_10s": self.throughput(10), "last_1m": self.throughput(60)},
+            "throughput": {
+                "last_10s": self.health.throughput(10),
+                "last_1m": self.health.throughput(60),
+            },
             "autoscale": list(self.config.autoscale) if self.config.autoscale else None,
             "metrics_url": self.metrics_url,
         }
