@@ -113,6 +113,7 @@ class RunDir:
             self.state_versions,
             self.pid_file,
             self.metrics_token_file,
+            self.authkey_file,
         ):
             try:
                 path.unlink()

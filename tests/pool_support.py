@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,7 @@ class RunningPool:
         app: str = f"{APP}:broker",
         run_dir: str | None = None,
     ) -> None:
+        self.owns_run_dir = run_dir is None
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="pl-", dir="/tmp")
         self.marks = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
         self.workers = workers
@@ -142,12 +144,16 @@ class RunningPool:
         if hasattr(self, "_log"):
             self._log.close()
         survivors = wait_for_gone(self.seen, 10)
+        log = self.log() if survivors else ""
+        shutil.rmtree(self.marks, ignore_errors=True)
+        if self.owns_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         for pid in survivors:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        assert not survivors, f"orphaned processes left behind: {survivors}\n{self.log()}"
+        assert not survivors, f"orphaned processes left behind: {survivors}\n{log}"
 
     def log(self) -> str:
         try:

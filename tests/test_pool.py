@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -182,7 +183,7 @@ async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
     run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
     extra = ["--max-async-tasks", "1", "--shutdown-timeout", "1"]
     first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
-    release = first.mark_path("release")
+    release = Path(run_dir) / "release"  # outlives the first pool's marks
     try:
         broker = first.broker()
         blocker = await kicker(broker, "block_until").kiq(str(release), "held")
@@ -206,6 +207,7 @@ async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
         await broker.shutdown()
     finally:
         second.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_garbage_on_every_socket_does_not_hurt_the_pool(pool2: RunningPool) -> None:

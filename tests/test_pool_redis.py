@@ -76,8 +76,15 @@ async def test_two_pools_share_the_work_and_the_state(space: RedisSpace) -> None
         assert [r.return_value[0] for r in results] == [1] * 300, "each task ran once"
         ran_in = {r.return_value[1] for r in results}
         assert ran_in & set(first.worker_pids()) and ran_in & set(second.worker_pids())
-        done = first.stats()["totals"]["tasks_done"] + second.stats()["totals"]["tasks_done"]
-        assert done == 300
+        # each worker reports what it finished to its supervisor right after saving it
+        wait_for(
+            lambda: (
+                first.stats()["totals"]["tasks_done"] + second.stats()["totals"]["tasks_done"]
+                == 300
+            ),
+            10,
+            "300 tasks counted by the two supervisors",
+        )
         assert state_of(space).get_value("workers_started") == 4
         await broker.shutdown()
 
@@ -96,7 +103,7 @@ async def test_sigkill_of_a_whole_pool_and_the_other_finishes_its_tasks(
         doomed.proc.wait(10)
         results = [await h.wait_result(timeout=60) for h in handles]
         assert all(not r.is_err for r in results)
-        assert survivor.stats()["totals"]["tasks_done"] > 0
+        wait_for(lambda: survivor.stats()["totals"]["tasks_done"] > 0, 10, "survivor's count")
         await broker.shutdown()
 
 
@@ -114,7 +121,7 @@ async def test_the_pool_survives_a_redis_restart(space: RedisSpace) -> None:
             second = await send(broker, "whoami", 20, 0.05)
             for handle in second:
                 assert not (await handle.wait_result(timeout=60)).is_err
-            assert running.stats()["totals"]["tasks_done"] >= 40
+            wait_for(lambda: running.stats()["totals"]["tasks_done"] >= 40, 10, "40 counted")
             await broker.shutdown()
     finally:
         private.stop()
