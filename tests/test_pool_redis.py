@@ -152,3 +152,21 @@ async def test_scale_and_graceful_shutdown_work_on_redis(space: RedisSpace) -> N
         results = [await h.wait_result(timeout=30) for h in handles]
         assert all(not r.is_err for r in results), "in-flight tasks finished during the drain"
         await broker.shutdown()
+
+
+async def test_a_poison_message_gets_an_error_result_after_three_deliveries(
+    space: RedisSpace,
+) -> None:
+    from pool.exceptions import WorkerCrashedError
+
+    with redis_pool(space, workers=2) as running:
+        broker = producer(space)
+        await broker.startup()
+        [handle] = await send(broker, "poison", 1)
+        result = await handle.wait_result(timeout=60)
+        assert result.is_err and isinstance(result.error, WorkerCrashedError)
+        assert "3 times" in str(result.error)
+        assert running.stats()["totals"]["restarts"] == 3
+        [alive] = await send(broker, "whoami", 1)
+        assert not (await alive.wait_result(timeout=30)).is_err
+        await broker.shutdown()

@@ -41,7 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pool.broker import AsyncBroker
-from pool.exceptions import BrokerError, ListenError, SendTaskError
+from pool.exceptions import BrokerError, ListenError, SendTaskError, WorkerCrashedError
 from pool.message import AckableMessage, BrokerMessage, RawMessage
 from pool.result_backend import AsyncResultBackend
 
@@ -300,9 +300,15 @@ class RedisStreamBroker(AsyncBroker):
         result_backend: AsyncResultBackend[Any] | None = None,
         task_id_generator: Callable[[], str] | None = None,
         max_connection_pool_size: int | None = None,
+        max_deliveries: int = 3,
         **connection_kwargs: Any,
     ) -> None:
         super().__init__(result_backend=result_backend, task_id_generator=task_id_generator)
+        if max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+        # A message taken over after this many deliveries that were never acknowledged (its
+        # consumers died) gets an error result instead of another run: a poison message.
+        self.max_deliveries = max_deliveries
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive (seconds)")
         if xread_block <= 0:
@@ -550,7 +556,52 @@ class RedisStreamBroker(AsyncBroker):
         for eid in deleted:
             # deleted from the stream while pending: nothing to run, clear the pending entry
             await client.xack(self.queue_name, self.consumer_group, eid)
-        return next_cursor, entries
+        kept = []
+        for eid, fields in entries:
+            if await self._deliveries(client, eid) > self.max_deliveries:
+                await self._give_up(client, eid, fields)
+            else:
+                kept.append((eid, fields))
+        return next_cursor, kept
+
+    async def _deliveries(self, client: aioredis.Redis, entry_id: bytes) -> int:
+        """How often the group delivered this entry (the claim that just happened included)."""
+        pending = await client.xpending_range(
+            self.queue_name, self.consumer_group, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    async def _give_up(
+        self, client: aioredis.Redis, entry_id: bytes, fields: dict[bytes, bytes] | None
+    ) -> None:
+        """Answer a poison message with an error result, then drop it."""
+        data = (fields or {}).get(b"data", b"")
+        try:
+            message = self.formatter.loads(data)
+        except Exception:
+            message = None
+        name = message.task_name if message is not None else "?"
+        logger.error(
+            "message %s (task %s) was delivered %d times and each consumer died before "
+            "acknowledging it; giving up with an error result",
+            entry_id.decode(), name, self.max_deliveries,
+        )  # fmt: skip
+        if message is not None:
+            from pool.result import TaskiqResult
+
+            error = WorkerCrashedError(
+                f"task {name!r} ({message.task_id}) was delivered {self.max_deliveries} times "
+                "and each time its worker died before it finished"
+            )
+            result: TaskiqResult[Any] = TaskiqResult(
+                is_err=True, labels=message.labels, error=error
+            )
+            try:
+                await self.result_backend.set_result(message.task_id, result)
+            except Exception:
+                logger.exception("cannot save the error result of task %s", message.task_id)
+                return  # stays pending: tried again at the next claim
+        await self._ack(entry_id)
 
     async def _read(
         self, client: aioredis.Redis, consumer: str, wait: float

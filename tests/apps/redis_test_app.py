@@ -39,3 +39,11 @@ async def whoami(delay: float = 0.0) -> int:
 def count_run(tag: str) -> list[int]:
     """How often a task with this tag ran, across every pool, and where."""
     return [int(broker.state.incr(f"runs-{tag}")), os.getpid()]
+
+
+@broker.task(task_name="poison")
+def poison() -> None:
+    """Kills whichever worker runs it."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
