@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared_state import codec
+from shared_state.server import fast_dumps
 from shared_state.state import TaskiqState
 from shared_state.versions import VersionTable, slot_of
 
@@ -27,6 +28,22 @@ class SharedBackend:
         self._versions = versions
         self._cache: dict[str, tuple[int, Any, bool]] = {}
 
+    def _call(self, method: str, args: tuple[Any, ...] = ()) -> Any:
+        """``proxy._callmethod(method, args)``, with the request pickled by the C pickler."""
+        proxy = self._store
+        try:
+            conn = proxy._tls.connection
+        except AttributeError:
+            proxy._connect()
+            conn = proxy._tls.connection
+        conn.send_bytes(fast_dumps((proxy._id, method, args, {})))
+        kind, result = conn.recv()
+        if kind == "#RETURN":
+            return result
+        from multiprocess.managers import convert_to_error
+
+        raise convert_to_error(kind, result)
+
     def encode(self, value: Any) -> bytes | None:
         return codec.try_dumps(value)
 
@@ -42,7 +59,7 @@ class SharedBackend:
         entry = self._cache.get(key)
         if entry is not None and self._versions.read(slot_of(key)) == entry[0]:
             return entry[1] if entry[2] else codec.loads(entry[1])
-        version, blob = self._store._callmethod("get", (key,))
+        version, blob = self._call("get", (key,))
         if blob is None:
             self._remember(key, version, _MISSING, True)
             return _MISSING
@@ -62,29 +79,29 @@ class SharedBackend:
             self._remember(key, version, blob, False)
 
     def keys(self) -> list[str]:
-        return list(self._store._callmethod("keys"))
+        return list(self._call("keys"))
 
     def items(self) -> list[tuple[str, Any]]:
-        return [(k, codec.loads(b)) for k, b in self._store._callmethod("items")]
+        return [(k, codec.loads(b)) for k, b in self._call("items")]
 
     def length(self) -> int:
-        return int(self._store._callmethod("length"))
+        return int(self._call("length"))
 
     # --- writes ---------------------------------------------------------------------
     def set(self, key: str, value: Any, blob: bytes) -> None:
-        version = self._store._callmethod("set", (key, blob))
+        version = self._call("set", (key, blob))
         self._remember_value(key, version, value, blob)
 
     def delete(self, key: str) -> None:
         self._cache.pop(key, None)
-        self._store._callmethod("delete", (key,))
+        self._call("delete", (key,))
 
     def clear(self) -> None:
         self._cache.clear()
-        self._store._callmethod("clear")
+        self._call("clear")
 
     def incr(self, key: str, amount: int | float) -> Any:
-        version, new = self._store._callmethod("incr", (key, amount))
+        version, new = self._call("incr", (key, amount))
         self._remember(key, version, new, True)
         return new
 
@@ -93,23 +110,23 @@ class SharedBackend:
             fn_blob, default_blob = codec.dumps(fn), codec.dumps(default)
         except Exception as exc:
             raise TypeError(f"update of {key!r}: cannot send {fn!r} to the state: {exc}") from exc
-        version, blob = self._store._callmethod("update", (key, fn_blob, default_blob))
+        version, blob = self._call("update", (key, fn_blob, default_blob))
         value = codec.loads(blob)
         self._remember_value(key, version, value, blob)
         return value
 
     def setdefault(self, key: str, blob: bytes) -> Any:
-        version, current = self._store._callmethod("setdefault", (key, blob))
+        version, current = self._call("setdefault", (key, blob))
         value = codec.loads(current)
         self._remember_value(key, version, value, current)
         return value
 
     # --- locks ----------------------------------------------------------------------
     def acquire(self, name: str, token: str, pid: int, timeout: float) -> bool:
-        return bool(self._store._callmethod("acquire", (name, token, pid, timeout)))
+        return bool(self._call("acquire", (name, token, pid, timeout)))
 
     def release(self, name: str, token: str) -> bool:
-        return bool(self._store._callmethod("release", (name, token)))
+        return bool(self._call("release", (name, token)))
 
 
 def connect_state(address: str, authkey: bytes, version_file: str) -> TaskiqState:

@@ -40,10 +40,16 @@ def manager_class() -> type[BaseManager]:
     """The manager type, built on first use so that ``import shared_state`` stays light."""
     global _MANAGER_CLASS
     if _MANAGER_CLASS is None:
-        from multiprocess.managers import BaseManager
+        from multiprocess.managers import BaseManager, Server
+
+        class StateServerProcess(Server):
+            """The manager's server, answering with the C pickler (see ``FastConnection``)."""
+
+            def handle_request(self, conn: Any) -> None:
+                super().handle_request(FastConnection(conn))
 
         class StateManager(BaseManager):
-            pass
+            _Server = StateServerProcess
 
         StateManager.register("get_store", callable=_get_store, exposed=STORE_METHODS)
         _MANAGER_CLASS = StateManager
@@ -51,6 +57,36 @@ def manager_class() -> type[BaseManager]:
 
 
 _MANAGER_CLASS: type[BaseManager] | None = None
+
+
+class FastConnection:
+    """A ``multiprocess`` connection that pickles with the C pickler when it can.
+
+    ``multiprocess`` pickles every message with dill's pure-Python pickler (about 20 µs for a
+    tiny tuple); the state's messages are plain tuples of str, bytes and numbers, which the
+    C pickler handles in under 1 µs. Anything else still goes through dill. Both ends read
+    either kind, since dill loads standard pickles.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def send(self, obj: Any) -> None:
+        self._conn.send_bytes(fast_dumps(obj))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def fast_dumps(obj: Any) -> bytes:
+    import pickle
+
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        from multiprocess.reduction import ForkingPickler
+
+        return bytes(ForkingPickler.dumps(obj))
 
 
 def _exit_with_parent(parent_pid: int) -> None:
