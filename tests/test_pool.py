@@ -179,6 +179,19 @@ async def test_graceful_shutdown_drains_in_flight_tasks_and_fires_worker_shutdow
         running.close()
 
 
+async def test_a_second_stop_signal_stops_at_once() -> None:
+    with RunningPool(workers=1) as running:
+        broker = running.broker()
+        release = running.mark_path("never")
+        await kicker(broker, "block_until").kiq(str(release), "stuck", 60)
+        running.wait_mark("running-stuck")
+        running.signal(signal.SIGTERM)
+        wait_for(lambda: "graceful shutdown" in running.log(), 10, "the first signal logged")
+        running.signal(signal.SIGTERM)
+        assert running.wait(15) == 1, "forced stop: the stuck task is not waited for"
+        await broker.shutdown()
+
+
 async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
     run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
     extra = ["--max-async-tasks", "1", "--shutdown-timeout", "1"]
