@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, cast
 import psutil
 
 from pool import spool
+from pool.control import ControlConnection
 from pool.exceptions import WorkerCrashedError
 from pool.health import HealthMonitor
+from pool.pool_stats import collect_stats
 from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode, encode_json
 from pool.result import TaskiqResult
 from pool.rundir import RunDir
@@ -168,52 +170,6 @@ class SupervisorPipe(FrameProtocol):
 
     def connection_closed(self, exc: Exception | None) -> None:
         self.supervisor.on_worker_gone(self.handle)
-
-
-class ControlConnection(FrameProtocol):
-    """One authenticated producer or admin connection on the control socket."""
-
-    coalesce_writes = True
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        super().__init__(authkey=supervisor.authkey, server_side=True)
-        self.supervisor = supervisor
-        self.subscriptions: set[str] = set()
-
-    @property
-    def peer(self) -> str:
-        return "control connection"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.supervisor.connections.add(self)
-
-    def frame_received(self, op: int, fields: list[bytes]) -> None:
-        sup = self.supervisor
-        if op == Op.KICK and len(fields) == 3:
-            sup.enqueue(Entry(fields[0].decode(), fields[1].decode(), fields[2], producer=self))
-            if sup.queue.full:
-                sup.hold_back(self)
-        elif op == Op.GET and len(fields) == 1:
-            sup.subscribe(fields[0].decode(), self)
-        elif op == Op.REQUEST:
-            payload = decode_json(fields)
-            if not isinstance(payload, dict):
-                raise FrameError("a request must be a JSON object")
-            sup.spawn_task(sup.answer(self, payload))
-        else:
-            raise FrameError(f"unexpected op {op} with {len(fields)} field(s)")
-
-    def pause(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def connection_closed(self, exc: Exception | None) -> None:
-        self.supervisor.forget(self)
 
 
 class Supervisor:
@@ -744,75 +700,9 @@ class Supervisor:
         conn.subscriptions.clear()
 
     # ----------------------------------------------------------------- control
-    async def answer(self, conn: ControlConnection, request: dict[str, Any]) -> None:
-        reply: dict[str, Any]
-        cmd = request.get("cmd")
-        try:
-            if cmd == "stats":
-                reply = {"ok": True, "stats": self.stats()}
-            elif cmd == "scale":
-                count = int(request["workers"])
-                if count < 0:
-                    raise ValueError("the worker count cannot be negative")
-                self.set_target(count)
-                ok, error = await self.wait_for_target(float(request.get("timeout", 60)))
-                reply = {"ok": ok, "error": error, "workers": self.target}
-            elif cmd == "ping":
-                reply = {"ok": True, "pid": os.getpid()}
-            else:
-                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
-        except (KeyError, TypeError, ValueError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
-        reply["id"] = request.get("id")
-        conn.send_raw(encode_json(Op.REPLY, reply))
-
     def stats(self) -> dict[str, Any]:
-        now = time.monotonic()
-        rows: list[dict[str, Any]] = []
-        for slot, handle in sorted(self.workers.items()):
-            if handle.gone:
-                continue
-            rows.append(
-                {
-                    "id": slot,
-                    "pid": handle.pid,
-                    "state": handle.state,
-                    "uptime_s": round(now - handle.started_at, 3),
-                    "tasks_done": handle.tasks_done,
-                    "tasks_failed": handle.tasks_failed,
-                    "in_flight": handle.busy,
-                    "rss_bytes": handle.rss,
-                    "cpu_percent": handle.cpu,
-                    "restarts": self.slot_restarts.get(slot, 0),
-                    "heartbeat_age_s": round(now - handle.last_heartbeat, 3),
-                    "recycling": handle.recycling,
-                }
-            )
-        try:
-            state_keys = len(self.broker.state)
-        except Exception:
-            state_keys = -1
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(now - self.started_at, 3),
-            "target_workers": self.target,
-            "run_dir": str(self.run_dir.path),
-            "workers": rows,
-            "totals": {
-                "tasks_done": self.retired["tasks_done"] + sum(r["tasks_done"] for r in rows),
-                "tasks_failed": self.retired["tasks_failed"] + sum(r["tasks_failed"] for r in rows),
-                "in_flight": sum(r["in_flight"] for r in rows),
-                "queued": len(self.queue),
-                "restarts": sum(self.slot_restarts.values()),
-            },
-            "state": {"keys": state_keys},
-            "throughput": {
-                "last_10s": self.health.throughput(10),
-                "last_1m": self.health.throughput(60),
-            },
-            "autoscale": list(self.config.autoscale) if self.config.autoscale else None,
-            "metrics_url": self.metrics_url,
-        }
+        """SPEC section 6, plus throughput and the metrics address."""
+        return collect_stats(self)
 
     # ----------------------------------------------------------------- shutdown
     async def shutdown(self) -> int:
