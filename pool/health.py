@@ -91,10 +91,10 @@ class HealthMonitor:
         return sup.retired["tasks_done"] + sum(h.tasks_done for h in sup.workers.values())
 
     def throughput(self, window: float) -> float:
-        """Tasks finished per second over the last ``window`` seconds."""
-        if len(self.done_history) < 2:
+        """Tasks finished per second over the last ``window`` seconds (or since the start)."""
+        if not self.done_history:
             return 0.0
-        now, done = self.done_history[-1]
+        now, done = time.monotonic(), self.total_done()
         for when, then_done in self.done_history:
             if now - when <= window + 0.5:
                 elapsed = now - when

@@ -36,6 +36,7 @@ async def test_tasks_run_on_every_worker_and_results_come_back(pool2: RunningPoo
     assert (await call(broker, "add", 2, 3)).return_value == 5
     stats = pool2.stats()
     assert stats["totals"]["tasks_done"] >= 41
+    assert stats["throughput"]["last_10s"] > 0
     await broker.shutdown()
 
 
