@@ -124,7 +124,7 @@ async def test_the_pool_survives_a_redis_restart(space: RedisSpace) -> None:
             wait_for(lambda: running.stats()["totals"]["tasks_done"] >= 40, 10, "40 counted")
             await broker.shutdown()
     finally:
-        private.stop()
+        private.close()
 
 
 def test_unreachable_redis_at_start_is_a_clear_error(space: RedisSpace) -> None:
