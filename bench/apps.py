@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+from bench.workloads import spin
 from pool import PoolBroker, TaskiqState
 
 broker = PoolBroker()
@@ -17,10 +17,7 @@ async def noop() -> None:
 
 @broker.task(task_name="cpu")
 def cpu(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
+    return spin(n)
 
 
 @broker.task(task_name="state_bench")
@@ -30,10 +27,6 @@ def state_bench(rounds: int) -> dict[str, Any]:
 
     state: TaskiqState = broker.state
     return time_state(state, rounds)
-
-
-def now() -> float:
-    return time.perf_counter()
 
 
 @broker.task(task_name="chaos_run")

@@ -6,6 +6,8 @@ import os
 
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
+from bench.workloads import spin
+
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench-taskiq")
 
@@ -23,7 +25,4 @@ async def noop() -> None:
 
 @broker.task(task_name="cpu")
 def cpu(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
+    return spin(n)

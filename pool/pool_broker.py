@@ -25,7 +25,6 @@ from pool.message import BrokerMessage, RawMessage
 from pool.protocol import Op
 from pool.result import TaskiqResult
 from pool.result_backend import AsyncResultBackend
-from pool.rundir import resolve_run_dir
 
 
 class PoolResultBackend(AsyncResultBackend[Any]):
@@ -174,10 +173,6 @@ class PoolBroker(AsyncBroker):
         self._client: ControlClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
-
-    @property
-    def run_dir_path(self) -> Path:
-        return resolve_run_dir(self.run_dir)
 
     async def connection(self) -> ControlClient:
         """The open connection to the supervisor, made on first use (and again after loss)."""

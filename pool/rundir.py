@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +118,3 @@ class RunDir:
                 path.unlink()
             except FileNotFoundError:
                 pass
-
-    def is_private(self) -> bool:
-        mode = stat.S_IMODE(self.path.stat().st_mode)
-        return mode & 0o077 == 0

@@ -99,7 +99,7 @@ def _unreachable(broker: Any, state_url: str | None, prefix: str) -> str | None:
         from pool.pool_state import open_state
 
         try:
-            len(open_state(state_url, RunDir.at(None), b"", prefix))
+            open_state(state_url, RunDir.at(None), b"", prefix).get_value("pool:reachable")
         except Exception as exc:
             return f"cannot reach the shared state at {state_url}: {exc}"
     return None

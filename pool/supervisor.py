@@ -80,11 +80,10 @@ def _is_loopback(addr: str) -> bool:
 class WorkerHandle:
     """What the supervisor knows about one worker process."""
 
-    def __init__(self, slot: int, process: Any, generation: int) -> None:
+    def __init__(self, slot: int, process: Any) -> None:
         self.slot = slot
         self.process = process
         self.pid: int = process.pid
-        self.generation = generation
         self.pipe: SupervisorPipe | None = None
         self.state = "starting"
         self.started_at = time.monotonic()
@@ -198,7 +197,6 @@ class Supervisor:
         self.held_back: set[ControlConnection] = set()
         self.next_delivery = 0
         self.rotation = 0
-        self.generation = 0
         self.slot_restarts: dict[int, int] = {}
         self.retired = {"tasks_done": 0, "tasks_failed": 0}
         self.ever_ready = False
@@ -361,8 +359,7 @@ class Supervisor:
         child_conn.close()
         sock = socket.socket(fileno=os.dup(parent_conn.fileno()))
         parent_conn.close()
-        self.generation += 1
-        handle = WorkerHandle(slot, process, self.generation)
+        handle = WorkerHandle(slot, process)
         self.workers[slot] = handle
         self.spawn_task(self._attach(handle, sock))
         logger.info("worker %d starting (pid %d)", slot, handle.pid)

@@ -7,7 +7,8 @@ from typing import Any
 
 # Values of these types cannot be changed in place, so a cached object can be handed out
 # again without breaking the copy semantics of the shared state.
-IMMUTABLE_TYPES: tuple[type, ...] = (int, float, complex, str, bytes, bool, type(None), frozenset)
+_PLAIN_SCALARS: tuple[type, ...] = (int, float, complex, str, bytes, bool, type(None))
+IMMUTABLE_TYPES: tuple[type, ...] = (*_PLAIN_SCALARS, frozenset)
 
 PICKLE_ERRORS: tuple[type[BaseException], ...] = (
     TypeError,
@@ -70,7 +71,6 @@ def _value_pickler_class() -> Any:
     return _value_pickler
 
 
-_PLAIN_SCALARS = (int, float, complex, str, bytes, bool, type(None))
 _PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset)
 
 

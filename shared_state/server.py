@@ -7,6 +7,7 @@ authkey, and dies with the process that started it, even when that process is SI
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -79,8 +80,6 @@ class FastConnection:
 
 
 def fast_dumps(obj: Any) -> bytes:
-    import pickle
-
     try:
         return pickle.dumps(obj, protocol=5)
     except Exception:

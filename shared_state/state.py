@@ -179,6 +179,8 @@ class TaskiqState:
     def __len__(self) -> int:
         if self._shared is None:
             return len(self._local)
+        if not self._local:  # nothing to de-duplicate: let the backend count
+            return self._shared.length()
         return len(self.keys())
 
     def __iter__(self) -> Any:

@@ -167,14 +167,6 @@ class LoopClient:
                 self.on_create(client)
         return client
 
-    def owned_here(self) -> bool:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        self._check_fork()
-        return loop in self._clients
-
     async def close(self) -> None:
         """Close the client of this process and event loop, if there is one."""
         try:
