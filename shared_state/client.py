@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,24 @@ class SharedBackend:
     from the server.
     """
 
-    def __init__(self, store: Any, versions: VersionTable) -> None:
+    def __init__(
+        self, store: Any, versions: VersionTable, origin: tuple[str, bytes, str] | None = None
+    ) -> None:
         self._store = store
         self._versions = versions
         self._cache: dict[str, tuple[int, Any, bool]] = {}
+        self._origin = origin  # (address, authkey, version file): how to connect again
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Only to start a process: the recipe carries the pool's authkey (as ``multiprocess``
+        does with its own authkey, for the same reason)."""
+        if self._origin is None or not _spawning():
+            raise TypeError(
+                "a shared TaskiqState can only be pickled to start a process (it would carry "
+                "the pool's authkey); in another process, call connect_state() or use "
+                "broker.state there"
+            )
+        return (connect_backend, self._origin)
 
     def _call(self, method: str, args: tuple[Any, ...] = ()) -> Any:
         """``proxy._callmethod(method, args)``, with the request pickled by the C pickler."""
@@ -128,12 +143,33 @@ class SharedBackend:
     def release(self, name: str, token: str) -> bool:
         return bool(self._call("release", (name, token)))
 
+    # --- init_once records ------------------------------------------------------------
+    def once_done(self, name: str) -> bool:
+        return bool(self._call("once_done", (name,)))
 
-def connect_state(address: str, authkey: bytes, version_file: str) -> TaskiqState:
-    """A ``TaskiqState`` backed by the state server at ``address``."""
+    def mark_once(self, name: str) -> None:
+        self._call("mark_once", (name,))
+
+
+def _spawning() -> bool:
+    """True while ``multiprocess`` or ``multiprocessing`` pickles a new process's arguments."""
+    for name in ("multiprocess.context", "multiprocessing.context"):
+        module = sys.modules.get(name)
+        if module is not None and module.get_spawning_popen() is not None:
+            return True
+    return False
+
+
+def connect_backend(address: str, authkey: bytes, version_file: str) -> SharedBackend:
+    """A client of the state server at ``address``."""
     from shared_state.server import manager_class
 
     manager = manager_class()(address=address, authkey=authkey)
     manager.connect()
     store = manager.get_store()
-    return TaskiqState(shared=SharedBackend(store, VersionTable(version_file)))
+    return SharedBackend(store, VersionTable(version_file), (address, authkey, version_file))
+
+
+def connect_state(address: str, authkey: bytes, version_file: str) -> TaskiqState:
+    """A ``TaskiqState`` backed by the state server at ``address``."""
+    return TaskiqState(shared=connect_backend(address, authkey, version_file))

@@ -115,27 +115,62 @@ class StateLock:
         if self._held:
             raise RuntimeError(f"lock {self.name!r} is already held by this holder")
         pid = os.getpid()
-        if self._backend.acquire(self.name, self._token, pid, 0.0):
-            self._held = True
-            return self
-        loop = asyncio.get_running_loop()
-        while True:
-            # Wait in a thread so the event loop keeps running other tasks meanwhile.
-            attempt = loop.run_in_executor(
-                None, self._backend.acquire, self.name, self._token, pid, _WAIT_SLICE
-            )
-            try:
-                got = await asyncio.shield(attempt)
-            except asyncio.CancelledError:
-                attempt.add_done_callback(self._release_if_taken)
-                raise
-            if got:
-                self._held = True
-                return self
+        if not self._backend.acquire(self.name, self._token, pid, 0.0):
+            await self._wait_in_thread(pid)
+        self._held = True
+        return self
 
-    def _release_if_taken(self, attempt: asyncio.Future[bool]) -> None:
-        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
-            self._backend.release(self.name, self._token)
+    async def _wait_in_thread(self, pid: int) -> None:
+        """Wait for the lock in a thread of its own, so the event loop keeps running.
+
+        Not in the loop's default executor: many waiters would fill it and stall everything
+        else that runs there (``to_thread``, DNS look-ups of the loop). The thread is a daemon
+        and waits in slices, so it notices a cancelled waiter and never holds up an exit.
+        """
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[None] = loop.create_future()
+        stop = threading.Event()
+        threading.Thread(
+            target=self._wait, args=(loop, got, stop, pid), name=f"state-lock {self.name}",
+            daemon=True,
+        ).start()  # fmt: skip
+        try:
+            await got
+        except asyncio.CancelledError:
+            stop.set()
+            if got.done() and not got.cancelled() and got.exception() is None:
+                self._backend.release(self.name, self._token)  # taken just as we gave up
+            raise
+
+    def _wait(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        got: asyncio.Future[None],
+        stop: threading.Event,
+        pid: int,
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            while not self._backend.acquire(self.name, self._token, pid, _WAIT_SLICE):
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the waiter, raised there
+            error = exc
+        try:
+            loop.call_soon_threadsafe(self._hand_over, got, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            if error is None:
+                self._backend.release(self.name, self._token)
+
+    def _hand_over(self, got: asyncio.Future[None], error: BaseException | None) -> None:
+        """On the loop: give the waiter the lock (or the error); release it if it gave up."""
+        if got.cancelled():
+            if error is None:
+                self._backend.release(self.name, self._token)
+        elif error is not None:
+            got.set_exception(error)
+        else:
+            got.set_result(None)
 
     async def __aexit__(
         self,

@@ -30,6 +30,8 @@ STORE_METHODS = (
     "setdefault",
     "acquire",
     "release",
+    "once_done",
+    "mark_once",
 )
 
 

@@ -25,6 +25,7 @@ class StateStore:
         self._mutex = threading.Lock()
         self._versions = versions
         self._locks = LockTable()
+        self._once: set[str] = set()
 
     # --- plain access -------------------------------------------------------------------
     def get(self, key: str) -> tuple[int, Blob | None]:
@@ -96,3 +97,10 @@ class StateStore:
 
     def release(self, name: str, token: str) -> bool:
         return self._locks.release(name, token)
+
+    # --- init_once records --------------------------------------------------------------
+    def once_done(self, name: str) -> bool:
+        return name in self._once
+
+    def mark_once(self, name: str) -> None:
+        self._once.add(name)

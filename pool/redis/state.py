@@ -5,7 +5,8 @@ Layout under ``prefix`` (default ``pool:state``):
 - ``<prefix>:v:<key>``: a value, as JSON text (numbers as plain JSON numbers, so ``INCRBY``
   works on them);
 - ``<prefix>:u:<key>``: the update lock of a key while ``update()`` runs its function;
-- ``<prefix>:l:<name>``: a lock taken with ``state.lock(name)``.
+- ``<prefix>:l:<name>``: a lock taken with ``state.lock(name)``;
+- ``<prefix>:o:<name>``: the record that ``state.init_once(name, fn)`` ran (``clear`` keeps it).
 
 Values are JSON by default: a value JSON cannot carry exactly (a set, bytes, an object, a dict
 with non-``str`` keys) stays in the local tier of the process that set it, as unpicklable
@@ -211,6 +212,9 @@ class RedisStateBackend:
 
     def _lkey(self, name: str) -> str:
         return f"{self.prefix}:l:{name}"
+
+    def _okey(self, name: str) -> str:
+        return f"{self.prefix}:o:{name}"
 
     def _token_for(self, key: str) -> str:
         tokens: dict[str, str] | None = getattr(self._held, "tokens", None)
@@ -425,6 +429,13 @@ class RedisStateBackend:
                 name, self.lock_timeout,
             )  # fmt: skip
         return released
+
+    # --- init_once records ------------------------------------------------------------
+    def once_done(self, name: str) -> bool:
+        return bool(self._client.exists(self._okey(name)))
+
+    def mark_once(self, name: str) -> None:
+        self._client.set(self._okey(name), b"1")
 
     def __repr__(self) -> str:
         return f"RedisStateBackend(url={safe_url(self.url)!r}, prefix={self.prefix!r})"
