@@ -38,7 +38,7 @@ async def _killer(pool: BenchPool, stop: asyncio.Event, every: float) -> int:
 
 async def run_once(total: int, chaos: bool, workers: int = 2) -> dict[str, Any]:
     from bench.apps import broker, chaos_run
-    from pool.rundir import RunDir
+    from pool.runtime.rundir import RunDir
     from shared_state import connect_state
 
     async with BenchPool(workers) as pool:

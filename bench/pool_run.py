@@ -25,12 +25,12 @@ class BenchPool:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def stats(self) -> dict[str, Any]:
-        from pool.client import request
+        from pool.runtime.client import request
 
         return (await request({"cmd": "stats"}, self.run_dir, 10))["stats"]
 
     async def __aenter__(self) -> BenchPool:
-        from pool.exceptions import SendTaskError
+        from taskiq.exceptions import SendTaskError
 
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(self.args, cwd=str(ROOT), env=env)

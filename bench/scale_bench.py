@@ -15,7 +15,7 @@ from bench.pool_run import BenchPool
 
 
 async def scale_up(start_method: str) -> dict[str, Any]:
-    from pool.client import request
+    from pool.runtime.client import request
 
     async with BenchPool(2, "bench.apps:broker", "--start-method", start_method) as pool:
         began = time.perf_counter()

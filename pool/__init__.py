@@ -1,6 +1,10 @@
-"""pool: an asyncio task queue with taskiq's API, a supervised worker pool and one shared state.
+"""pool: the supervised multiprocess runtime, the shared state and the embedded broker for
+taskiq applications.
 
-Names are imported lazily so that ``import pool`` stays cheap for producers.
+``from pool import X`` is taskiq's own ``X`` (the very same object) for every public name
+of taskiq, plus pool's names: ``PoolBroker``, ``TaskiqState`` (a subclass of taskiq's),
+``InMemoryBroker`` (taskiq's, with pool's state) and pool's exceptions. Names are imported
+on first use, so ``import pool`` alone stays cheap.
 """
 
 from __future__ import annotations
@@ -8,70 +12,94 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_EXPORTS: dict[str, str] = {
-    # brokers
-    "AsyncBroker": "pool.broker",
-    "InMemoryBroker": "pool.inmemory",
-    "PoolBroker": "pool.pool_broker",
-    # tasks, results
-    "AsyncTaskiqDecoratedTask": "pool.decor",
-    "AsyncKicker": "pool.kicker",
-    "AsyncTaskiqTask": "pool.task",
-    "gather": "pool.task",
-    "TaskiqResult": "pool.result",
-    "TaskiqMessage": "pool.message",
-    "BrokerMessage": "pool.message",
-    "AckableMessage": "pool.message",
-    "Context": "pool.context",
-    "TaskiqDepends": "pool.context",
-    # result backends
-    "AsyncResultBackend": "pool.result_backend",
-    "InMemoryResultBackend": "pool.result_backend",
-    "InmemoryResultBackend": "pool.result_backend",
-    # serialization
-    "TaskiqSerializer": "pool.serializers",
-    "JSONSerializer": "pool.serializers",
-    "PickleSerializer": "pool.serializers",
-    "TaskiqFormatter": "pool.serializers",
-    # middleware
-    "TaskiqMiddleware": "pool.middlewares.base",
-    "SimpleRetryMiddleware": "pool.middlewares.retry",
-    "SmartRetryMiddleware": "pool.middlewares.retry",
-    "PrometheusMiddleware": "pool.middlewares.prometheus",
-    # events, state
-    "TaskiqEvents": "pool.events",
-    "EventHandler": "pool.events",
+# pool's own names
+_OWN: dict[str, str] = {
+    "PoolBroker": "pool.extensions.pool_broker",
+    "PoolResultBackend": "pool.extensions.pool_broker",
+    "InMemoryBroker": "pool.extensions.inmemory",
     "TaskiqState": "shared_state",
-    # scheduling
-    "TaskiqScheduler": "pool.scheduler",
-    "ScheduleSource": "pool.scheduler",
-    "LabelScheduleSource": "pool.scheduler",
-    "ScheduledTask": "pool.scheduler",
-    # exceptions
-    "TaskiqError": "pool.exceptions",
-    "BrokerError": "pool.exceptions",
-    "SendTaskError": "pool.exceptions",
-    "ListenError": "pool.exceptions",
-    "ResultBackendError": "pool.exceptions",
-    "ResultGetError": "pool.exceptions",
-    "ResultSetError": "pool.exceptions",
-    "ResultIsReadyError": "pool.exceptions",
-    "NoResultError": "pool.exceptions",
-    "TaskiqResultTimeoutError": "pool.exceptions",
-    "SecurityError": "pool.exceptions",
-    "UnknownTaskError": "pool.exceptions",
-    "TaskRejectedError": "pool.exceptions",
-    "TaskFailedError": "pool.exceptions",
-    "EventHandlerError": "pool.exceptions",
+    "WorkerCrashedError": "pool.extensions.errors",
+    "PoolUnavailableError": "pool.extensions.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+# taskiq's public names beyond ``taskiq.__all__``, by the module that defines them
+_TASKIQ_EXTRA: dict[str, str] = {
+    "AsyncKicker": "taskiq.kicker",
+    "ProgressTracker": "taskiq.depends.progress_tracker",
+    "TaskProgress": "taskiq.depends.progress_tracker",
+    "TaskState": "taskiq.depends.progress_tracker",
+    "EventHandler": "taskiq.abc.broker",
+    "TaskiqSerializer": "taskiq.abc.serializer",
+    "JSONSerializer": "taskiq.serializers",
+    "PickleSerializer": "taskiq.serializers",
+    "JSONFormatter": "taskiq.formatters.json_formatter",
+    "LabelScheduleSource": "taskiq.schedule_sources",
+    "InmemoryResultBackend": "taskiq.brokers.inmemory_broker",
+    "DummyResultBackend": "taskiq.result_backends.dummy",
+    "Receiver": "taskiq.receiver",
+    "CronSpec": "taskiq.scheduler.scheduled_task",
+    "CreatedSchedule": "taskiq.scheduler.created_schedule",
+    "TaskiqAdminMiddleware": "taskiq.middlewares",
+    **{
+        name: "taskiq.exceptions"
+        for name in (
+            "BrokerError",
+            "ListenError",
+            "UnknownTaskError",
+            "ResultBackendError",
+            "ResultSetError",
+            "TaskRejectedError",
+            "ScheduledTaskCancelledError",
+            "TaskBrokerMismatchError",
+            "SharedBrokerListenError",
+            "SharedBrokerSendTaskError",
+        )
+    },
+}
+
+# ``taskiq.__all__``, written out so that ``dir(pool)`` needs no import of taskiq
+_TASKIQ_ALL = (
+    "AckableMessage",
+    "AcknowledgeType",
+    "AsyncBroker",
+    "AsyncResultBackend",
+    "AsyncTaskiqDecoratedTask",
+    "AsyncTaskiqTask",
+    "BrokerMessage",
+    "Context",
+    "NoResultError",
+    "PrometheusMiddleware",
+    "ResultGetError",
+    "ResultIsReadyError",
+    "ScheduleSource",
+    "ScheduledTask",
+    "SecurityError",
+    "SendTaskError",
+    "SimpleRetryMiddleware",
+    "SmartRetryMiddleware",
+    "TaskiqDepends",
+    "TaskiqError",
+    "TaskiqEvents",
+    "TaskiqFormatter",
+    "TaskiqMessage",
+    "TaskiqMiddleware",
+    "TaskiqResult",
+    "TaskiqResultTimeoutError",
+    "TaskiqScheduler",
+    "ZeroMQBroker",
+    "async_shared_broker",
+    "gather",
+)
+
+__all__ = sorted({*_OWN, *_TASKIQ_EXTRA, *_TASKIQ_ALL})
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = _OWN.get(name) or _TASKIQ_EXTRA.get(name)
+    if module is None and name in _TASKIQ_ALL:
+        module = "taskiq"
     if module is None:
         raise AttributeError(f"module 'pool' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
@@ -80,41 +108,69 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))
 
 
 if TYPE_CHECKING:
-    from pool.broker import AsyncBroker
-    from pool.context import Context, TaskiqDepends
-    from pool.decor import AsyncTaskiqDecoratedTask
-    from pool.events import EventHandler, TaskiqEvents
-    from pool.exceptions import (
-        BrokerError,
-        EventHandlerError,
-        ListenError,
+    from taskiq import (
+        AckableMessage,
+        AcknowledgeType,
+        AsyncBroker,
+        AsyncResultBackend,
+        AsyncTaskiqDecoratedTask,
+        AsyncTaskiqTask,
+        BrokerMessage,
+        Context,
         NoResultError,
-        ResultBackendError,
+        PrometheusMiddleware,
         ResultGetError,
         ResultIsReadyError,
-        ResultSetError,
+        ScheduledTask,
+        ScheduleSource,
         SecurityError,
         SendTaskError,
-        TaskFailedError,
+        SimpleRetryMiddleware,
+        SmartRetryMiddleware,
+        TaskiqDepends,
         TaskiqError,
+        TaskiqEvents,
+        TaskiqFormatter,
+        TaskiqMessage,
+        TaskiqMiddleware,
+        TaskiqResult,
         TaskiqResultTimeoutError,
+        TaskiqScheduler,
+        ZeroMQBroker,
+        async_shared_broker,
+        gather,
+    )
+    from taskiq.abc.broker import EventHandler
+    from taskiq.abc.serializer import TaskiqSerializer
+    from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+    from taskiq.depends.progress_tracker import ProgressTracker, TaskProgress, TaskState
+    from taskiq.exceptions import (
+        BrokerError,
+        ListenError,
+        ResultBackendError,
+        ResultSetError,
+        ScheduledTaskCancelledError,
+        SharedBrokerListenError,
+        SharedBrokerSendTaskError,
+        TaskBrokerMismatchError,
         TaskRejectedError,
         UnknownTaskError,
     )
-    from pool.inmemory import InMemoryBroker
-    from pool.kicker import AsyncKicker
-    from pool.message import AckableMessage, BrokerMessage, TaskiqMessage
-    from pool.middlewares.base import TaskiqMiddleware
-    from pool.middlewares.prometheus import PrometheusMiddleware
-    from pool.middlewares.retry import SimpleRetryMiddleware, SmartRetryMiddleware
-    from pool.pool_broker import PoolBroker
-    from pool.result import TaskiqResult
-    from pool.result_backend import AsyncResultBackend, InMemoryResultBackend, InmemoryResultBackend
-    from pool.scheduler import LabelScheduleSource, ScheduledTask, ScheduleSource, TaskiqScheduler
-    from pool.serializers import JSONSerializer, PickleSerializer, TaskiqFormatter, TaskiqSerializer
-    from pool.task import AsyncTaskiqTask, gather
+    from taskiq.formatters.json_formatter import JSONFormatter
+    from taskiq.kicker import AsyncKicker
+    from taskiq.middlewares import TaskiqAdminMiddleware
+    from taskiq.receiver import Receiver
+    from taskiq.result_backends.dummy import DummyResultBackend
+    from taskiq.schedule_sources import LabelScheduleSource
+    from taskiq.scheduler.created_schedule import CreatedSchedule
+    from taskiq.scheduler.scheduled_task import CronSpec
+    from taskiq.serializers import JSONSerializer, PickleSerializer
+
+    from pool.extensions.errors import PoolUnavailableError, WorkerCrashedError
+    from pool.extensions.inmemory import InMemoryBroker
+    from pool.extensions.pool_broker import PoolBroker, PoolResultBackend
     from shared_state import TaskiqState

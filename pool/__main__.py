@@ -6,7 +6,7 @@ import sys
 
 
 def main() -> None:
-    from pool.cli import main as cli_main
+    from pool.ops.cli import main as cli_main
 
     sys.exit(cli_main())
 

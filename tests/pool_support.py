@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 
 from pool import AsyncKicker, PoolBroker
-from pool.client import request
-from pool.exceptions import SendTaskError
+from pool.runtime.client import request
+from taskiq.exceptions import SendTaskError
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"

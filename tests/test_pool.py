@@ -16,7 +16,7 @@ import pytest
 
 from pool import PoolBroker, SendTaskError, TaskiqResultTimeoutError
 from pool.exceptions import UnknownTaskError, WorkerCrashedError
-from pool.rundir import RunDir
+from pool.runtime.rundir import RunDir
 from tests.pool_support import RunningPool, call, kicker, wait_for, wait_for_gone
 
 pytestmark = pytest.mark.timeout(120)
@@ -243,8 +243,8 @@ async def test_garbage_on_every_socket_does_not_hurt_the_pool(pool2: RunningPool
                 except OSError:
                     pass
     # an authenticated connection sending malformed frames keeps working
-    from pool.client import connect
-    from pool.protocol import Op, encode
+    from pool.runtime.client import connect
+    from pool.runtime.protocol import Op, encode
 
     client = await connect(pool2.run_dir)
     client.send_raw(encode(Op.KICK, b"only-one-field"))

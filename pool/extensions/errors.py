@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskiq.exceptions import TaskiqError
+from taskiq.exceptions import SendTaskError, TaskiqError
 
 
-class WorkerCrashedError(TaskiqError):
-    """A task killed the workers that ran it too often; it gets this error as its result.
-
-    Accepts the reason positionally too, so that a copy rebuilt from a serialized result
-    (taskiq calls the class with the exception's args) keeps its message.
-    """
+class _WithReason:
+    """taskiq's errors take keyword fields only; these also take their reason positionally,
+    so that a copy rebuilt from a serialized result (from the exception's args) keeps it."""
 
     __template__ = "{reason}"
-    reason: str = "the worker running the task died"
+    reason: str
 
     def __init__(self, reason: str | None = None, **kwargs: Any) -> None:
         if reason is not None:
             kwargs["reason"] = reason
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+
+
+class WorkerCrashedError(_WithReason, TaskiqError):
+    """A task killed the workers that ran it too often; it gets this error as its result."""
+
+    reason: str = "the worker running the task died"
+
+
+class PoolUnavailableError(_WithReason, SendTaskError):
+    """No pool answers in the run directory (``kiq`` raises it; it names the directory)."""
+
+    reason: str = "no pool is running"

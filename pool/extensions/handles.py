@@ -12,6 +12,7 @@ from copy import copy
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from taskiq.abc.broker import AsyncTaskiqDecoratedTask
+from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq.task import AsyncTaskiqTask
 
@@ -49,8 +50,18 @@ class PoolKicker(AsyncKicker[_Params, _Return]):
     """taskiq's kicker; ``kiq`` returns a :class:`PoolTask`."""
 
     async def kiq(self, *args: Any, **kwargs: Any) -> Any:
-        task = await super().kiq(*args, **kwargs)
-        return PoolTask(task.task_id, task.result_backend, task.return_type)
+        try:
+            task = await super().kiq(*args, **kwargs)
+        except SendTaskError as exc:
+            # taskiq's kicker wraps every failure in a bare SendTaskError; ours says why
+            if isinstance(exc.__cause__, SendTaskError):
+                raise exc.__cause__ from None
+            raise
+        handle = PoolTask(task.task_id, task.result_backend, task.return_type)
+        track = getattr(task.result_backend, "track", None)
+        if track is not None:
+            track(task.task_id, handle)
+        return handle
 
 
 class PoolDecoratedTask(AsyncTaskiqDecoratedTask[_Params, _Return]):

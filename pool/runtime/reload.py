@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,15 +36,15 @@ def is_user_module(name: str, module: ModuleType) -> bool:
     return not any(path.is_relative_to(root) for root in _library_roots())
 
 
-def reload_app(app: str) -> Any:
+def reload_app(app: str, task_modules: Sequence[str] = ()) -> Any:
     """Import ``app`` afresh with all user modules; on failure the old modules stay."""
-    from pool.app import load_broker
+    from pool.runtime.app import load_broker
 
     saved = {name: mod for name, mod in list(sys.modules.items()) if is_user_module(name, mod)}
     for name in saved:
         del sys.modules[name]
     try:
-        return load_broker(app)
+        return load_broker(app, task_modules)
     except BaseException:
         sys.modules.update(saved)
         raise

@@ -7,11 +7,20 @@ import asyncio
 import os
 from typing import TYPE_CHECKING, Any
 
-from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode_json
-from pool.spool import Entry
+from pool.runtime.protocol import (
+    Frame,
+    FrameError,
+    FrameProtocol,
+    GetProgress,
+    Kick,
+    Reply,
+    Request,
+    Subscribe,
+)
+from pool.runtime.spool import Entry
 
 if TYPE_CHECKING:
-    from pool.supervisor import Supervisor
+    from pool.runtime.supervisor import Supervisor
 
 
 class ControlConnection(FrameProtocol):
@@ -32,21 +41,22 @@ class ControlConnection(FrameProtocol):
         super().connection_made(transport)
         self.supervisor.connections.add(self)
 
-    def frame_received(self, op: int, fields: list[bytes]) -> None:
+    def frame_received(self, frame: Frame) -> None:
         sup = self.supervisor
-        if op == Op.KICK and len(fields) == 3:
-            sup.enqueue(Entry(fields[0].decode(), fields[1].decode(), fields[2], producer=self))
+        if isinstance(frame, Kick):
+            sup.enqueue(Entry(frame.task_id, frame.task_name, frame.message, producer=self))
             if sup.queue.full:
                 sup.hold_back(self)
-        elif op == Op.GET and len(fields) == 1:
-            sup.subscribe(fields[0].decode(), self)
-        elif op == Op.REQUEST:
-            payload = decode_json(fields)
-            if not isinstance(payload, dict):
+        elif isinstance(frame, Subscribe):
+            sup.results.subscribe(frame.task_id, self)
+        elif isinstance(frame, GetProgress):
+            self.send(sup.results.progress_of(frame.task_id))
+        elif isinstance(frame, Request):
+            if not isinstance(frame.body, dict):
                 raise FrameError("a request must be a JSON object")
-            sup.spawn_task(answer(sup, self, payload))
+            sup.spawn_task(answer(sup, self, frame.body))
         else:
-            raise FrameError(f"unexpected op {op} with {len(fields)} field(s)")
+            raise FrameError(f"unexpected {type(frame).__name__} frame")
 
     def pause(self) -> None:
         if self.transport is not None:
@@ -58,6 +68,7 @@ class ControlConnection(FrameProtocol):
 
     def connection_closed(self, exc: Exception | None) -> None:
         self.supervisor.forget(self)
+        self.supervisor.results.forget(self)
 
 
 async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, Any]) -> None:
@@ -81,4 +92,4 @@ async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, An
     except (KeyError, TypeError, ValueError) as exc:
         reply = {"ok": False, "error": f"bad request: {exc}"}
     reply["id"] = request.get("id")
-    conn.send_raw(encode_json(Op.REPLY, reply))
+    conn.send(Reply(reply))

@@ -8,9 +8,10 @@ import os
 import sys
 from typing import Any
 
-from pool.app import AppImportError, load_broker
-from pool.rundir import RunDir
-from pool.supervisor import PoolConfig, Supervisor
+from pool.runtime.app import AppImportError, load_broker
+from pool.runtime.config import PoolConfig
+from pool.runtime.rundir import RunDir
+from pool.runtime.supervisor import Supervisor
 
 logger = logging.getLogger("pool.run")
 
@@ -40,7 +41,7 @@ def run_pool(config: PoolConfig) -> int:
     """Run a pool until it is stopped; returns the process exit status."""
     import multiprocess
 
-    from pool.pool_state import open_state
+    from pool.runtime.state import open_state
     from shared_state import StateServer, start_state_server
 
     configure_logging(config.log_level, "supervisor")
@@ -55,7 +56,7 @@ def run_pool(config: PoolConfig) -> int:
         logger.error("a pool is already running in %s (pid %d)", run_dir.path, other)
         return EXIT_USAGE
     try:
-        broker = load_broker(config.app)
+        broker = load_broker(config.app, config.task_modules)
     except AppImportError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
@@ -96,7 +97,7 @@ def _unreachable(broker: Any, state_url: str | None, prefix: str) -> str | None:
         except Exception as exc:
             return f"cannot reach the broker: {exc}"
     if state_url:
-        from pool.pool_state import open_state
+        from pool.runtime.state import open_state
 
         try:
             open_state(state_url, RunDir.at(None), b"", prefix).get_value("pool:reachable")

@@ -13,8 +13,9 @@ from collections import Counter
 
 
 def _wait_until_ready(run_dir: str, workers: int, proc: subprocess.Popen[bytes]) -> None:
-    from pool.client import request
-    from pool.exceptions import SendTaskError
+    from taskiq.exceptions import SendTaskError
+
+    from pool.runtime.client import request
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -33,7 +34,7 @@ def _wait_until_ready(run_dir: str, workers: int, proc: subprocess.Popen[bytes])
 async def _send(tasks: int, run_dir: str) -> tuple[Counter[int], int, dict[str, object], float]:
     from rich.progress import Progress
 
-    from pool.demo_app import broker, square, state_snapshot, word_count
+    from pool.ops.demo_app import broker, square, state_snapshot, word_count
 
     broker.run_dir = run_dir
     await broker.startup()
@@ -62,8 +63,8 @@ async def _send(tasks: int, run_dir: str) -> tuple[Counter[int], int, dict[str, 
 def run_demo(tasks: int = 300, workers: int = 2) -> int:
     from rich.console import Console
 
-    from pool.client import request
-    from pool.stats_view import render
+    from pool.ops.stats_view import render
+    from pool.runtime.client import request
 
     console = Console()
     run_dir = tempfile.mkdtemp(prefix="pool-demo-")
@@ -75,7 +76,7 @@ def run_demo(tasks: int = 300, workers: int = 2) -> int:
             "-m",
             "pool",
             "run",
-            "pool.demo_app:broker",
+            "pool.ops.demo_app:broker",
             "--workers",
             str(workers),
             "--run-dir",

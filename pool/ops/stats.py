@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pool.supervisor import Supervisor
+    from pool.runtime.supervisor import Supervisor
 
 
 def collect_stats(sup: Supervisor) -> dict[str, Any]:

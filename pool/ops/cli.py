@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pool.exceptions import SendTaskError
+from taskiq.exceptions import SendTaskError
 
 EXIT_USAGE = 2
 
@@ -49,8 +49,8 @@ def _autoscale(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pool",
-        description="An asyncio task queue with taskiq's API, a supervised worker pool and "
-        "one shared state.",
+        description="The supervised multiprocess runtime, the shared state and the embedded "
+        "broker for taskiq applications.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -77,10 +77,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="tasks one worker runs at the same time (default: %(default)s)",
     )
     run.add_argument(
+        "task_modules",
+        nargs="*",
+        metavar="TASK_MODULE",
+        help="modules to import in every worker, where the tasks are defined",
+    )
+    run.add_argument(
+        "--max-threadpool-threads",
         "--sync-threads",
+        dest="sync_threads",
         type=_positive_int,
-        default=8,
-        help="threads per worker for sync (def) tasks (default: %(default)s)",
+        default=None,
+        help="threads per worker for sync (def) tasks (default: Python's thread pool size)",
+    )
+    run.add_argument(
+        "--max-prefetch",
+        type=_non_negative_int,
+        default=0,
+        help="messages a worker reads ahead of those it runs (default: %(default)s)",
+    )
+    run.add_argument(
+        "--ack-type",
+        choices=("when_received", "when_executed", "when_saved"),
+        default="when_saved",
+        help="when a message is acknowledged (default: %(default)s)",
+    )
+    run.add_argument(
+        "--no-parse",
+        dest="validate_params",
+        action="store_false",
+        help="do not parse task arguments into their annotated types",
     )
     run.add_argument(
         "--shutdown-timeout",
@@ -242,12 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pool.runner import run_pool
-    from pool.supervisor import PoolConfig
+    from pool.runtime.config import PoolConfig
+    from pool.runtime.runner import run_pool
 
     config = PoolConfig(
         app=args.app,
         workers=args.workers,
+        task_modules=list(args.task_modules),
+        max_prefetch=args.max_prefetch,
+        ack_type=args.ack_type,
+        validate_params=args.validate_params,
         max_async_tasks=args.max_async_tasks,
         sync_threads=args.sync_threads,
         shutdown_timeout=args.shutdown_timeout,
@@ -269,13 +299,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _ask(payload: dict[str, Any], run_dir: str | None, timeout: float | None) -> Any:
-    from pool.client import request
+    from pool.runtime.client import request
 
     return asyncio.run(request(payload, run_dir, timeout))
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from pool.stats_view import render, watch
+    from pool.ops.stats_view import render, watch
 
     try:
         if args.watch:
@@ -315,6 +345,6 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pool.demo import run_demo
+    from pool.ops.demo import run_demo
 
     return run_demo(tasks=args.tasks, workers=args.workers)

@@ -1,71 +1,55 @@
-"""The supervisor: owns the queue, spawns and watches workers, routes results, answers stats.
+"""The supervisor: spawns and watches the worker processes, scales and recycles them.
 
-It never blocks on one worker: every wait has a deadline and ends in SIGKILL.
+Task routing (``routing``) and the result store (``results``) of the embedded broker sit
+beside it. It never blocks on one worker: every wait has a deadline and ends in SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import signal
 import socket
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 
-from pool import spool
-from pool.control import ControlConnection
-from pool.exceptions import WorkerCrashedError
-from pool.health import HealthMonitor
-from pool.pool_stats import collect_stats
-from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode, encode_json
-from pool.result import TaskiqResult
-from pool.rundir import RunDir
-from pool.spool import Entry, TaskQueue
-from pool.worker import WorkerConfig, worker_main
+from pool.runtime import spool
+from pool.runtime.config import PoolConfig
+from pool.runtime.control import ControlConnection
+from pool.runtime.health import HealthMonitor
+from pool.runtime.protocol import (
+    Bye,
+    Done,
+    Drain,
+    Finished,
+    Frame,
+    FrameError,
+    FrameProtocol,
+    Heartbeat,
+    LateResult,
+    Ready,
+    SaveProgress,
+    StartupFailed,
+)
+from pool.runtime.results import ResultStore
+from pool.runtime.routing import TaskRouter
+from pool.runtime.rundir import RunDir
+from pool.runtime.spool import Entry
+from pool.runtime.worker import WorkerConfig, worker_main
 
 if TYPE_CHECKING:
-    from pool.metrics import PoolMetrics
+    from pool.ops.metrics import PoolMetrics
 
-logger = logging.getLogger("pool.supervisor")
+logger = logging.getLogger("pool.runtime.supervisor")
 
 EXIT_OK = 0
 EXIT_FORCED = 1
 EXIT_STARTUP_FAILED = 3
-
-
-@dataclass
-class PoolConfig:
-    """Options of ``pool run`` (see ``python -m pool run --help``)."""
-
-    app: str
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    max_async_tasks: int = 100
-    sync_threads: int = 8
-    shutdown_timeout: float = 30.0
-    max_tasks_per_child: int | None = None
-    max_memory_per_child: float | None = None
-    autoscale: tuple[int, int] | None = None
-    run_dir: str | None = None
-    log_level: str = "INFO"
-    state_url: str | None = None
-    state_prefix: str = "pool:state"
-    start_method: str = "fork"
-    queue_size: int = 10_000
-    max_stored_results: int = 10_000
-    max_task_failures: int = 3
-    startup_attempts: int = 3
-    kill_grace: float = 5.0
-    worker_timeout: float = 60.0
-    autoscale_idle: float = 10.0
-    autoscale_cooldown: float = 2.0
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
-    monitor_interval: float = 1.0
 
 
 def _is_loopback(addr: str) -> bool:
@@ -77,6 +61,16 @@ def _is_loopback(addr: str) -> bool:
         return addr == "localhost"
 
 
+class Phase(enum.Enum):
+    """Where a worker is in its life; ``stats`` shows the first three names."""
+
+    STARTING = "starting"  # spawned, WORKER_STARTUP not finished yet
+    READY = "ready"  # takes tasks
+    DRAINING = "draining"  # takes no new task; finishes its own, then exits
+    EXITED = "exited"  # said goodbye: what it still held was never started
+    GONE = "gone"  # its pipe closed (exited or died); being reaped
+
+
 class WorkerHandle:
     """What the supervisor knows about one worker process."""
 
@@ -85,25 +79,38 @@ class WorkerHandle:
         self.process = process
         self.pid: int = process.pid
         self.pipe: SupervisorPipe | None = None
-        self.state = "starting"
+        self.phase = Phase.STARTING
+        self.was_ready = False
+        # Why this worker is being replaced (the replacement starts first), if it is.
+        self.recycling: str | None = None
         self.started_at = time.monotonic()
         self.in_flight: dict[int, Entry] = {}
         self.tasks_done = 0
         self.tasks_failed = 0
         self.last_heartbeat = time.monotonic()
-        self.retiring = False
-        # Why this worker is being replaced (replacement first, then it drains), if it is.
-        self.recycling: str | None = None
-        self.said_bye = False
-        self.gone = False
         self.startup_error: str | None = None
         self.exited = asyncio.Event()
         self.ps: psutil.Process | None = None
         self.rss = 0
         self.cpu = 0.0
         self.idle_since = time.monotonic()
-        # What the worker itself says it runs (tasks it took from an external broker).
+        # What the worker itself says it runs (it counts tasks from every broker).
         self.reported_in_flight = 0
+
+    @property
+    def state(self) -> str:
+        """The name ``stats`` shows: starting, ready or draining."""
+        if self.phase in (Phase.EXITED, Phase.GONE):
+            return Phase.DRAINING.value
+        return self.phase.value
+
+    @property
+    def gone(self) -> bool:
+        return self.phase is Phase.GONE
+
+    @property
+    def takes_tasks(self) -> bool:
+        return self.phase is Phase.READY
 
     def sample_usage(self) -> None:
         """Refresh RSS and CPU percent (since the previous sample) with psutil."""
@@ -123,7 +130,7 @@ class WorkerHandle:
 
     @property
     def counts_toward_target(self) -> bool:
-        return not (self.retiring or self.recycling or self.gone)
+        return self.phase in (Phase.STARTING, Phase.READY) and not self.recycling
 
 
 class SupervisorPipe(FrameProtocol):
@@ -140,32 +147,27 @@ class SupervisorPipe(FrameProtocol):
     def peer(self) -> str:
         return f"worker {self.handle.slot} (pid {self.handle.pid})"
 
-    def frame_received(self, op: int, fields: list[bytes]) -> None:
+    def frame_received(self, frame: Frame) -> None:
         handle, sup = self.handle, self.supervisor
-        if op == Op.DONE and len(fields) == 5:
-            sup.on_done(
-                handle,
-                int(fields[0]),
-                fields[1].decode(),
-                fields[2][0],
-                fields[3],
-                float(fields[4]),
-            )
-        elif op == Op.HEARTBEAT:
+        if isinstance(frame, Done):
+            sup.on_done(handle, frame)
+        elif isinstance(frame, Finished):
+            sup.on_finished(handle, frame)
+        elif isinstance(frame, Heartbeat):
             handle.last_heartbeat = time.monotonic()
-            report = decode_json(fields) if fields else {}
-            if isinstance(report, dict):
-                handle.reported_in_flight = int(report.get("in_flight") or 0)
-        elif op == Op.COUNTED and len(fields) == 3:
-            sup.on_counted(handle, fields[0].decode(), bool(fields[1][0]), float(fields[2]))
-        elif op == Op.READY:
+            handle.reported_in_flight = frame.in_flight
+        elif isinstance(frame, LateResult):
+            sup.results.store(frame.task_id, frame.result, None)
+        elif isinstance(frame, SaveProgress):
+            sup.results.save_progress(frame.task_id, frame.progress)
+        elif isinstance(frame, Ready):
             sup.on_ready(handle)
-        elif op == Op.STARTUP_FAILED:
-            handle.startup_error = str(decode_json(fields).get("error"))
-        elif op == Op.BYE:
-            handle.said_bye = True
+        elif isinstance(frame, StartupFailed):
+            handle.startup_error = frame.error
+        elif isinstance(frame, Bye):
+            handle.phase = Phase.EXITED
         else:
-            raise FrameError(f"unexpected op {op}")
+            raise FrameError(f"unexpected {type(frame).__name__} frame")
 
     def connection_closed(self, exc: Exception | None) -> None:
         self.supervisor.on_worker_gone(self.handle)
@@ -190,13 +192,11 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.target = config.workers
         self.workers: dict[int, WorkerHandle] = {}
-        self.queue = TaskQueue(config.queue_size)
-        self.results: OrderedDict[str, bytes] = OrderedDict()
-        self.subscribers: dict[str, set[ControlConnection]] = {}
+        self.results = ResultStore(config.max_stored_results)
+        self.router = TaskRouter(
+            config.queue_size, config.max_async_tasks, config.max_task_failures, self._give_up
+        )
         self.connections: set[ControlConnection] = set()
-        self.held_back: set[ControlConnection] = set()
-        self.next_delivery = 0
-        self.rotation = 0
         self.slot_restarts: dict[int, int] = {}
         self.retired = {"tasks_done": 0, "tasks_failed": 0}
         self.ever_ready = False
@@ -218,6 +218,10 @@ class Supervisor:
         self.metrics: PoolMetrics | None = None
         self.metrics_url: str | None = None
 
+    @property
+    def queue(self) -> Any:
+        return self.router.queue
+
     # ----------------------------------------------------------------- main
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -231,7 +235,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTTOU, self.scale_by, -1)
         loop.add_signal_handler(signal.SIGHUP, self.rolling_restart)
         if self.config.metrics_port is not None:
-            from pool.metrics import PoolMetrics
+            from pool.ops.metrics import PoolMetrics
 
             self.metrics = PoolMetrics(self.stats)
             addr = self.config.metrics_addr
@@ -243,7 +247,7 @@ class Supervisor:
         if spooled:
             logger.info("resuming %d task(s) left by the previous run", len(spooled))
             for entry in spooled:
-                self.queue.put(entry)
+                self.router.enqueue(entry)
             spool.save(self.run_dir.spool_file, [])
         logger.info(
             "pool started: %d worker(s), app %s, run dir %s (pid %d)",
@@ -320,7 +324,7 @@ class Supervisor:
     def _drain_recycled(self, counted: list[WorkerHandle]) -> None:
         """Drain recycled workers as their replacements become ready, oldest first."""
         recycled = sorted(
-            (h for h in self.workers.values() if h.recycling and not h.retiring and not h.gone),
+            (h for h in self.workers.values() if h.recycling and h.takes_tasks),
             key=lambda h: h.started_at,
         )
         ready = sum(1 for h in counted if h.state == "ready")
@@ -338,18 +342,11 @@ class Supervisor:
             slot += 1
         parent_conn, child_conn = self.context.Pipe(duplex=True)
         config = WorkerConfig(
-            app=self.config.app,
+            pool=self.config,
             worker_id=slot,
             run_dir=str(self.run_dir.path),
             authkey=self.authkey,
             supervisor_pid=os.getpid(),
-            start_method=self.config.start_method,
-            max_async_tasks=self.config.max_async_tasks,
-            sync_threads=self.config.sync_threads,
-            shutdown_timeout=self.config.shutdown_timeout,
-            log_level=self.config.log_level,
-            state_url=self.config.state_url,
-            state_prefix=self.config.state_prefix,
             close_fds=[*self._inherited_fds(), parent_conn.fileno()],
         )
         process = self.context.Process(
@@ -371,6 +368,8 @@ class Supervisor:
         _, handle.pipe = await loop.connect_accepted_socket(
             lambda: SupervisorPipe(self, handle), sock
         )
+        if handle.phase is Phase.DRAINING:  # retired before its pipe was watched
+            self._send_drain(handle)
 
     def _inherited_fds(self) -> list[int]:
         """Our sockets a forked child must close, so that EOFs still reach the right peers."""
@@ -388,31 +387,31 @@ class Supervisor:
         return [fd for fd in fds if fd >= 0]
 
     def on_ready(self, handle: WorkerHandle) -> None:
-        handle.state = "draining" if handle.retiring else "ready"
+        handle.was_ready = True
         handle.last_heartbeat = handle.idle_since = time.monotonic()
         self.ever_ready = True
         self.failed_starts = 0
         logger.info("worker %d ready (pid %d)", handle.slot, handle.pid)
-        if self.stopping or handle.retiring:
-            self._send_drain(handle)
+        if handle.phase is Phase.STARTING:
+            handle.phase = Phase.READY
+            if self.stopping:
+                self.retire(handle, "the pool is stopping")
         self.changed.set()
         self.reconcile()
         self.dispatch()
 
     def retire(self, handle: WorkerHandle, reason: str) -> None:
         """Drain a worker: no new tasks, in-flight ones finish, WORKER_SHUTDOWN, exit."""
-        if handle.retiring or handle.gone:
+        if handle.phase not in (Phase.STARTING, Phase.READY):
             return
-        handle.retiring = True
+        handle.phase = Phase.DRAINING
         logger.info("worker %d (pid %d) drains: %s", handle.slot, handle.pid, reason)
-        if handle.state == "ready":
-            handle.state = "draining"
-            self._send_drain(handle)
+        self._send_drain(handle)
         self.changed.set()
 
     def recycle(self, handle: WorkerHandle, reason: str) -> None:
         """Replace a worker gracefully: the replacement starts first, then this one drains."""
-        if handle.recycling or handle.retiring or handle.gone:
+        if handle.recycling or not handle.takes_tasks:
             return
         logger.info("worker %d (pid %d) is replaced: %s", handle.slot, handle.pid, reason)
         handle.recycling = reason
@@ -422,10 +421,10 @@ class Supervisor:
         """SIGHUP: load the code again, then replace every worker, replacement first."""
         if self.stopping:
             return
-        from pool.reload import reload_app
+        from pool.runtime.reload import reload_app
 
         try:
-            broker = reload_app(self.config.app)
+            broker = reload_app(self.config.app, self.config.task_modules)
         except Exception:
             logger.exception("SIGHUP: the app failed to import; keeping the running workers")
             return
@@ -434,36 +433,24 @@ class Supervisor:
         old = [h for h in self.workers.values() if h.counts_toward_target]
         logger.info("SIGHUP: code reloaded; replacing %d worker(s)", len(old))
         for handle in old:
-            handle.recycling = "rolling restart"
+            if handle.phase is Phase.STARTING:
+                self.retire(handle, "rolling restart")
+            else:
+                handle.recycling = "rolling restart"
         self.reconcile()
 
     def on_worker_gone(self, handle: WorkerHandle) -> None:
         """The pipe closed: the worker exited or is about to. Requeue what it held."""
         if handle.gone:
             return
-        handle.gone = True
-        lost = list(handle.in_flight.values())
-        handle.in_flight.clear()
-        crashed = not handle.said_bye
-        if lost and crashed:
-            logger.warning(
-                "worker %d (pid %d) died with %d task(s) in flight; delivering them again: %s",
-                handle.slot,
-                handle.pid,
-                len(lost),
-                ", ".join(f"{e.task_name} ({e.task_id})" for e in lost[:5])
-                + (", ..." if len(lost) > 5 else ""),
-            )
-        for entry in lost:
-            if crashed:
-                self.redeliver(entry, f"worker {handle.slot} (pid {handle.pid}) died", log=False)
-            else:
-                self.queue.put_front(entry)  # cancelled by the shutdown timeout
+        crashed = handle.phase is not Phase.EXITED
+        retiring = handle.phase in (Phase.DRAINING, Phase.EXITED)
+        handle.phase = Phase.GONE
+        self.router.take_back(handle, crashed)
         self.retired["tasks_done"] += handle.tasks_done
         self.retired["tasks_failed"] += handle.tasks_failed
         handle.tasks_done = handle.tasks_failed = 0
-        never_ready = handle.state == "starting"
-        if never_ready and not self.stopping:
+        if not handle.was_ready and not self.stopping:
             self.failed_starts += 1
             reason = handle.startup_error or "it exited before it was ready"
             self.recent_startup_errors.append(reason)
@@ -480,7 +467,7 @@ class Supervisor:
                 )
                 self.stop_requested.set()
                 self.stopping = True
-        elif crashed and not self.stopping and not handle.retiring:
+        elif crashed and not self.stopping and not retiring:
             logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
             self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
             self.backoff_until = max(self.backoff_until, time.monotonic() + 0.05)
@@ -505,7 +492,7 @@ class Supervisor:
 
     def _send_drain(self, handle: WorkerHandle) -> None:
         if handle.pipe is not None:
-            handle.pipe.send_raw(encode_json(Op.DRAIN, {"timeout": self.config.shutdown_timeout}))
+            handle.pipe.send(Drain(self.config.shutdown_timeout))
 
     def kill_all(self) -> None:
         for handle in list(self.workers.values()):
@@ -552,161 +539,73 @@ class Supervisor:
 
     # ----------------------------------------------------------------- tasks
     def enqueue(self, entry: Entry) -> None:
-        self.queue.put(entry)
+        self.router.enqueue(entry)
         self.dispatch()
 
     def hold_back(self, conn: ControlConnection) -> None:
-        """Stop reading from a producer while the queue is full: its ``kiq`` waits."""
-        if conn not in self.held_back:
-            self.held_back.add(conn)
-            conn.pause()
-
-    def redeliver(self, entry: Entry, reason: str, log: bool = True) -> None:
-        entry.failures += 1
-        if entry.failures >= self.config.max_task_failures:
-            logger.error(
-                "task %s (%s) failed %d deliveries (%s); giving up with an error result",
-                entry.task_id,
-                entry.task_name,
-                entry.failures,
-                reason,
-            )
-            error = WorkerCrashedError(
-                f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
-                f"times and each time its worker died or did not acknowledge it ({reason})"
-            )
-            result: TaskiqResult[Any] = TaskiqResult(is_err=True, error=error)
-            self.store_result(
-                entry.task_id, self.broker.serializer.dumpb(result.to_dict()), entry.producer
-            )
-            return
-        if log:
-            logger.warning("redelivering task %s (%s): %s", entry.task_id, entry.task_name, reason)
-        self.queue.put_front(entry)
+        self.router.hold_back(conn)
 
     def dispatch(self) -> None:
-        """Hand queued tasks to ready workers, least busy first, up to their capacity."""
-        if self.stopping or not self.queue:
+        if self.stopping:
             return
-        ready = [h for h in self.workers.values() if h.state == "ready" and h.counts_toward_target]
-        if not ready:
-            return
-        self.rotation = (self.rotation + 1) % len(ready)  # ties go round-robin
-        ready = ready[self.rotation :] + ready[: self.rotation]
-        capacity = self.config.max_async_tasks
-        frames: dict[WorkerHandle, list[bytes]] = {}
-        queue = self.queue
-        while queue:
-            handle = min(ready, key=lambda h: len(h.in_flight))
-            if len(handle.in_flight) >= capacity:
-                break
-            entry = queue.pop()
-            self.next_delivery += 1
-            handle.in_flight[self.next_delivery] = entry
-            frames.setdefault(handle, []).append(
-                encode(
-                    Op.TASK, str(self.next_delivery).encode(), entry.task_id.encode(), entry.payload
-                )
-            )
-        for handle, batch in frames.items():
-            if handle.pipe is not None:
-                handle.pipe.send_raw(b"".join(batch))
-        if self.held_back and len(queue) < self.queue.limit * 0.9:
-            for conn in self.held_back:
-                conn.resume()
-            self.held_back.clear()
+        self.router.dispatch(h for h in self.workers.values() if h.takes_tasks and not h.recycling)
 
-    def on_done(
-        self,
-        handle: WorkerHandle,
-        delivery: int,
-        task_id: str,
-        flags: int,
-        payload: bytes,
-        duration: float,
-    ) -> None:
-        entry = handle.in_flight.pop(delivery, None)
+    def _give_up(self, entry: Entry, reason: str) -> None:
+        """A task that killed too many workers gets an error result instead of a delivery."""
+        from taskiq import TaskiqResult
+
+        from pool.extensions.errors import WorkerCrashedError
+
+        error = WorkerCrashedError(
+            f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
+            f"times and each time its worker died or did not acknowledge it ({reason})"
+        )
+        result: TaskiqResult[Any] = TaskiqResult(
+            is_err=True, return_value=None, execution_time=0.0, error=error
+        )
+        payload = self.broker.serializer.dumpb(result.model_dump(mode="json"))
+        self.results.store(entry.task_id, payload, entry.producer)
+
+    def on_done(self, handle: WorkerHandle, frame: Done) -> None:
+        """A worker acknowledged a delivery, with the task's result when it had one."""
+        entry = self.router.acknowledge(handle, frame.delivery)
         if not handle.in_flight:
             handle.idle_since = time.monotonic()
-        if flags & 2:
-            if entry is not None:
-                self.redeliver(entry, "its result could not be saved")
-            self.dispatch()
-            return
-        self.count_finished(
-            handle, entry.task_name if entry else "unknown", bool(flags & 1), duration
-        )
-        if payload:
-            self.store_result(task_id, payload, entry.producer if entry is not None else None)
+        if frame.result:
+            self.results.store(frame.task_id, frame.result, entry.producer if entry else None)
         self.dispatch()
 
-    def on_counted(
-        self, handle: WorkerHandle, task_name: str, failed: bool, duration: float
-    ) -> None:
-        """A task the worker took from an external broker (Redis) finished."""
+    def on_finished(self, handle: WorkerHandle, frame: Finished) -> None:
+        """A task ran to its end in a worker, whichever broker it came from."""
         if handle.reported_in_flight > 0:
             handle.reported_in_flight -= 1
         if not handle.busy:
             handle.idle_since = time.monotonic()
-        self.count_finished(handle, task_name, failed, duration)
-
-    def count_finished(
-        self, handle: WorkerHandle, task_name: str, failed: bool, duration: float
-    ) -> None:
         handle.tasks_done += 1
-        if failed:
+        if frame.failed:
             handle.tasks_failed += 1
         if self.metrics is not None:
-            self.metrics.observe(task_name, failed, duration)
+            self.metrics.observe(frame.task_name, frame.failed, frame.duration)
         limit = self.config.max_tasks_per_child
         if limit and handle.tasks_done >= limit and not handle.recycling:
             self.recycle(handle, f"it ran {handle.tasks_done} task(s) (--max-tasks-per-child)")
 
-    def store_result(self, task_id: str, payload: bytes, producer: Any) -> None:
-        results = self.results
-        results[task_id] = payload
-        results.move_to_end(task_id)
-        while len(results) > self.config.max_stored_results:
-            results.popitem(last=False)
-        targets = self.subscribers.pop(task_id, set())
-        if producer is not None:
-            targets.add(producer)
-        if targets:
-            frame = encode(Op.RESULT, task_id.encode(), payload)
-            for conn in targets:
-                conn.subscriptions.discard(task_id)
-                conn.send_raw(frame)
-
-    def subscribe(self, task_id: str, conn: ControlConnection) -> None:
-        payload = self.results.get(task_id)
-        if payload is not None:
-            conn.send(Op.RESULT, task_id.encode(), payload)
-            return
-        self.subscribers.setdefault(task_id, set()).add(conn)
-        conn.subscriptions.add(task_id)
-
     def forget(self, conn: ControlConnection) -> None:
         self.connections.discard(conn)
-        self.held_back.discard(conn)
-        for task_id in conn.subscriptions:
-            waiting = self.subscribers.get(task_id)
-            if waiting is not None:
-                waiting.discard(conn)
-                if not waiting:
-                    del self.subscribers[task_id]
-        conn.subscriptions.clear()
+        self.router.forget(conn)
 
     # ----------------------------------------------------------------- control
     def stats(self) -> dict[str, Any]:
         """SPEC section 6, plus throughput and the metrics address."""
+        from pool.ops.stats import collect_stats
+
         return collect_stats(self)
 
     # ----------------------------------------------------------------- shutdown
     async def shutdown(self) -> int:
         self.stopping = True
         for handle in list(self.workers.values()):
-            handle.state = "draining"
-            self._send_drain(handle)
+            self.retire(handle, "the pool is stopping")
         deadline = time.monotonic() + self.config.shutdown_timeout + self.config.kill_grace
         while self.workers and not self.forced and time.monotonic() < deadline:
             self.changed.clear()
@@ -719,9 +618,7 @@ class Supervisor:
         pending = [h.exited.wait() for h in list(self.workers.values())]
         if pending:
             await asyncio.wait_for(asyncio.gather(*pending), self.config.kill_grace + 10)
-        leftovers: list[Entry] = []
-        while self.queue:
-            leftovers.append(self.queue.pop())
+        leftovers = self.router.drain_queue()
         spool.save(self.run_dir.spool_file, leftovers)
         if leftovers:
             logger.info(

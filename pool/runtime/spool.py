@@ -8,9 +8,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from pool.protocol import FrameError, FrameReader, Op, decode_fields, encode
+from pool.runtime.protocol import FrameError, FrameReader, Spooled, decode_frame
 
-logger = logging.getLogger("pool.spool")
+logger = logging.getLogger("pool.runtime.spool")
 
 
 class Entry:
@@ -64,15 +64,8 @@ def save(path: Path, entries: list[Entry]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         for entry in entries:
-            handle.write(
-                encode(
-                    Op.KICK,
-                    entry.task_id.encode(),
-                    entry.task_name.encode(),
-                    entry.payload,
-                    str(entry.failures).encode(),
-                )
-            )
+            record = Spooled(entry.task_id, entry.task_name, entry.payload, entry.failures)
+            handle.write(record.encode())
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -89,13 +82,13 @@ def load(path: Path) -> list[Entry]:
     try:
         for op, body in reader.feed(data):
             try:
-                fields = decode_fields(body)
-                if op != Op.KICK or len(fields) != 4:
-                    raise FrameError(f"unexpected record op {op}")
+                record = decode_frame(op, body)
+                if not isinstance(record, Spooled):
+                    raise FrameError(f"unexpected record {type(record).__name__}")
                 entries.append(
-                    Entry(fields[0].decode(), fields[1].decode(), fields[2], int(fields[3]))
+                    Entry(record.task_id, record.task_name, record.message, record.failures)
                 )
-            except (FrameError, ValueError) as exc:
+            except FrameError as exc:
                 logger.warning("skipping an unreadable spooled task: %s", exc)
     except FrameError as exc:
         logger.warning("spool file %s is damaged after %d task(s): %s", path, len(entries), exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pool.rundir import RunDir
+    from pool.runtime.rundir import RunDir
     from shared_state import TaskiqState
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-from pool.broker import AsyncBroker
+from taskiq import AsyncBroker
 
 
 class AppImportError(Exception):
@@ -35,9 +36,14 @@ def load_object(spec: str) -> Any:
     return obj
 
 
-def load_broker(spec: str) -> AsyncBroker:
-    """The broker named by ``module:attr``."""
+def load_broker(spec: str, task_modules: Sequence[str] = ()) -> AsyncBroker:
+    """The broker named by ``module:attr``, with its task modules imported (as taskiq does)."""
     obj = load_object(spec)
     if not isinstance(obj, AsyncBroker):
-        raise AppImportError(f"{spec} is a {type(obj).__name__}, not a broker")
+        raise AppImportError(f"{spec} is a {type(obj).__name__}, not a taskiq.AsyncBroker")
+    for module in task_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise AppImportError(f"cannot import task module {module!r}: {exc}") from exc
     return obj

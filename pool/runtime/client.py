@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pool.exceptions import SendTaskError
-from pool.protocol import FrameError, FrameProtocol, Op, decode_json, encode_json
-from pool.rundir import RunDir
+from pool.extensions.errors import PoolUnavailableError
+from pool.runtime.protocol import Frame, FrameError, FrameProtocol, Progress, Reply, Request, Result
+from pool.runtime.rundir import RunDir
 
-logger = logging.getLogger("pool.client")
+logger = logging.getLogger("pool.runtime.client")
 
 ResultSink = Callable[[str, bytes], None]
 
@@ -21,9 +21,15 @@ ResultSink = Callable[[str, bytes], None]
 class ControlClient(FrameProtocol):
     """One authenticated connection to a supervisor."""
 
-    def __init__(self, authkey: bytes, on_result: ResultSink | None = None) -> None:
+    def __init__(
+        self,
+        authkey: bytes,
+        on_result: ResultSink | None = None,
+        on_progress: ResultSink | None = None,
+    ) -> None:
         super().__init__(authkey=authkey, server_side=False)
         self.on_result = on_result
+        self.on_progress = on_progress
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._next_request = 0
         self.lost_callbacks: list[Callable[[], None]] = []
@@ -32,20 +38,21 @@ class ControlClient(FrameProtocol):
     def peer(self) -> str:
         return "pool client"
 
-    def frame_received(self, op: int, fields: list[bytes]) -> None:
-        if op == Op.RESULT and len(fields) == 2:
+    def frame_received(self, frame: Frame) -> None:
+        if isinstance(frame, Result):
             if self.on_result is not None:
-                self.on_result(fields[0].decode(), fields[1])
-        elif op == Op.REPLY:
-            reply = decode_json(fields)
+                self.on_result(frame.task_id, frame.result)
+        elif isinstance(frame, Progress):
+            if self.on_progress is not None:
+                self.on_progress(frame.task_id, frame.progress)
+        elif isinstance(frame, Reply):
+            reply = frame.body
             reply_id = reply.get("id") if isinstance(reply, dict) else None
             waiter = self._replies.pop(reply_id, None) if isinstance(reply_id, int) else None
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
-        elif op == Op.ERROR:
-            logger.error("pool supervisor: %s", decode_json(fields).get("message"))
         else:
-            raise FrameError(f"unexpected op {op} from the supervisor")
+            raise FrameError(f"unexpected {type(frame).__name__} frame from the supervisor")
 
     def connection_closed(self, exc: Exception | None) -> None:
         for waiter in self._replies.values():
@@ -61,7 +68,7 @@ class ControlClient(FrameProtocol):
         self._next_request += 1
         request_id = self._next_request
         self._replies[request_id] = waiter
-        self.send_raw(encode_json(Op.REQUEST, {**payload, "id": request_id}))
+        self.send(Request({**payload, "id": request_id}))
         try:
             return await asyncio.wait_for(waiter, timeout)
         finally:
@@ -71,33 +78,49 @@ class ControlClient(FrameProtocol):
 async def connect(
     run_dir: str | Path | None = None,
     on_result: ResultSink | None = None,
+    on_progress: ResultSink | None = None,
     timeout: float = 5.0,
 ) -> ControlClient:
     """Connect and authenticate to the pool in ``run_dir``; ``SendTaskError`` when none runs."""
     rd = RunDir.at(run_dir)
-    try:
-        authkey = rd.read_authkey()
-        loop = asyncio.get_running_loop()
-        _, client = await asyncio.wait_for(
-            loop.create_unix_connection(
-                lambda: ControlClient(authkey, on_result), str(rd.control_socket)
-            ),
-            timeout,
-        )
-        await asyncio.wait_for(client.ready, timeout)
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
-        raise SendTaskError(
-            f"no pool is running in {rd.path} ({type(exc).__name__}: {exc}); "
-            "start one with `python -m pool run module:broker`"
-        ) from exc
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await _connect_once(rd, on_result, on_progress, deadline - loop.time())
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            # A pool that restarts is gone for a moment: retry until the timeout.
+            if loop.time() + 0.1 >= deadline:
+                raise PoolUnavailableError(
+                    f"no pool is running in {rd.path} ({type(exc).__name__}: {exc}); "
+                    "start one with `python -m pool run module:broker`"
+                ) from exc
+            await asyncio.sleep(0.1)
+
+
+async def _connect_once(
+    rd: RunDir, on_result: ResultSink | None, on_progress: ResultSink | None, timeout: float
+) -> ControlClient:
+    authkey = rd.read_authkey()
+    loop = asyncio.get_running_loop()
+    _, client = await asyncio.wait_for(
+        loop.create_unix_connection(
+            lambda: ControlClient(authkey, on_result, on_progress), str(rd.control_socket)
+        ),
+        max(timeout, 0.05),
+    )
+    await asyncio.wait_for(client.ready, max(timeout, 0.05))
     return client
 
 
 async def request(
-    payload: dict[str, Any], run_dir: str | Path | None = None, timeout: float | None = 30.0
+    payload: dict[str, Any],
+    run_dir: str | Path | None = None,
+    timeout: float | None = 30.0,
+    connect_timeout: float = 1.0,
 ) -> Any:
     """One command to the supervisor (``{"cmd": "stats"}``, ...), returns its JSON reply."""
-    client = await connect(run_dir)
+    client = await connect(run_dir, timeout=connect_timeout)
     try:
         return await client.request(payload, timeout)
     finally:

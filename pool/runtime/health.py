@@ -10,12 +10,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pool.autoscale import Autoscaler, Observation
+from pool.runtime.autoscale import Autoscaler, Observation
 
 if TYPE_CHECKING:
-    from pool.supervisor import Supervisor, WorkerHandle
+    from pool.runtime.supervisor import Supervisor, WorkerHandle
 
-logger = logging.getLogger("pool.supervisor")
+logger = logging.getLogger("pool.runtime.supervisor")
 
 
 class HealthMonitor:

@@ -8,6 +8,7 @@ oversized or unauthenticated one closes the connection. Nothing is ever unpickle
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -15,10 +16,11 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
-logger = logging.getLogger("pool.protocol")
+logger = logging.getLogger("pool.runtime.protocol")
 
 MAX_FRAME = int(os.environ.get("POOL_MAX_FRAME", 64 * 1024 * 1024))
 _HEAD = struct.Struct("!IB")
@@ -27,26 +29,33 @@ NONCE_BYTES = 32
 
 
 class Op(enum.IntEnum):
+    """The number on the wire of each frame kind (see the frame classes below)."""
+
     # handshake (control socket)
     CHALLENGE = 1
     AUTH = 2
     WELCOME = 3
     # producer <-> supervisor
-    KICK = 10  # task_id, task_name, message
-    RESULT = 11  # task_id, result
-    GET = 12  # task_id: reply RESULT now or when it arrives
-    ERROR = 14  # json {"message": ...}
-    REQUEST = 20  # json command (stats, scale, ...)
-    REPLY = 21  # json answer
+    KICK = 10
+    RESULT = 11
+    SUBSCRIBE = 12
+    GET_PROGRESS = 13
+    PROGRESS = 15
+    REQUEST = 20
+    REPLY = 21
     # supervisor <-> worker (pipe)
-    TASK = 30  # task_id, task_name, message
-    DONE = 31  # task_id, flags, result (may be empty), duration
-    DRAIN = 32  # json {"timeout": seconds}
-    READY = 33  # json {"pid": ...}
-    STARTUP_FAILED = 34  # json {"error": ...}
-    HEARTBEAT = 35  # json {"in_flight": n}
+    TASK = 30
+    DONE = 31
+    DRAIN = 32
+    READY = 33
+    STARTUP_FAILED = 34
+    HEARTBEAT = 35
     BYE = 36
-    COUNTED = 37  # task_name, flags, duration: a task from an external broker finished
+    FINISHED = 37
+    LATE_RESULT = 38
+    SAVE_PROGRESS = 39
+    # spool file records
+    SPOOLED = 50
 
 
 class FrameError(ValueError):
@@ -64,10 +73,6 @@ def encode(op: int, *fields: bytes) -> bytes:
     return b"".join(parts)
 
 
-def encode_json(op: int, payload: Any) -> bytes:
-    return encode(op, json.dumps(payload, separators=(",", ":")).encode())
-
-
 def decode_fields(body: memoryview) -> list[bytes]:
     fields = []
     pos, end = 0, len(body)
@@ -83,13 +88,253 @@ def decode_fields(body: memoryview) -> list[bytes]:
     return fields
 
 
-def decode_json(fields: list[bytes]) -> Any:
-    if len(fields) != 1:
-        raise FrameError("expected one JSON field")
-    try:
-        return json.loads(fields[0])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FrameError(f"bad JSON: {exc}") from None
+# --------------------------------------------------------------------------- named frames
+# Each frame kind is a small dataclass; its fields are encoded by their annotated type:
+# bytes as they are, str as UTF-8, int and float in decimal, anything else as JSON.
+
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "bytes": bytes,
+    "str": str.encode,
+    "int": lambda value: b"%d" % value,
+    "float": lambda value: repr(float(value)).encode(),
+    "bool": lambda value: b"1" if value else b"0",
+}
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "bytes": bytes,
+    "str": bytes.decode,
+    "int": int,
+    "float": float,
+    "bool": lambda blob: blob == b"1",
+}
+
+
+def _json_encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_decode(blob: bytes) -> Any:
+    return json.loads(blob)
+
+
+class Frame:
+    """Base of every frame kind; ``op`` and the field codecs are set by :func:`frame`."""
+
+    __slots__ = ()
+    op: ClassVar[Op]
+    _encoders: ClassVar[tuple[Callable[[Any], bytes], ...]]
+    _decoders: ClassVar[tuple[Callable[[bytes], Any], ...]]
+    _names: ClassVar[tuple[str, ...]]
+
+    def encode(self) -> bytes:
+        return encode(
+            self.op,
+            *(enc(getattr(self, name)) for enc, name in zip(self._encoders, self._names)),
+        )
+
+    @classmethod
+    def decode(cls, fields: list[bytes]) -> Frame:
+        if len(fields) != len(cls._names):
+            raise FrameError(f"{cls.__name__} has {len(cls._names)} field(s), got {len(fields)}")
+        try:
+            return cls(*(dec(blob) for dec, blob in zip(cls._decoders, fields)))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FrameError(f"bad {cls.__name__} frame: {exc}") from None
+
+
+FRAMES: dict[int, type[Frame]] = {}
+_F = TypeVar("_F", bound=type)
+
+
+def frame(op: Op) -> Callable[[_F], _F]:
+    """Register a dataclass as the frame kind numbered ``op``."""
+
+    def register(cls: _F) -> _F:
+        kinds = [str(hint) for hint in cls.__annotations__.values() if "ClassVar" not in str(hint)]
+        cls.op = op  # type: ignore[attr-defined]
+        cls._names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[attr-defined,arg-type]
+        cls._encoders = tuple(_ENCODERS.get(k, _json_encode) for k in kinds)  # type: ignore[attr-defined]
+        cls._decoders = tuple(_DECODERS.get(k, _json_decode) for k in kinds)  # type: ignore[attr-defined]
+        FRAMES[op] = cls  # type: ignore[assignment]
+        return cls
+
+    return register
+
+
+# handshake ------------------------------------------------------------------------------
+@frame(Op.CHALLENGE)
+@dataclass(slots=True)
+class Challenge(Frame):
+    nonce: bytes
+
+
+@frame(Op.AUTH)
+@dataclass(slots=True)
+class Auth(Frame):
+    digest: bytes
+
+
+@frame(Op.WELCOME)
+@dataclass(slots=True)
+class Welcome(Frame):
+    pass
+
+
+# producer -> supervisor -----------------------------------------------------------------
+@frame(Op.KICK)
+@dataclass(slots=True)
+class Kick(Frame):
+    """A task for the queue: ``message`` is the broker's formatted message, opaque here."""
+
+    task_id: str
+    task_name: str
+    message: bytes
+
+
+@frame(Op.SUBSCRIBE)
+@dataclass(slots=True)
+class Subscribe(Frame):
+    """Send me the result of ``task_id`` now, or when it arrives."""
+
+    task_id: str
+
+
+@frame(Op.GET_PROGRESS)
+@dataclass(slots=True)
+class GetProgress(Frame):
+    task_id: str
+
+
+@frame(Op.REQUEST)
+@dataclass(slots=True)
+class Request(Frame):
+    """An admin command (``{"cmd": "stats", "id": 1}``)."""
+
+    body: dict
+
+
+# supervisor -> producer -----------------------------------------------------------------
+@frame(Op.RESULT)
+@dataclass(slots=True)
+class Result(Frame):
+    """A serialized ``TaskiqResult`` (the broker's serializer; opaque to the supervisor)."""
+
+    task_id: str
+    result: bytes
+
+
+@frame(Op.PROGRESS)
+@dataclass(slots=True)
+class Progress(Frame):
+    """The last progress a task reported (empty: none)."""
+
+    task_id: str
+    progress: bytes
+
+
+@frame(Op.REPLY)
+@dataclass(slots=True)
+class Reply(Frame):
+    body: dict
+
+
+# supervisor -> worker -------------------------------------------------------------------
+@frame(Op.TASK)
+@dataclass(slots=True)
+class Task(Frame):
+    """One delivery of a task; ``delivery`` names this attempt, for its acknowledgement."""
+
+    delivery: int
+    task_id: str
+    message: bytes
+
+
+@frame(Op.DRAIN)
+@dataclass(slots=True)
+class Drain(Frame):
+    """Take no more tasks, finish the running ones within ``timeout`` s, then exit."""
+
+    timeout: float
+
+
+# worker -> supervisor -------------------------------------------------------------------
+@frame(Op.READY)
+@dataclass(slots=True)
+class Ready(Frame):
+    pid: int
+
+
+@frame(Op.STARTUP_FAILED)
+@dataclass(slots=True)
+class StartupFailed(Frame):
+    error: str
+    traceback: str
+
+
+@frame(Op.HEARTBEAT)
+@dataclass(slots=True)
+class Heartbeat(Frame):
+    in_flight: int
+
+
+@frame(Op.DONE)
+@dataclass(slots=True)
+class Done(Frame):
+    """``delivery`` is acknowledged; ``result`` (may be empty) is saved with it, at once."""
+
+    delivery: int
+    task_id: str
+    result: bytes
+
+
+@frame(Op.LATE_RESULT)
+@dataclass(slots=True)
+class LateResult(Frame):
+    """A result saved after its message was acknowledged (``--ack-type when_received``)."""
+
+    task_id: str
+    result: bytes
+
+
+@frame(Op.SAVE_PROGRESS)
+@dataclass(slots=True)
+class SaveProgress(Frame):
+    task_id: str
+    progress: bytes
+
+
+@frame(Op.FINISHED)
+@dataclass(slots=True)
+class Finished(Frame):
+    """A task ran to its end in this worker, whichever broker it came from (for stats)."""
+
+    task_name: str
+    failed: bool
+    duration: float
+
+
+@frame(Op.BYE)
+@dataclass(slots=True)
+class Bye(Frame):
+    """The worker drained and is exiting: what it still holds was not started."""
+
+
+# spool file -----------------------------------------------------------------------------
+@frame(Op.SPOOLED)
+@dataclass(slots=True)
+class Spooled(Frame):
+    """A task kept on disk for the next run."""
+
+    task_id: str
+    task_name: str
+    message: bytes
+    failures: int
+
+
+def decode_frame(op: int, body: memoryview) -> Frame:
+    kind = FRAMES.get(op)
+    if kind is None:
+        raise FrameError(f"unknown op {op}")
+    return kind.decode(decode_fields(body))
 
 
 class FrameReader:
@@ -154,7 +399,7 @@ class FrameProtocol(asyncio.Protocol):
             self._set_ready()
         elif self.server_side:
             self._nonce = os.urandom(NONCE_BYTES)
-            self.send(Op.CHALLENGE, self._nonce)
+            self.send(Challenge(self._nonce))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -165,8 +410,7 @@ class FrameProtocol(asyncio.Protocol):
                         return
                     continue
                 try:
-                    fields = decode_fields(body)
-                    self.frame_received(op, fields)
+                    self.frame_received(decode_frame(op, body))
                 except FrameError as exc:
                     logger.warning("%s: dropped a malformed frame (op %s): %s", self.peer, op, exc)
                 except Exception:
@@ -203,7 +447,7 @@ class FrameProtocol(asyncio.Protocol):
         self._drain_waiters.clear()
 
     # ----------------------------------------------------------------- to override
-    def frame_received(self, op: int, fields: list[bytes]) -> None:
+    def frame_received(self, frame: Frame) -> None:
         """Called for each frame after authentication."""
 
     def connection_closed(self, exc: Exception | None) -> None:
@@ -218,8 +462,8 @@ class FrameProtocol(asyncio.Protocol):
     def is_open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
-    def send(self, op: int, *fields: bytes) -> None:
-        self.send_raw(encode(op, *fields))
+    def send(self, frame: Frame) -> None:
+        self.send_raw(frame.encode())
 
     def send_raw(self, frame: bytes) -> None:
         """Write ``frame``; with ``coalesce_writes``, together with the others of this turn
@@ -266,23 +510,23 @@ class FrameProtocol(asyncio.Protocol):
     def _handshake(self, op: int, body: memoryview) -> None:
         assert self.authkey is not None
         try:
-            fields = decode_fields(body)
+            frame: Frame | None = decode_frame(op, body)
         except FrameError:
-            fields = []
+            frame = None
         if self.server_side:
             expected = hmac.new(self.authkey, self._nonce, hashlib.sha256).digest()
-            if op == Op.AUTH and len(fields) == 1 and hmac.compare_digest(fields[0], expected):
+            if isinstance(frame, Auth) and hmac.compare_digest(frame.digest, expected):
                 self.authenticated = True
-                self.send(Op.WELCOME)
+                self.send(Welcome())
                 self._set_ready()
                 return
             logger.warning("%s: authentication failed; closing", self.peer)
             self.close()
             return
-        if op == Op.CHALLENGE and len(fields) == 1 and len(fields[0]) == NONCE_BYTES:
-            self.send(Op.AUTH, hmac.new(self.authkey, fields[0], hashlib.sha256).digest())
-            self._nonce = fields[0]
-        elif op == Op.WELCOME and self._nonce:
+        if isinstance(frame, Challenge) and len(frame.nonce) == NONCE_BYTES:
+            self.send(Auth(hmac.new(self.authkey, frame.nonce, hashlib.sha256).digest()))
+            self._nonce = frame.nonce
+        elif isinstance(frame, Welcome) and self._nonce:
             self.authenticated = True
             self._set_ready()
         else:

@@ -1,0 +1,306 @@
+"""The embedded default broker: producers talk to a running ``pool run`` supervisor.
+
+No external service: tasks and results travel over an authenticated Unix socket in the
+pool's private run directory (producers) and over each worker's pipe (workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, BrokerMessage, TaskiqResult
+from taskiq.depends.progress_tracker import TaskProgress
+from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeoutError
+
+from pool.extensions.handles import PoolDecoratedTask
+from pool.runtime.protocol import GetProgress, Kick, Subscribe
+
+if TYPE_CHECKING:
+    from pool.runtime.client import ControlClient
+
+
+class WorkerLink(Protocol):
+    """The pipe to the supervisor, as a PoolBroker inside a worker process sees it."""
+
+    inbox: asyncio.Queue[tuple[int, str, bytes]]
+
+    def acknowledge(self, delivery: int, task_id: str) -> None: ...
+
+    def save_result(self, task_id: str, payload: bytes) -> None: ...
+
+    def save_progress(self, task_id: str, payload: bytes) -> None: ...
+
+
+class PoolResultBackend(AsyncResultBackend[Any]):
+    """Results kept by the supervisor and pushed to the connection that waits for them.
+
+    In a producer, results of its own tasks are pushed as they arrive; others are asked for
+    once and then pushed. At most ``max_stored_results`` are kept here (oldest dropped
+    first), except that the result of a task whose handle is still alive is never dropped.
+    In a worker, ``set_result`` hands the serialized result to the pipe: the supervisor
+    stores it together with the message's acknowledgement.
+    """
+
+    def __init__(self, broker: PoolBroker, max_stored_results: int = 10_000) -> None:
+        self.broker = broker
+        self.max_stored_results = max_stored_results
+        self._results: OrderedDict[str, bytes] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._live_handles: dict[str, weakref.ref[Any]] = {}
+        self._pinned: dict[str, bytes] = {}
+        self._progress_waiters: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._local_progress: dict[str, bytes] = {}
+
+    # ----------------------------------------------------------------- pushed results
+    def deliver(self, task_id: str, data: bytes) -> None:
+        """Called for every result frame the supervisor pushes."""
+        waiters = self._waiters.pop(task_id, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(data)
+        self._results[task_id] = data
+        self._results.move_to_end(task_id)
+        while len(self._results) > self.max_stored_results:
+            old_id, old_data = self._results.popitem(last=False)
+            if old_id in self._live_handles:
+                self._pinned[old_id] = old_data
+
+    def deliver_progress(self, task_id: str, data: bytes) -> None:
+        for waiter in self._progress_waiters.pop(task_id, []):
+            if not waiter.done():
+                waiter.set_result(data)
+
+    def track(self, task_id: str, handle: Any) -> None:
+        """Keep the result of ``task_id`` while ``handle`` lives."""
+        self._live_handles[task_id] = weakref.ref(handle, lambda _: self._unpin(task_id))
+
+    def _unpin(self, task_id: str) -> None:
+        self._live_handles.pop(task_id, None)
+        self._pinned.pop(task_id, None)
+
+    def connection_lost(self) -> None:
+        for table in (self._waiters, self._progress_waiters):
+            for waiters in table.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(ConnectionError("lost the connection to the pool"))
+                        waiter.exception()
+            table.clear()
+
+    def _stored(self, task_id: str) -> bytes | None:
+        data = self._results.get(task_id)
+        return data if data is not None else self._pinned.get(task_id)
+
+    # ----------------------------------------------------------------- serialization
+    def encode(self, result: TaskiqResult[Any]) -> bytes:
+        """The result as bytes; a value the serializer refuses becomes an error result."""
+        serializer = self.broker.serializer
+        try:
+            return serializer.dumpb(result.model_dump(mode="json"))
+        except Exception as exc:
+            error = TypeError(
+                f"the result of the task could not be serialized with "
+                f"{type(serializer).__name__}: {type(exc).__name__}: {exc}"
+            )
+            fallback: TaskiqResult[Any] = TaskiqResult(
+                is_err=True,
+                return_value=None,
+                execution_time=result.execution_time,
+                labels=result.labels,
+                error=error,
+            )
+            return serializer.dumpb(fallback.model_dump(mode="json"))
+
+    def decode(self, data: bytes) -> TaskiqResult[Any]:
+        return TaskiqResult[Any].model_validate(self.broker.serializer.loadb(data))
+
+    # ----------------------------------------------------------------- taskiq's API
+    async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        link = self.broker.worker_link
+        if link is None:
+            raise RuntimeError("results of a PoolBroker are saved by the pool's workers")
+        link.save_result(task_id, self.encode(result))
+
+    async def is_result_ready(self, task_id: str) -> bool:
+        if self._stored(task_id) is not None:
+            return True
+        try:
+            await asyncio.wait_for(self._fetch(task_id), 0.05)
+        except (asyncio.TimeoutError, ConnectionError, SendTaskError):
+            return False
+        return self._stored(task_id) is not None
+
+    async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
+        data = self._stored(task_id)
+        if data is None:
+            try:
+                data = await asyncio.wait_for(self._fetch(task_id), 1.0)
+            except (asyncio.TimeoutError, ConnectionError, SendTaskError) as exc:
+                raise ResultGetError() from exc
+        return self.decode(data)
+
+    async def wait_ready(self, task_id: str, timeout: float | None) -> None:
+        """Return once the result is here (pushed by the supervisor, no polling)."""
+        if self._stored(task_id) is not None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        retry = 0.05
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                await asyncio.wait_for(self._fetch(task_id), remaining)
+                return
+            except asyncio.TimeoutError:
+                raise TaskiqResultTimeoutError(timeout=timeout) from None
+            except (ConnectionError, SendTaskError):
+                # The pool restarted or is restarting: ask again once it is back.
+                if deadline is not None and loop.time() + retry >= deadline:
+                    raise TaskiqResultTimeoutError(timeout=timeout) from None
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, 1.0)
+
+    async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
+        data = self.broker.serializer.dumpb(progress.model_dump(mode="json"))
+        link = self.broker.worker_link
+        if link is None:
+            raise RuntimeError("progress of a PoolBroker task is set by the pool's workers")
+        self._local_progress[task_id] = data
+        link.save_progress(task_id, data)
+
+    async def get_progress(self, task_id: str) -> TaskProgress[Any] | None:
+        data = self._local_progress.get(task_id)
+        if data is None:
+            waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            first = task_id not in self._progress_waiters
+            self._progress_waiters.setdefault(task_id, []).append(waiter)
+            if first:
+                client = await self.broker.connection()
+                client.send(GetProgress(task_id))
+            data = await asyncio.wait_for(waiter, 5.0)
+        if not data:
+            return None
+        return TaskProgress[Any].model_validate(self.broker.serializer.loadb(data))
+
+    def forget_local(self, task_id: str) -> None:
+        """A worker finished ``task_id``: its progress lives on in the supervisor only."""
+        self._local_progress.pop(task_id, None)
+
+    async def _fetch(self, task_id: str) -> bytes:
+        data = self._stored(task_id)
+        if data is not None:
+            return data
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        first = task_id not in self._waiters
+        self._waiters.setdefault(task_id, []).append(waiter)
+        try:
+            if first:
+                client = await self.broker.connection()
+                client.send(Subscribe(task_id))
+            return await waiter
+        finally:
+            waiters = self._waiters.get(task_id)
+            if waiters and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[task_id]
+
+
+class PoolBroker(AsyncBroker):
+    """Sends tasks to the pool running in ``run_dir`` (default ``$POOL_RUN_DIR`` or ``./.pool``).
+
+    Run the workers with ``python -m pool run module:broker``. ``kiq`` raises
+    ``SendTaskError`` naming the run directory when no pool is running there (after trying
+    for ``connect_timeout`` seconds), and waits (back-pressure) while the pool's queue is full.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        max_stored_results: int = 10_000,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self.pool_results = PoolResultBackend(self, max_stored_results)
+        self.result_backend = self.pool_results
+        self.decorator_class = PoolDecoratedTask
+        self.run_dir = run_dir
+        self.connect_timeout = connect_timeout
+        # Set in a worker process of the pool: where listen() reads and results go.
+        self.worker_link: WorkerLink | None = None
+        self._client: ControlClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def connection(self) -> ControlClient:
+        """The open connection to the supervisor, made on first use (and again after loss)."""
+        from pool.runtime.client import connect
+
+        loop = asyncio.get_running_loop()
+        client = self._client
+        if client is not None and client.is_open and self._client_loop is loop:
+            return client
+        if self._connecting is None or self._client_loop is not loop:
+            self._connecting = asyncio.Lock()
+            self._client_loop = loop
+        async with self._connecting:
+            client = self._client
+            if client is not None and client.is_open and self._client_loop is loop:
+                return client
+            results = self.pool_results
+            client = await connect(
+                self.run_dir, results.deliver, results.deliver_progress, self.connect_timeout
+            )
+            client.lost_callbacks.append(results.connection_lost)
+            self._client = client
+            self._client_loop = loop
+            return client
+
+    async def kick(self, message: BrokerMessage) -> None:
+        client = await self.connection()
+        client.send(Kick(message.task_id, message.task_name, message.message))
+        await client.drain()
+
+    async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:
+        """In a worker of the pool: the tasks the supervisor hands this worker."""
+        link = self.worker_link
+        if link is None:
+            raise RuntimeError(
+                "PoolBroker tasks are received by the workers of `python -m pool run`"
+            )
+        inbox = link.inbox
+        acknowledge = link.acknowledge
+        while True:
+            delivery, task_id, data = await inbox.get()
+            yield AckableMessage(data=data, ack=_Ack(acknowledge, delivery, task_id))
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def request(self, payload: dict[str, Any], timeout: float | None = 30.0) -> Any:
+        """Send a control command (``{"cmd": "stats"}``) to the supervisor."""
+        client = await self.connection()
+        return await client.request(payload, timeout)
+
+
+class _Ack:
+    """The ``ack`` of one delivery (a plain callable: cheaper than a closure per task)."""
+
+    __slots__ = ("acknowledge", "delivery", "task_id")
+
+    def __init__(self, acknowledge: Any, delivery: int, task_id: str) -> None:
+        self.acknowledge = acknowledge
+        self.delivery = delivery
+        self.task_id = task_id
+
+    def __call__(self) -> None:
+        self.acknowledge(self.delivery, self.task_id)

@@ -1,0 +1,1 @@
+"""pool's operations front: the command line, stats views, metrics and the demo."""

@@ -1,0 +1,1 @@
+"""pool's runtime: the supervisor, its workers, the control socket, health and the wire format."""

@@ -1,0 +1,84 @@
+"""taskiq's ``Receiver``, with the few changes pool's workers need (each in the README).
+
+1. Every running task resolves its dependencies from a context of its own. taskiq fills one
+   dictionary per broker (``broker.custom_dependency_context``) with the running task's
+   ``Context`` and hands that same dictionary to every task, so a task that resolves a
+   dependency after an ``await`` can see another task's message.
+2. ``shared_state.TaskiqState`` (pool's subclass) resolves to ``broker.state`` too, as
+   ``taskiq.TaskiqState`` does.
+3. Each finished task is reported (name, failed or not, duration) for the pool's stats,
+   and the running ones are known, so that a drain can cancel what outlived its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from taskiq import AckableMessage, TaskiqMessage, TaskiqResult
+from taskiq import TaskiqState as TaskiqBaseState
+from taskiq.acks import AckController
+from taskiq.receiver import Receiver
+from taskiq_dependencies import DependencyGraph
+
+from shared_state import TaskiqState
+
+Finished = Callable[[TaskiqMessage, TaskiqResult[Any], float], None]
+
+
+class _ContextPerTask:
+    """A dependency graph that copies the initial context each time a task starts."""
+
+    __slots__ = ("graph",)
+
+    def __init__(self, graph: DependencyGraph) -> None:
+        self.graph = graph
+
+    def async_ctx(self, initial_cache: dict[Any, Any] | None = None, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        context = dict(initial_cache or {})
+        state = context.get(TaskiqBaseState)
+        if state is not None:
+            context.setdefault(TaskiqState, state)
+        return self.graph.async_ctx(context, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+
+class PoolReceiver(Receiver):
+    """taskiq's receiver; ``on_finished`` hears of every task that ran to its end."""
+
+    def __init__(self, *args: Any, on_finished: Finished | None = None, **kwargs: Any) -> None:
+        self.on_finished = on_finished
+        # the callbacks running now: counted in heartbeats, cancelled after a drain timeout
+        self.running: set[asyncio.Task[Any]] = set()
+        super().__init__(*args, **kwargs)
+
+    async def callback(self, message: bytes | AckableMessage, raise_err: bool = False) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            return await super().callback(message, raise_err)
+        self.running.add(task)
+        try:
+            return await super().callback(message, raise_err)
+        finally:
+            self.running.discard(task)
+
+    def _prepare_task(self, name: str, handler: Callable[..., Any]) -> None:
+        super()._prepare_task(name, handler)
+        graph = self.dependency_graphs[name]
+        self.dependency_graphs[name] = _ContextPerTask(graph)  # type: ignore[assignment]
+
+    async def run_task(
+        self,
+        target: Callable[..., Any],
+        message: TaskiqMessage,
+        ack_controller: AckController | None = None,
+    ) -> TaskiqResult[Any]:
+        started = time.perf_counter()
+        result = await super().run_task(target, message, ack_controller)
+        if self.on_finished is not None:
+            self.on_finished(message, result, time.perf_counter() - started)
+        return result

@@ -1,0 +1,70 @@
+"""The supervisor's result store: what workers saved, kept for the producers that wait.
+
+Results and progress stay opaque bytes (the broker's serializer made them in a worker);
+the supervisor never decodes them. Both tables are bounded, oldest dropped first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from pool.runtime.protocol import Progress, Result
+
+if TYPE_CHECKING:
+    from pool.runtime.control import ControlConnection
+
+
+class ResultStore:
+    def __init__(self, max_results: int) -> None:
+        self.max_results = max_results
+        self.results: OrderedDict[str, bytes] = OrderedDict()
+        self.progress: OrderedDict[str, bytes] = OrderedDict()
+        self.subscribers: dict[str, set[ControlConnection]] = {}
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def store(self, task_id: str, payload: bytes, producer: ControlConnection | None) -> None:
+        """Keep a result and push it to its producer and to whoever subscribed to it."""
+        _bounded_put(self.results, task_id, payload, self.max_results)
+        self.progress.pop(task_id, None)
+        targets = self.subscribers.pop(task_id, set())
+        if producer is not None:
+            targets.add(producer)
+        if targets:
+            frame = Result(task_id, payload).encode()
+            for conn in targets:
+                conn.subscriptions.discard(task_id)
+                conn.send_raw(frame)
+
+    def subscribe(self, task_id: str, conn: ControlConnection) -> None:
+        """Send ``conn`` the result of ``task_id`` now if it is here, else when it arrives."""
+        payload = self.results.get(task_id)
+        if payload is not None:
+            conn.send(Result(task_id, payload))
+            return
+        self.subscribers.setdefault(task_id, set()).add(conn)
+        conn.subscriptions.add(task_id)
+
+    def forget(self, conn: ControlConnection) -> None:
+        for task_id in conn.subscriptions:
+            waiting = self.subscribers.get(task_id)
+            if waiting is not None:
+                waiting.discard(conn)
+                if not waiting:
+                    del self.subscribers[task_id]
+        conn.subscriptions.clear()
+
+    def save_progress(self, task_id: str, payload: bytes) -> None:
+        _bounded_put(self.progress, task_id, payload, self.max_results)
+
+    def progress_of(self, task_id: str) -> Progress:
+        return Progress(task_id, self.progress.get(task_id, b""))
+
+
+def _bounded_put(table: OrderedDict[str, bytes], key: str, value: bytes, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)

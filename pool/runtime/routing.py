@@ -1,0 +1,130 @@
+"""Task routing of the embedded broker: the queue, delivery to workers, redelivery.
+
+The supervisor owns the workers; this owns the tasks it was given. A task is held here
+from the moment a producer's ``kiq`` reaches the supervisor until a worker acknowledges
+it, and goes back to the front of the queue when the worker holding it dies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from pool.runtime.protocol import Task
+from pool.runtime.spool import Entry, TaskQueue
+
+if TYPE_CHECKING:
+    from pool.runtime.control import ControlConnection
+    from pool.runtime.supervisor import WorkerHandle
+
+logger = logging.getLogger("pool.runtime.routing")
+
+GiveUp = Callable[[Entry, str], None]
+
+
+class TaskRouter:
+    """Queue and in-flight bookkeeping; ``give_up`` is called for a task that killed
+    ``max_failures`` workers (it gets an error result instead of another delivery)."""
+
+    def __init__(self, queue_size: int, capacity: int, max_failures: int, give_up: GiveUp):
+        self.queue = TaskQueue(queue_size)
+        self.capacity = capacity
+        self.max_failures = max_failures
+        self.give_up = give_up
+        self.held_back: set[ControlConnection] = set()
+        self.next_delivery = 0
+        self.rotation = 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def enqueue(self, entry: Entry) -> None:
+        self.queue.put(entry)
+
+    def hold_back(self, conn: ControlConnection) -> None:
+        """Stop reading from a producer while the queue is full: its ``kiq`` waits."""
+        if conn not in self.held_back:
+            self.held_back.add(conn)
+            conn.pause()
+
+    def forget(self, conn: ControlConnection) -> None:
+        self.held_back.discard(conn)
+
+    def redeliver(self, entry: Entry, reason: str, log: bool = True) -> None:
+        entry.failures += 1
+        if entry.failures >= self.max_failures:
+            logger.error(
+                "task %s (%s) failed %d deliveries (%s); giving up with an error result",
+                entry.task_id,
+                entry.task_name,
+                entry.failures,
+                reason,
+            )
+            self.give_up(entry, reason)
+            return
+        if log:
+            logger.warning("redelivering task %s (%s): %s", entry.task_id, entry.task_name, reason)
+        self.queue.put_front(entry)
+
+    def take_back(self, handle: WorkerHandle, crashed: bool) -> None:
+        """The worker is gone: what it held goes back (charged to the task if it crashed)."""
+        lost = list(handle.in_flight.values())
+        handle.in_flight.clear()
+        if lost and crashed:
+            logger.warning(
+                "worker %d (pid %d) died with %d task(s) in flight; delivering them again: %s",
+                handle.slot,
+                handle.pid,
+                len(lost),
+                ", ".join(f"{e.task_name} ({e.task_id})" for e in lost[:5])
+                + (", ..." if len(lost) > 5 else ""),
+            )
+        for entry in reversed(lost):
+            if crashed:
+                self.redeliver(entry, f"worker {handle.slot} (pid {handle.pid}) died", log=False)
+            else:
+                self.queue.put_front(entry)  # handed out but never started
+
+    def acknowledge(self, handle: WorkerHandle, delivery: int) -> Entry | None:
+        return handle.in_flight.pop(delivery, None)
+
+    def dispatch(self, ready: Iterable[WorkerHandle]) -> None:
+        """Hand queued tasks to ready workers, least busy first, up to their capacity."""
+        queue = self.queue
+        if not queue:
+            self._resume_producers()
+            return
+        workers = list(ready)
+        if not workers:
+            return
+        self.rotation = (self.rotation + 1) % len(workers)  # ties go round-robin
+        workers = workers[self.rotation :] + workers[: self.rotation]
+        capacity = self.capacity
+        frames: dict[WorkerHandle, list[bytes]] = {}
+        while queue:
+            handle = min(workers, key=lambda h: len(h.in_flight))
+            if len(handle.in_flight) >= capacity:
+                break
+            entry = queue.pop()
+            self.next_delivery += 1
+            handle.in_flight[self.next_delivery] = entry
+            frames.setdefault(handle, []).append(
+                Task(self.next_delivery, entry.task_id, entry.payload).encode()
+            )
+        for handle, batch in frames.items():
+            if handle.pipe is not None:
+                handle.pipe.send_raw(b"".join(batch))
+        self._resume_producers()
+
+    def _resume_producers(self) -> None:
+        if self.held_back and len(self.queue) < self.queue.limit * 0.9:
+            for conn in self.held_back:
+                conn.resume()
+            self.held_back.clear()
+
+    def drain_queue(self) -> list[Entry]:
+        leftovers: list[Entry] = []
+        while self.queue:
+            leftovers.append(self.queue.pop())
+        return leftovers

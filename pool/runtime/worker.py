@@ -1,0 +1,301 @@
+"""A worker process: fires WORKER_STARTUP with the shared state, then runs tasks from its pipe.
+
+Tasks run through taskiq's receiver (``receiver.PoolReceiver``), from whichever broker the
+app uses. The pipe to the supervisor carries the rest: drain orders down, readiness,
+heartbeats and finished-task reports up, and for a ``PoolBroker`` the tasks and results
+too. When the pipe closes, the supervisor is gone and the worker exits at once (a
+parent-death signal is the backstop if the event loop is blocked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from pool.runtime.config import PoolConfig
+from pool.runtime.protocol import (
+    Bye,
+    Done,
+    Drain,
+    Finished,
+    Frame,
+    FrameProtocol,
+    Heartbeat,
+    LateResult,
+    Ready,
+    SaveProgress,
+    StartupFailed,
+    Task,
+)
+
+logger = logging.getLogger("pool.runtime.worker")
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 3
+EXIT_ORPHANED = 70
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs; picklable for the spawn start method."""
+
+    pool: PoolConfig
+    worker_id: int
+    run_dir: str
+    authkey: bytes
+    supervisor_pid: int
+    close_fds: list[int] = field(default_factory=list)
+
+
+def worker_main(config: WorkerConfig, conn: Any) -> None:
+    """Process entry point (the ``target`` of the worker's ``multiprocess.Process``)."""
+    _leave_parent_context(config)
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    options = config.pool
+    if options.configure_logging:
+        logging.basicConfig(
+            level=options.log_level.upper(),
+            format=options.log_format
+            or f"%(asctime)s [worker {config.worker_id} %(process)d] %(levelname)s %(name)s: "
+            "%(message)s",
+            force=True,  # a forked worker inherits the supervisor's logging setup
+        )
+    worker = Worker(config, sock)
+    code = _run(worker.run())
+    logging.shutdown()
+    os._exit(code)
+
+
+def _run(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return int(asyncio.run(coro))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return int(runner.run(coro))
+
+
+def _leave_parent_context(config: WorkerConfig) -> None:
+    """Forget what a fork copied from the supervisor: its loop, signal handlers and sockets."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C goes to the supervisor, which drains us
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    if config.pool.start_method == "fork":
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        asyncio.events._set_running_loop(None)
+        asyncio.set_event_loop(None)
+        for fd in config.close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _die_with_parent(config.supervisor_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us if the supervisor dies, even when our event loop is blocked."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(EXIT_ORPHANED)
+
+
+class WorkerPipe(FrameProtocol):
+    """The worker's end of the supervisor pipe."""
+
+    coalesce_writes = True
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    @property
+    def peer(self) -> str:
+        return f"worker {self.worker.config.worker_id} pipe"
+
+    def frame_received(self, frame: Frame) -> None:
+        if isinstance(frame, Task):
+            self.worker.deliver(frame)
+        elif isinstance(frame, Drain):
+            self.worker.begin_drain(frame.timeout)
+        else:
+            logger.warning("ignoring an unexpected %s frame", type(frame).__name__)
+
+    def connection_closed(self, exc: Exception | None) -> None:
+        self.worker.supervisor_lost()
+
+
+class Worker:
+    """Runs the broker's tasks through taskiq's receiver until drained or orphaned.
+
+    For a ``PoolBroker`` it is also the broker's :class:`WorkerLink`: tasks arrive on the
+    pipe, and a result leaves together with its message's acknowledgement.
+    """
+
+    def __init__(self, config: WorkerConfig, sock: socket.socket) -> None:
+        self.config = config
+        self.sock = sock
+        self.pipe: WorkerPipe | None = None
+        self.stop = asyncio.Event()
+        self.receiver: Any = None
+        self.broker: Any = None
+        # WorkerLink, for a PoolBroker
+        self.inbox: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
+        self._unacked: dict[str, int] = {}
+        self._stashed: dict[str, bytes] = {}
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        _, self.pipe = await loop.connect_accepted_socket(lambda: WorkerPipe(self), self.sock)
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain, None)
+        try:
+            await self._start()
+        except Exception as exc:
+            logger.error("worker startup failed:\n%s", traceback.format_exc())
+            self.pipe.send(StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            await self._flush()
+            return EXIT_STARTUP_FAILED
+        self.pipe.send(Ready(os.getpid()))
+        heartbeat = asyncio.create_task(self._heartbeat())
+        await self.receiver.listen(self.stop)
+        await self._cancel_leftovers()
+        heartbeat.cancel()
+        try:
+            await self.broker.shutdown()
+        except Exception:
+            logger.exception("worker shutdown failed")
+        self.pipe.send(Bye())
+        await self._flush()
+        return EXIT_OK
+
+    async def _start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from taskiq.acks import parse_acknowledge_type
+
+        from pool.extensions.pool_broker import PoolBroker
+        from pool.runtime.app import load_broker
+        from pool.runtime.receiver import PoolReceiver
+        from pool.runtime.rundir import RunDir
+        from pool.runtime.state import open_state
+
+        options = self.config.pool
+        broker = load_broker(options.app, options.task_modules)
+        broker.is_worker_process = True
+        broker.state = open_state(
+            options.state_url,
+            RunDir.at(self.config.run_dir),
+            self.config.authkey,
+            options.state_prefix,
+        )
+        if isinstance(broker, PoolBroker):
+            broker.run_dir = self.config.run_dir
+            broker.worker_link = self
+        self.broker = broker
+        self.receiver = PoolReceiver(
+            broker,
+            executor=ThreadPoolExecutor(options.sync_threads, thread_name_prefix="pool-sync"),
+            validate_params=options.validate_params,
+            max_async_tasks=options.max_async_tasks,
+            max_prefetch=options.max_prefetch,
+            propagate_exceptions=options.propagate_errors,
+            run_startup=False,
+            ack_type=parse_acknowledge_type(options.ack_type),
+            wait_tasks_timeout=options.shutdown_timeout,
+            on_finished=self._finished,
+        )
+        await broker.startup()
+
+    # ----------------------------------------------------------------- WorkerLink
+    def deliver(self, frame: Task) -> None:
+        self._unacked[frame.task_id] = frame.delivery
+        self.inbox.put_nowait((frame.delivery, frame.task_id, frame.message))
+
+    def acknowledge(self, delivery: int, task_id: str) -> None:
+        if self._unacked.get(task_id) == delivery:
+            del self._unacked[task_id]
+        assert self.pipe is not None
+        self.pipe.send(Done(delivery, task_id, self._stashed.pop(task_id, b"")))
+
+    def save_result(self, task_id: str, payload: bytes) -> None:
+        """Kept until the acknowledgement, which carries it; sent at once after it."""
+        if task_id in self._unacked:
+            self._stashed[task_id] = payload
+        else:
+            assert self.pipe is not None
+            self.pipe.send(LateResult(task_id, payload))
+
+    def save_progress(self, task_id: str, payload: bytes) -> None:
+        assert self.pipe is not None
+        self.pipe.send(SaveProgress(task_id, payload))
+
+    # ----------------------------------------------------------------- the rest
+    def _finished(self, message: Any, result: Any, duration: float) -> None:
+        """A task ran to its end: tell the supervisor, for stats and metrics."""
+        assert self.pipe is not None
+        self.pipe.send(Finished(message.task_name, bool(result.is_err), duration))
+        forget = getattr(self.broker.result_backend, "forget_local", None)
+        if forget is not None:
+            forget(message.task_id)
+
+    def begin_drain(self, timeout: float | None) -> None:
+        if timeout is not None and self.receiver is not None:
+            self.receiver.wait_tasks_timeout = float(timeout)
+        self.stop.set()
+
+    async def _cancel_leftovers(self) -> None:
+        """Tasks still running after the shutdown timeout are cancelled (delivered again)."""
+        pending = [task for task in self.receiver.running if not task.done()]
+        if not pending:
+            return
+        logger.warning(
+            "shutdown timeout (%.1f s) passed: cancelling %d task(s); they are delivered again",
+            self.receiver.wait_tasks_timeout or 0.0,
+            len(pending),
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def supervisor_lost(self) -> None:
+        if self.stop.is_set() and not (self.receiver and self.receiver.running):
+            return
+        logger.error("the supervisor is gone; exiting now")
+        os._exit(EXIT_ORPHANED)
+
+    async def _heartbeat(self) -> None:
+        assert self.pipe is not None
+        while True:
+            await asyncio.sleep(self.config.pool.heartbeat_interval)
+            self.pipe.send(Heartbeat(len(self.receiver.running)))
+
+    async def _flush(self) -> None:
+        """Give the transport a moment to hand the last frames to the kernel."""
+        assert self.pipe is not None
+        self.pipe.flush()
+        transport = self.pipe.transport
+        deadline = time.monotonic() + 5
+        while (
+            transport is not None
+            and transport.get_write_buffer_size()
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.01)
