@@ -1,7 +1,9 @@
-"""Redis as the engine for work that spans machines: a stream broker, results and state.
+"""Redis for work that spans machines: a stream broker, results, schedules and state.
 
-Needs redis-py (``pip install 'pool[redis]'``) and Redis 6.2 or newer. Importing :mod:`pool`
-never imports this package, so pool works without redis-py installed.
+Each class subclasses the matching taskiq ABC (``AsyncBroker``, ``AsyncResultBackend``,
+``ScheduleSource``, ``TaskiqState``) and takes taskiq-redis's parameter names and units where
+the two overlap. Needs redis-py (``pip install 'taskiq-pool[redis]'``) and Redis 6.2 or newer.
+Importing :mod:`pool` never imports this package, so pool works without redis-py installed.
 """
 
 from __future__ import annotations
@@ -11,19 +13,37 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "pool.redis needs the redis client library (redis-py), which is not installed: "
-        "pip install 'pool[redis]'"
+        "pip install 'taskiq-pool[redis]'"
     ) from exc
 
-from pool.redis.broker import RedisStreamBroker
-from pool.redis.result_backend import RedisResultBackend
+from pool.redis.broker import (
+    PoolRedisError,
+    RedisListenError,
+    RedisSendTaskError,
+    RedisStreamBroker,
+    RedisVersionError,
+)
+from pool.redis.result_backend import (
+    RedisResultBackend,
+    RedisResultGetError,
+    RedisResultIsReadyError,
+    RedisResultSetError,
+)
 from pool.redis.schedule import RedisRunClaim, RedisScheduleSource
 from pool.redis.state import RedisState, RedisStateBackend
 
 __all__ = [
+    "PoolRedisError",
+    "RedisListenError",
     "RedisResultBackend",
+    "RedisResultGetError",
+    "RedisResultIsReadyError",
+    "RedisResultSetError",
     "RedisRunClaim",
     "RedisScheduleSource",
+    "RedisSendTaskError",
     "RedisState",
     "RedisStateBackend",
     "RedisStreamBroker",
+    "RedisVersionError",
 ]

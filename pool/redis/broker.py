@@ -1,24 +1,38 @@
-"""``RedisStreamBroker``: tasks in a Redis stream, read through a consumer group.
+"""``RedisStreamBroker``: a ``taskiq.AsyncBroker`` whose tasks live in a Redis stream.
+
+taskiq's contract: ``kick(BrokerMessage)`` sends, ``listen()`` yields
+``taskiq.AckableMessage`` objects, and taskiq's receiver calls ``ack`` when its ``--ack-type``
+says (by default once the result is saved). Parameter names and units follow taskiq-redis's
+``RedisStreamBroker`` where the two overlap (``consumer_group_name``, ``xread_block`` and
+``idle_timeout`` in milliseconds, ``maxlen``, ``approximate``, ``xread_count``,
+``unacknowledged_batch_size``, ``consumer_id``, ``mkstream``, ``max_connection_pool_size``).
 
 Delivery is at least once. A worker reads an entry with ``XREADGROUP``; the entry stays in the
-group's pending list until the worker acknowledges it (``XACK`` then ``XDEL``), which the
-receiver does only after the task's result is saved. An entry left pending longer than
-``idle_timeout`` (its consumer died) is taken over by a live consumer with ``XAUTOCLAIM``.
-While a consumer works on an entry it keeps the entry's idle time fresh, so a task that runs
-longer than ``idle_timeout`` is not taken over by another consumer as long as its consumer lives.
+group's pending list until it is acknowledged (``XACK`` then ``XDEL``). An entry left pending
+longer than ``idle_timeout`` (its consumer died) is taken over by a live consumer with
+``XAUTOCLAIM``. While a consumer holds an entry (running it, or read and not yet handed to
+the receiver) it keeps the entry's idle time fresh, so a task that runs longer than
+``idle_timeout`` is not taken over as long as its consumer lives.
 
-A message with a ``delay`` label (seconds) waits in the sorted set ``<queue>:delayed`` (score:
-the Redis server's clock at which it is due) and is moved into the stream by the listeners.
+Where pool goes beyond taskiq-redis:
 
-Limits:
+- a message with taskiq's ``delay`` label (seconds, as ``SmartRetryMiddleware`` sets it) waits
+  in the sorted set ``<queue>:delayed`` (score: the Redis server's clock at which it is due)
+  and is moved into the stream by the listeners;
+- the listeners reconnect, with backoff, after Redis went away, and recreate the consumer group
+  when a restarted Redis lost it;
+- a message taken over after ``max_deliveries`` deliveries that were never acknowledged (each
+  consumer died running it) is a poison message: it gets a
+  :class:`~pool.extensions.errors.WorkerCrashedError` result through the result backend and
+  is dropped, instead of killing workers forever;
+- ``consumer_id`` defaults to ``"0"`` (taskiq-redis: ``"$"``), so tasks sent before the first
+  worker created the group are not skipped;
+- ``kiq`` returns a handle whose ``wait_result`` is woken by the result backend's push
+  (:class:`~pool.extensions.handles.PoolTask`) when the backend offers one.
 
-- Redis 6.2 or newer (``XAUTOCLAIM``); a single Redis (not Redis Cluster).
-- Entries pending in the group, and delayed messages, survive a Redis restart only if Redis
-  persists its data (RDB or AOF). A restarted Redis without persistence starts empty: the
-  listeners reconnect and recreate the consumer group, but messages that were queued or in
-  flight at that moment are gone.
-- A message that kills every consumer that takes it is delivered again after each
-  ``idle_timeout``, without a limit.
+Limits: Redis 6.2 or newer (``XAUTOCLAIM``), a single Redis (not Redis Cluster). Entries
+pending in the group, and delayed messages, survive a Redis restart only if Redis persists its
+data (RDB or AOF): a restarted Redis without persistence starts empty.
 """
 
 from __future__ import annotations
@@ -39,17 +53,48 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from taskiq import AckableMessage, AsyncBroker, BrokerMessage, TaskiqResult
+from taskiq.exceptions import BrokerError, ListenError, SendTaskError, TaskiqError
 
-from pool.broker import AsyncBroker
-from pool.exceptions import BrokerError, ListenError, SendTaskError, WorkerCrashedError
-from pool.message import AckableMessage, BrokerMessage, RawMessage
-from pool.result_backend import AsyncResultBackend
+from pool.extensions.errors import WorkerCrashedError
+from pool.extensions.handles import PoolDecoratedTask
 
 logger = logging.getLogger("pool.redis")
 
 MIN_REDIS_VERSION = (6, 2)
 # Server replies (error prefixes) that mean "try again later", as after a restart or failover.
 _TRANSIENT_REPLIES = ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "BUSY ")
+
+_Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+# --------------------------------------------------------------------------- errors
+class PoolRedisError(TaskiqError):
+    """Base of pool.redis's errors; each also subclasses the matching taskiq error.
+
+    The message is the ``reason``, given positionally or by keyword (taskiq rebuilds a
+    serialized exception by calling its class with the exception's args).
+    """
+
+    __template__ = "{reason}"
+    reason: str = "Redis failed"
+
+    def __init__(self, reason: str | None = None, **kwargs: Any) -> None:
+        if reason is not None:
+            kwargs["reason"] = reason
+        super().__init__(**kwargs)
+
+
+class RedisSendTaskError(PoolRedisError, SendTaskError):
+    """A task could not be sent: Redis is unreachable or refused it, or a label is invalid."""
+
+
+class RedisListenError(PoolRedisError, ListenError):
+    """Redis refused to serve the stream for a reason waiting will not fix."""
+
+
+class RedisVersionError(PoolRedisError, BrokerError):
+    """The Redis server is older than the broker needs."""
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -184,6 +229,7 @@ class LoopClient:
 
 # --------------------------------------------------------------------------- Lua scripts
 # Move due delayed messages into the stream. Members are "<unique id>|<message bytes>".
+# ARGV: maxlen, batch size, trim mode ('~' approximate, '=' exact).
 _MOVE_DUE = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
@@ -191,7 +237,8 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber
 for _, member in ipairs(due) do
   local sep = string.find(member, '|', 1, true)
   if sep then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'data', string.sub(member, sep + 1))
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[1], '*', 'data',
+               string.sub(member, sep + 1))
   end
   redis.call('ZREM', KEYS[1], member)
 end
@@ -207,6 +254,7 @@ return 1
 """
 
 # Refresh the idle time of entries this consumer still owns; return those it lost.
+# XCLAIM ... JUSTID does not count as a delivery.
 _KEEPALIVE = """
 local lost = {}
 for i = 3, #ARGV do
@@ -253,81 +301,125 @@ def _default_consumer_name() -> str:
 
 
 def _delay_of(message: BrokerMessage) -> float:
+    """taskiq's ``delay`` label, in seconds (labels travel as text)."""
     value = message.labels.get("delay")
     if value is None or value == "":
         return 0.0
     try:
         delay = float(value)
     except (TypeError, ValueError):
-        raise SendTaskError(
-            f"task {message.task_name!r}: the delay label must be a number of seconds, "
+        raise RedisSendTaskError(
+            reason=f"task {message.task_name!r}: the delay label must be a number of seconds, "
             f"got {value!r}"
         ) from None
     if delay != delay:  # NaN
-        raise SendTaskError(f"task {message.task_name!r}: the delay label is NaN")
+        raise RedisSendTaskError(reason=f"task {message.task_name!r}: the delay label is NaN")
     return max(delay, 0.0)
 
 
-class RedisStreamBroker(AsyncBroker):
-    """Tasks in the Redis stream ``queue_name``, read by the consumer group ``consumer_group``.
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
-    ``idle_timeout`` and ``xread_block`` are seconds. ``consumer_name`` must be unique per
-    listening process (leave it ``None`` for forked workers): by default it is
-    ``<host>-<pid>-<random>``, chosen when ``listen()`` starts. ``check_connection()`` PINGs
-    Redis and checks its version, so a runner can fail fast before spawning workers. Other
-    keyword arguments go to ``redis.asyncio.Redis.from_url``; connections are opened lazily,
-    per process and event loop.
+
+class _Held:
+    """The entries one listener owns in the group: read or claimed, not yet acknowledged.
+
+    ``waiting`` are those not yet handed to the receiver. The keep-alive refreshes all of
+    them; an entry lost to another consumer (or to a restarted Redis) is forgotten here and,
+    if it was still waiting, never handed out.
+    """
+
+    def __init__(self) -> None:
+        self.ids: set[bytes] = set()
+        self.waiting: deque[_Entry] = deque()
+
+    def add(self, batch: list[_Entry]) -> None:
+        self.ids.update(eid for eid, _ in batch)
+        self.waiting.extend(batch)
+
+    def next_waiting(self) -> _Entry | None:
+        while self.waiting:
+            entry = self.waiting.popleft()
+            if entry[0] in self.ids:
+                return entry
+        return None
+
+    def unhanded(self) -> list[bytes]:
+        """Waiting entries still ours, removed from the held set."""
+        ids = [eid for eid, _ in self.waiting if eid in self.ids]
+        self.waiting.clear()
+        self.ids.difference_update(ids)
+        return ids
+
+
+class RedisStreamBroker(AsyncBroker):
+    """Tasks in the Redis stream ``queue_name``, read by the group ``consumer_group_name``.
+
+    ``xread_block`` and ``idle_timeout`` are milliseconds, as in taskiq-redis.
+    ``consumer_name`` must be unique per listening process (leave it ``None`` for forked
+    workers: it is then ``<host>-<pid>-<random>``, chosen when ``listen()`` starts).
+    ``max_deliveries`` is pool's poison rule (see the module docstring). A ``queue_name``
+    label sends that task to another stream, as taskiq-redis does. Other keyword arguments go
+    to ``redis.asyncio.Redis.from_url``; connections are opened lazily, one client per process
+    and event loop, so a forked worker never uses its parent's sockets.
+
+    ``check_connection()`` PINGs Redis and checks its version, so a runner can fail fast
+    before spawning workers. The result backend is set as with any taskiq broker:
+    ``broker.with_result_backend(RedisResultBackend(url))``.
     """
 
     def __init__(
         self,
         url: str,
         queue_name: str = "pool",
-        consumer_group: str = "pool",
-        consumer_name: str | None = None,
-        idle_timeout: float = 600.0,
-        maxlen: int | None = 100_000,
-        xread_block: float = 1.0,
-        xread_count: int = 10,
-        result_backend: AsyncResultBackend[Any] | None = None,
-        task_id_generator: Callable[[], str] | None = None,
         max_connection_pool_size: int | None = None,
+        consumer_group_name: str = "pool",
+        consumer_name: str | None = None,
+        consumer_id: str = "0",
+        mkstream: bool = True,
+        xread_block: int = 1000,
+        maxlen: int | None = 100_000,
+        approximate: bool = True,
+        idle_timeout: int = 600_000,
+        unacknowledged_batch_size: int = 100,
+        xread_count: int | None = 10,
         max_deliveries: int = 3,
         **connection_kwargs: Any,
     ) -> None:
-        super().__init__(result_backend=result_backend, task_id_generator=task_id_generator)
-        if max_deliveries < 1:
-            raise ValueError("max_deliveries must be at least 1")
-        # A message taken over after this many deliveries that were never acknowledged (its
-        # consumers died) gets an error result instead of another run: a poison message.
-        self.max_deliveries = max_deliveries
-        if idle_timeout <= 0:
-            raise ValueError("idle_timeout must be positive (seconds)")
-        if xread_block <= 0:
-            raise ValueError("xread_block must be positive (seconds)")
-        if xread_count < 1:
-            raise ValueError("xread_count must be at least 1")
-        if maxlen is not None and maxlen < 1:
-            raise ValueError("maxlen must be at least 1 (or None for no cap)")
+        super().__init__()
+        _check_positive(
+            idle_timeout=idle_timeout,
+            xread_block=xread_block,
+            unacknowledged_batch_size=unacknowledged_batch_size,
+            max_deliveries=max_deliveries,
+            maxlen=maxlen,
+            xread_count=xread_count,
+        )
+        self.decorator_class = PoolDecoratedTask
         self.url = url
         self.queue_name = queue_name
-        self.consumer_group = consumer_group
+        self.consumer_group_name = consumer_group_name
         self.consumer_name = consumer_name
-        self.idle_timeout = float(idle_timeout)
+        self.consumer_id = consumer_id
+        self.mkstream = mkstream
+        self.xread_block = xread_block
         self.maxlen = maxlen
-        self.xread_block = float(xread_block)
-        self.xread_count = int(xread_count)
-        self.delayed_key = f"{queue_name}:delayed"
+        self.approximate = approximate
+        self.idle_timeout = idle_timeout
+        self.unacknowledged_batch_size = unacknowledged_batch_size
+        self.xread_count = xread_count
+        self.max_deliveries = max_deliveries
+        idle = idle_timeout / 1000
         # how often listen() takes over entries abandoned by dead consumers
-        self.claim_interval = max(self.idle_timeout / 4, 0.5)
-        # how often a listener refreshes the idle time of the entries it is running
-        self.keepalive_interval = max(self.idle_timeout / 3, 0.05)
+        self.claim_interval = max(idle / 4, 0.5)
+        # how often a listener refreshes the idle time of the entries it holds
+        self.keepalive_interval = max(idle / 3, 0.05)
         self.delayed_interval = 0.5
         if max_connection_pool_size is not None:
             connection_kwargs.setdefault("max_connections", max_connection_pool_size)
         self._redis = LoopClient(
             url,
-            client_kwargs(connection_kwargs, self.xread_block, retry=True),
+            client_kwargs(connection_kwargs, xread_block / 1000, retry=True),
             self._register_scripts,
         )
         self._scripts: dict[str, Any] = {}
@@ -346,7 +438,7 @@ class RedisStreamBroker(AsyncBroker):
         return self._redis.get()
 
     async def check_connection(self) -> None:
-        """PING Redis and check its version; ``SendTaskError`` naming the URL when it fails."""
+        """PING Redis and check its version; an error naming the URL when either fails."""
         where = safe_url(self.url)
         try:
             client = self._client()
@@ -354,16 +446,19 @@ class RedisStreamBroker(AsyncBroker):
             info = await client.info("server")
         except (RedisError, OSError) as exc:
             what = "is unreachable" if is_transient(exc) else "refused the connection check"
-            raise SendTaskError(f"Redis at {where} {what}: {type(exc).__name__}: {exc}") from exc
+            raise RedisSendTaskError(
+                reason=f"Redis at {where} {what}: {type(exc).__name__}: {exc}"
+            ) from exc
         version = str(info.get("redis_version", "0"))
         parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
         if parts and parts < MIN_REDIS_VERSION:
-            raise BrokerError(
-                f"Redis at {where} is version {version}; RedisStreamBroker needs "
+            raise RedisVersionError(
+                reason=f"Redis at {where} is version {version}; RedisStreamBroker needs "
                 f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer"
             )
 
     async def shutdown(self) -> None:
+        """taskiq's shutdown (events, middlewares, result backend), then this loop's client."""
         try:
             await super().shutdown()
         finally:
@@ -373,159 +468,138 @@ class RedisStreamBroker(AsyncBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Add the message to the stream, or to the delayed set when it has a ``delay``."""
         delay = _delay_of(message)
+        queue = message.labels.get("queue_name") or self.queue_name
         try:
             client = self._client()
             if delay > 0:
                 member = uuid.uuid4().hex.encode() + b"|" + message.message
                 await self._scripts["schedule"](
-                    keys=[self.delayed_key], args=[repr(delay), member], client=client
+                    keys=[f"{queue}:delayed"], args=[repr(delay), member], client=client
                 )
             else:
                 await client.xadd(
-                    self.queue_name,
+                    queue,
                     {b"data": message.message},
                     maxlen=self.maxlen,
-                    approximate=True,
+                    approximate=self.approximate,
                 )
         except (RedisError, OSError) as exc:
-            raise SendTaskError(
-                f"cannot send task {message.task_name!r} to Redis at {safe_url(self.url)}: "
-                f"{type(exc).__name__}: {exc}"
+            raise RedisSendTaskError(
+                reason=f"cannot send task {message.task_name!r} to Redis at "
+                f"{safe_url(self.url)}: {type(exc).__name__}: {exc}"
             ) from exc
 
     # ----------------------------------------------------------------- receiving
-    async def listen(self) -> AsyncGenerator[RawMessage, None]:
+    async def listen(self) -> AsyncGenerator[AckableMessage, None]:
         """Yield messages for this consumer; reconnects (with backoff) when Redis goes away."""
         consumer = self.consumer_name or _default_consumer_name()
-        inflight: set[bytes] = set()
-        unyielded: deque[tuple[bytes, dict[bytes, bytes] | None]] = deque()
-        keepalive = asyncio.create_task(self._keepalive(consumer, inflight))
-        loop = asyncio.get_running_loop()
-        group_ready = False
-        next_claim = next_delayed = 0.0
-        claim_cursor: bytes | str = "0-0"
-        backoff = 0.1
-        failing_since: float | None = None
+        held = _Held()
+        keepalive = asyncio.create_task(self._keepalive(consumer, held))
         logger.info(
             "listening to Redis stream %r at %s as %s/%s",
-            self.queue_name, safe_url(self.url), self.consumer_group, consumer,
+            self.queue_name, safe_url(self.url), self.consumer_group_name, consumer,
         )  # fmt: skip
         try:
-            while True:
-                raise_if_cancelled()
-                batch: list[tuple[bytes, dict[bytes, bytes] | None]] = []
-                try:
-                    client = self._client()
-                    if not group_ready:
-                        await self._ensure_group(client)
-                        group_ready = True
-                    now = loop.time()
-                    if now >= next_delayed:
-                        await self._move_due(client)
-                        next_delayed = now + self.delayed_interval
-                    if now >= next_claim:
-                        claim_cursor, batch = await self._autoclaim(client, consumer, claim_cursor)
-                        # more abandoned entries behind the cursor: come back at once
-                        next_claim = (
-                            now
-                            if claim_cursor not in ("0-0", b"0-0")
-                            else (now + self.claim_interval)
-                        )
-                        if batch:
-                            logger.info(
-                                "took over %d message(s) left pending longer than %.1f s",
-                                len(batch), self.idle_timeout,
-                            )  # fmt: skip
-                    if not batch:
-                        wait = min(self.xread_block, next_delayed - now, next_claim - now)
-                        batch = await self._read(client, consumer, wait)
-                    raise_if_cancelled()
-                except asyncio.CancelledError:
-                    raise
-                except ResponseError as exc:
-                    if str(exc).startswith("NOGROUP"):
-                        # Redis lost the stream (restart without persistence, or deleted)
-                        logger.warning(
-                            "consumer group %r of stream %r is missing in Redis at %s; "
-                            "creating it again",
-                            self.consumer_group, self.queue_name, safe_url(self.url),
-                        )  # fmt: skip
-                        group_ready = False
-                        await asyncio.sleep(0.01)
-                        continue
-                    if not is_transient(exc):
-                        raise ListenError(
-                            f"Redis at {safe_url(self.url)} refused to serve stream "
-                            f"{self.queue_name!r}: {exc}"
-                        ) from exc
-                    failing_since, backoff = await self._pause(exc, failing_since, backoff)
-                    continue
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise ListenError(
-                            f"listening to Redis at {safe_url(self.url)} failed: "
-                            f"{type(exc).__name__}: {exc}"
-                        ) from exc
-                    group_ready = False  # a restarted Redis may have lost the group
-                    failing_since, backoff = await self._pause(exc, failing_since, backoff)
-                    continue
-                if failing_since is not None:
-                    logger.warning(
-                        "connection to Redis at %s is back after %.1f s",
-                        safe_url(self.url), loop.time() - failing_since,
-                    )  # fmt: skip
-                    failing_since, backoff = None, 0.1
-                unyielded.extend(batch)
-                while unyielded:
-                    entry_id, fields = unyielded.popleft()
-                    data = fields.get(b"data") if fields else None
-                    if data is None:
-                        logger.warning(
-                            "dropping stream entry %s of %r: it has no 'data' field",
-                            entry_id.decode(errors="replace"), self.queue_name,
-                        )  # fmt: skip
-                        await self._ack(entry_id)
-                        continue
-                    inflight.add(entry_id)
-                    yield self._ackable(entry_id, data, inflight)
+            async for batch in self._batches(consumer):
+                held.add(batch)
+                while (entry := held.next_waiting()) is not None:
+                    message = await self._ackable(entry, held)
+                    if message is not None:
+                        yield message
         finally:
             keepalive.cancel()
             try:
                 await keepalive
             except BaseException:
                 pass
-            if unyielded:
+            unhanded = held.unhanded()
+            if unhanded:
                 # read but never handed out: back into the stream for the other consumers
-                await self._requeue([eid for eid, _ in unyielded])
-            if not inflight:
+                await self._requeue(unhanded)
+            if not held.ids:
                 await self._forget_consumer(consumer)
 
-    async def _pause(
-        self, exc: BaseException, failing_since: float | None, backoff: float
-    ) -> tuple[float, float]:
+    async def _batches(self, consumer: str) -> AsyncGenerator[list[_Entry], None]:
+        """Batches of entries for this consumer: due delayed messages moved first, entries
+        abandoned by dead consumers taken over, then new ones; Redis outages waited out."""
         loop = asyncio.get_running_loop()
-        if failing_since is None:
-            failing_since = loop.time()
-        logger.warning(
-            "lost the connection to Redis at %s (%s: %s); retrying in %.1f s",
-            safe_url(self.url), type(exc).__name__, exc, backoff,
-        )  # fmt: skip
-        await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-        return failing_since, min(backoff * 2, 5.0)
+        group_ready = False
+        next_claim = next_delayed = 0.0
+        cursor: bytes | str = "0-0"
+        outage = _Outage(self.url)
+        while True:
+            raise_if_cancelled()
+            batch: list[_Entry] = []
+            try:
+                client = self._client()
+                if not group_ready:
+                    await self._ensure_group(client)
+                    group_ready = True
+                now = loop.time()
+                if now >= next_delayed:
+                    await self._move_due(client)
+                    next_delayed = now + self.delayed_interval
+                if now >= next_claim:
+                    cursor, batch = await self._autoclaim(client, consumer, cursor)
+                    # more abandoned entries behind the cursor: come back at once
+                    done = cursor in ("0-0", b"0-0")
+                    next_claim = now + self.claim_interval if done else now
+                if not batch:
+                    wait = min(self.xread_block / 1000, next_delayed - now, next_claim - now)
+                    batch = await self._read(client, consumer, wait)
+                raise_if_cancelled()
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if str(exc).startswith("NOGROUP"):
+                    # Redis lost the stream (restart without persistence, or deleted)
+                    logger.warning(
+                        "consumer group %r of stream %r is missing in Redis at %s; "
+                        "creating it again",
+                        self.consumer_group_name, self.queue_name, safe_url(self.url),
+                    )  # fmt: skip
+                    group_ready = False
+                    await asyncio.sleep(0.01)
+                    continue
+                if not is_transient(exc):
+                    raise RedisListenError(
+                        reason=f"Redis at {safe_url(self.url)} refused to serve stream "
+                        f"{self.queue_name!r}: {exc}"
+                    ) from exc
+                await outage.pause(exc)
+                continue
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise RedisListenError(
+                        reason=f"listening to Redis at {safe_url(self.url)} failed: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                group_ready = False  # a restarted Redis may have lost the group
+                await outage.pause(exc)
+                continue
+            outage.over()
+            if batch:
+                yield batch
 
     async def _ensure_group(self, client: aioredis.Redis) -> None:
         try:
-            await client.xgroup_create(self.queue_name, self.consumer_group, id="0", mkstream=True)
+            await client.xgroup_create(
+                self.queue_name,
+                self.consumer_group_name,
+                id=self.consumer_id,
+                mkstream=self.mkstream,
+            )
         except ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
 
     async def _move_due(self, client: aioredis.Redis) -> None:
         maxlen = self.maxlen if self.maxlen is not None else 2**62
+        trim = "~" if self.approximate else "="
         while True:
             moved = await self._scripts["move_due"](
-                keys=[self.delayed_key, self.queue_name],
-                args=[maxlen, _DELAYED_BATCH],
+                keys=[f"{self.queue_name}:delayed", self.queue_name],
+                args=[maxlen, _DELAYED_BATCH, trim],
                 client=client,
             )
             if int(moved) < _DELAYED_BATCH:
@@ -533,43 +607,46 @@ class RedisStreamBroker(AsyncBroker):
 
     async def _autoclaim(
         self, client: aioredis.Redis, consumer: str, cursor: bytes | str
-    ) -> tuple[bytes | str, list[tuple[bytes, dict[bytes, bytes] | None]]]:
+    ) -> tuple[bytes | str, list[_Entry]]:
         reply = await client.xautoclaim(
             self.queue_name,
-            self.consumer_group,
+            self.consumer_group_name,
             consumer,
-            min_idle_time=int(self.idle_timeout * 1000),
+            min_idle_time=self.idle_timeout,
             start_id=cursor,
-            count=self.xread_count,
+            count=self.unacknowledged_batch_size,
         )
         next_cursor = reply[0]
         entries = [(_as_bytes(eid), fields) for eid, fields in reply[1]]
-        deleted = reply[2] if len(reply) > 2 else []
-        for eid in deleted:
+        for eid in reply[2] if len(reply) > 2 else []:
             # deleted from the stream while pending: nothing to run, clear the pending entry
-            await client.xack(self.queue_name, self.consumer_group, eid)
+            await client.xack(self.queue_name, self.consumer_group_name, eid)
         kept = []
         for eid, fields in entries:
             if await self._deliveries(client, eid) > self.max_deliveries:
-                await self._give_up(client, eid, fields)
+                await self._give_up(eid, fields)
             else:
                 kept.append((eid, fields))
+        if kept:
+            logger.info(
+                "took over %d message(s) left pending longer than %d ms",
+                len(kept), self.idle_timeout,
+            )  # fmt: skip
         return next_cursor, kept
 
     async def _deliveries(self, client: aioredis.Redis, entry_id: bytes) -> int:
         """How often the group delivered this entry (the claim that just happened included)."""
         pending = await client.xpending_range(
-            self.queue_name, self.consumer_group, min=entry_id, max=entry_id, count=1
+            self.queue_name, self.consumer_group_name, min=entry_id, max=entry_id, count=1
         )
         return int(pending[0]["times_delivered"]) if pending else 0
 
-    async def _give_up(
-        self, client: aioredis.Redis, entry_id: bytes, fields: dict[bytes, bytes] | None
-    ) -> None:
-        """Answer a poison message with an error result, then drop it."""
+    async def _give_up(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        """Answer a poison message with a ``WorkerCrashedError`` result, then drop it."""
         data = (fields or {}).get(b"data", b"")
         try:
             message = self.formatter.loads(data)
+            message.parse_labels()
         except Exception:
             message = None
         name = message.task_name if message is not None else "?"
@@ -579,14 +656,16 @@ class RedisStreamBroker(AsyncBroker):
             entry_id.decode(), name, self.max_deliveries,
         )  # fmt: skip
         if message is not None:
-            from pool.result import TaskiqResult
-
             error = WorkerCrashedError(
-                f"task {name!r} ({message.task_id}) was delivered {self.max_deliveries} times "
-                "and each time its worker died before it finished"
+                reason=f"task {name!r} ({message.task_id}) was delivered "
+                f"{self.max_deliveries} times and each time its worker died before it finished"
             )
             result: TaskiqResult[Any] = TaskiqResult(
-                is_err=True, labels=message.labels, error=error
+                is_err=True,
+                return_value=None,
+                execution_time=0.0,
+                labels=message.labels,
+                error=error,
             )
             try:
                 await self.result_backend.set_result(message.task_id, result)
@@ -595,12 +674,10 @@ class RedisStreamBroker(AsyncBroker):
                 return  # stays pending: tried again at the next claim
         await self._ack(entry_id)
 
-    async def _read(
-        self, client: aioredis.Redis, consumer: str, wait: float
-    ) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    async def _read(self, client: aioredis.Redis, consumer: str, wait: float) -> list[_Entry]:
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
         reply = await client.xreadgroup(
-            self.consumer_group,
+            self.consumer_group_name,
             consumer,
             {self.queue_name: ">"},
             count=self.xread_count,
@@ -610,21 +687,32 @@ class RedisStreamBroker(AsyncBroker):
             return []
         raw: Any = reply
         streams = raw.items() if isinstance(raw, dict) else raw
-        entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        entries: list[_Entry] = []
         for _stream, stream_entries in streams:
             for item in stream_entries or ():
                 entries.append((_as_bytes(item[0]), item[1]))
         return entries
 
-    def _ackable(self, entry_id: bytes, data: bytes, inflight: set[bytes]) -> AckableMessage:
+    async def _ackable(self, entry: _Entry, held: _Held) -> AckableMessage | None:
+        """taskiq's ackable message for an entry; an entry with no data is dropped."""
+        entry_id, fields = entry
+        data = fields.get(b"data") if fields else None
+        if data is None:
+            logger.warning(
+                "dropping stream entry %s of %r: it has no 'data' field",
+                entry_id.decode(errors="replace"), self.queue_name,
+            )  # fmt: skip
+            held.ids.discard(entry_id)
+            await self._ack(entry_id)
+            return None
+
         async def ack() -> None:
             try:
                 await self._ack(entry_id)
             finally:
-                inflight.discard(entry_id)
+                held.ids.discard(entry_id)
 
-        # rejecting drops the message, as acknowledging does
-        return AckableMessage(data=data, ack=ack, reject=ack)
+        return AckableMessage(data=data, ack=ack)
 
     async def _ack(self, entry_id: bytes) -> None:
         """``XACK`` then ``XDEL``, retried briefly; if it still fails the entry stays pending
@@ -635,17 +723,16 @@ class RedisStreamBroker(AsyncBroker):
             try:
                 client = self._client()
                 async with client.pipeline(transaction=True) as pipe:
-                    pipe.xack(self.queue_name, self.consumer_group, entry_id)
+                    pipe.xack(self.queue_name, self.consumer_group_name, entry_id)
                     pipe.xdel(self.queue_name, entry_id)
                     await pipe.execute()
                 return
             except ResponseError as exc:
                 if str(exc).startswith("NOGROUP"):
                     return  # Redis lost the stream: nothing left to acknowledge
-                if not is_transient(exc):
-                    last = exc
-                    break
                 last = exc
+                if not is_transient(exc):
+                    break
             except (RedisError, OSError) as exc:
                 last = exc
             await asyncio.sleep(delay)
@@ -656,31 +743,29 @@ class RedisStreamBroker(AsyncBroker):
             entry_id.decode(errors="replace"), safe_url(self.url), last,
         )  # fmt: skip
 
-    async def _keepalive(self, consumer: str, inflight: set[bytes]) -> None:
-        """Keep the entries this consumer runs from looking abandoned."""
+    async def _keepalive(self, consumer: str, held: _Held) -> None:
+        """Keep the entries this consumer holds from looking abandoned."""
         while True:
             await asyncio.sleep(self.keepalive_interval)
-            if not inflight:
+            if not held.ids:
                 continue
-            ids = list(inflight)
+            ids = list(held.ids)
             try:
                 client = self._client()
                 for start in range(0, len(ids), 100):
-                    chunk = ids[start : start + 100]
                     lost = await self._scripts["keepalive"](
                         keys=[self.queue_name],
-                        args=[self.consumer_group, consumer, *chunk],
+                        args=[self.consumer_group_name, consumer, *ids[start : start + 100]],
                         client=client,
                     )
-                    for eid in lost or ():
-                        eid = _as_bytes(eid)
-                        if eid in inflight:
+                    for eid in map(_as_bytes, lost or ()):
+                        if eid in held.ids:
                             logger.warning(
                                 "stream entry %s is no longer pending for %s (taken over by "
                                 "another consumer, or Redis lost it)",
                                 eid.decode(errors="replace"), consumer,
                             )  # fmt: skip
-                            inflight.discard(eid)
+                            held.ids.discard(eid)
                 raise_if_cancelled()
             except asyncio.CancelledError:
                 raise
@@ -694,7 +779,9 @@ class RedisStreamBroker(AsyncBroker):
             client = self._client()
             await asyncio.wait_for(
                 self._scripts["requeue"](
-                    keys=[self.queue_name], args=[self.consumer_group, *entry_ids], client=client
+                    keys=[self.queue_name],
+                    args=[self.consumer_group_name, *entry_ids],
+                    client=client,
                 ),
                 timeout=5.0,
             )
@@ -713,7 +800,7 @@ class RedisStreamBroker(AsyncBroker):
             client = self._client()
             await asyncio.wait_for(
                 self._scripts["forget"](
-                    keys=[self.queue_name], args=[self.consumer_group, consumer], client=client
+                    keys=[self.queue_name], args=[self.consumer_group_name, consumer], client=client
                 ),
                 timeout=2.0,
             )
@@ -725,9 +812,39 @@ class RedisStreamBroker(AsyncBroker):
     def __repr__(self) -> str:
         return (
             f"RedisStreamBroker(url={safe_url(self.url)!r}, queue_name={self.queue_name!r}, "
-            f"consumer_group={self.consumer_group!r})"
+            f"consumer_group_name={self.consumer_group_name!r})"
         )
 
 
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
+class _Outage:
+    """Backoff while Redis is unreachable, and one log line when it is back."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.since: float | None = None
+        self.backoff = 0.1
+
+    async def pause(self, exc: BaseException) -> None:
+        loop = asyncio.get_running_loop()
+        if self.since is None:
+            self.since = loop.time()
+        logger.warning(
+            "lost the connection to Redis at %s (%s: %s); retrying in %.1f s",
+            safe_url(self.url), type(exc).__name__, exc, self.backoff,
+        )  # fmt: skip
+        await asyncio.sleep(self.backoff * random.uniform(0.8, 1.2))
+        self.backoff = min(self.backoff * 2, 5.0)
+
+    def over(self) -> None:
+        if self.since is not None:
+            logger.warning(
+                "connection to Redis at %s is back after %.1f s",
+                safe_url(self.url), asyncio.get_running_loop().time() - self.since,
+            )  # fmt: skip
+            self.since, self.backoff = None, 0.1
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value!r}")

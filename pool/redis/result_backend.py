@@ -1,15 +1,27 @@
-"""``RedisResultBackend``: results as JSON strings in Redis, waiters woken by pub/sub.
+"""``RedisResultBackend``: a ``taskiq.AsyncResultBackend`` in Redis whose waiters are pushed to.
 
-``set_result`` stores the result under ``<prefix>:<task id>`` and publishes the task id on the
-channel ``<prefix>:done``. Each backend instance (per process and event loop) keeps one
-subscription to that channel, started by the first ``wait_result``, and wakes the waiters of
-the announced task; a waiter reads the key after it registered, so a result saved just before
-is not missed, and re-reads it every ``check_interval`` seconds as a fallback (a notification
-lost while the subscription was reconnecting). Every waiting process receives every
-notification (a task id per result): fine for many thousands of results a second.
+taskiq's contract: ``set_result`` / ``get_result`` / ``is_result_ready`` carry
+``taskiq.TaskiqResult`` objects, ``set_progress`` / ``get_progress`` carry
+``taskiq.depends.progress_tracker.TaskProgress`` objects. They are stored the way taskiq-redis
+stores them (``serializer.dumpb(result.model_dump(mode="json"))``, read back with
+``TaskiqResult.model_validate``), under the same keys (``<prefix_str>:<task id>``, the progress
+under that key plus ``__progress``), so a pydantic model comes back as the task's declared
+return type and an exception as the ``error`` field, exactly as with taskiq-redis. The
+parameters are taskiq-redis's (``redis_url``, ``keep_results``, ``result_ex_time`` in seconds,
+``result_px_time`` in milliseconds, ``max_connection_pool_size``, ``serializer``,
+``prefix_str``).
 
-Data read from Redis goes through the JSON serializer unless another ``serializer`` is passed;
-nothing is unpickled by default.
+Where pool differs:
+
+- the default serializer is taskiq's JSON serializer (taskiq-redis: pickle): nothing read from
+  Redis is unpickled unless you pass a pickling serializer;
+- ``set_result`` also publishes the task id on the channel ``<prefix_str>:done`` (a result up to
+  ``INLINE_LIMIT`` bytes travels inside the notification), and :meth:`wait_ready` waits for
+  that notification instead of polling: this is the ``PushedResults`` protocol of
+  :mod:`pool.extensions.handles`, used by the handles that pool's brokers return from ``kiq``.
+  Each backend (per process and event loop) keeps one subscription, started by the first
+  wait; every waiting process receives every notification, fine for many thousands of
+  results a second.
 """
 
 from __future__ import annotations
@@ -17,39 +29,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import weakref
 from collections import OrderedDict
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from taskiq import AsyncResultBackend, TaskiqResult, TaskiqResultTimeoutError
+from taskiq.abc.serializer import TaskiqSerializer
+from taskiq.depends.progress_tracker import TaskProgress
+from taskiq.exceptions import ResultGetError, ResultIsReadyError, ResultSetError
+from taskiq.serializers import JSONSerializer
 
-from pool.exceptions import (
-    ResultGetError,
-    ResultIsReadyError,
-    ResultSetError,
-    TaskiqResultTimeoutError,
-)
 from pool.redis.broker import (
     LoopClient,
+    PoolRedisError,
     client_kwargs,
     keep_inherited,
     raise_if_cancelled,
     safe_url,
 )
-from pool.result import TaskiqResult
-from pool.result_backend import AsyncResultBackend
-from pool.serializers import JSONSerializer, TaskiqSerializer
 
 logger = logging.getLogger("pool.redis")
 
 _ReturnType = TypeVar("_ReturnType")
 
-_MISSING: Any = object()
-
 # Results up to this size travel inside the notification, so a waiting producer needs no GET.
 INLINE_LIMIT = 4096
+PROGRESS_KEY_SUFFIX = "__progress"  # taskiq-redis's
 _SEP = b"\x00"
+_INLINE_KEPT = 10_000
+
+
+class RedisResultSetError(PoolRedisError, ResultSetError):
+    """A result or a progress could not be saved (Redis failed, or the value cannot be
+    serialized)."""
+
+
+class RedisResultGetError(PoolRedisError, ResultGetError):
+    """No result is stored for the task, or it cannot be read or decoded."""
+
+
+class RedisResultIsReadyError(PoolRedisError, ResultIsReadyError):
+    """Redis failed while checking whether a result is ready."""
 
 
 class _Notifier:
@@ -59,7 +80,7 @@ class _Notifier:
         self.loop = asyncio.get_running_loop()
         self.pid = os.getpid()
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
-        # Results that came inside notifications, for tasks this process holds a handle of.
+        # Results that came inside notifications, for tasks a waiter of this process awaits.
         self.inline: OrderedDict[str, bytes] = OrderedDict()
         self.subscribed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -76,11 +97,11 @@ class _Notifier:
             if not futures:
                 del self.waiters[task_id]
 
-    def deliver(self, task_id: str, blob: bytes, wanted: bool) -> None:
+    def deliver(self, task_id: str, blob: bytes) -> None:
         """A notification that carried the result itself."""
-        if wanted:
+        if task_id in self.waiters:
             self.inline[task_id] = blob
-            while len(self.inline) > 10_000:
+            while len(self.inline) > _INLINE_KEPT:
                 self.inline.popitem(last=False)
         self.wake(task_id)
 
@@ -95,22 +116,24 @@ class _Notifier:
 
 
 class RedisResultBackend(AsyncResultBackend[_ReturnType]):
-    """Results in Redis under ``<prefix>:<task id>``, progress under ``<prefix>:progress:<id>``.
-
-    ``result_ex_time`` (seconds) or ``result_px_time`` (milliseconds) give results a time to
-    live; with ``keep_results=False`` a result is deleted once it has been read. Other keyword
-    arguments go to ``redis.asyncio.Redis.from_url``.
+    """Results in Redis under ``<prefix_str>:<task id>`` (just ``<task id>`` when
+    ``prefix_str`` is ``None``), with an optional time to live; with ``keep_results=False`` a
+    result (and its progress) is deleted once it has been read. Other keyword arguments go to
+    ``redis.asyncio.Redis.from_url``; connections are opened lazily, per process and event loop.
     """
+
+    # how often a waiter reads the key again in case a notification was lost (seconds)
+    recheck_interval = 1.0
 
     def __init__(
         self,
-        url: str,
+        redis_url: str,
+        keep_results: bool = True,
         result_ex_time: int | None = None,
         result_px_time: int | None = None,
-        keep_results: bool = True,
-        prefix: str = "pool:result",
-        serializer: TaskiqSerializer | None = None,
         max_connection_pool_size: int | None = None,
+        serializer: TaskiqSerializer | None = None,
+        prefix_str: str | None = "pool:result",
         **connection_kwargs: Any,
     ) -> None:
         if result_ex_time is not None and result_px_time is not None:
@@ -118,30 +141,25 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         for name, value in (("result_ex_time", result_ex_time), ("result_px_time", result_px_time)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        self.url = url
+        self.redis_url = redis_url
+        self.keep_results = keep_results
         self.result_ex_time = result_ex_time
         self.result_px_time = result_px_time
-        self.keep_results = keep_results
-        self.prefix = prefix
-        self.channel = f"{prefix}:done"
         self.serializer: TaskiqSerializer = serializer or JSONSerializer()
+        self.prefix_str = prefix_str
+        self.channel = f"{prefix_str or 'pool:result'}:done"
         if max_connection_pool_size is not None:
             connection_kwargs.setdefault("max_connections", max_connection_pool_size)
         # pub/sub reads wait at most 1 s at a time
-        self._redis = LoopClient(url, client_kwargs(connection_kwargs, 1.0, retry=True))
+        self._redis = LoopClient(redis_url, client_kwargs(connection_kwargs, 1.0, retry=True))
         self._notifier: _Notifier | None = None
-        self._handles: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-
-    def track(self, handle: Any) -> None:
-        """Results of tasks whose handle is alive are kept when they come inline."""
-        self._handles[handle.task_id] = handle
 
     # ----------------------------------------------------------------- keys
     def result_key(self, task_id: str) -> str:
-        return f"{self.prefix}:{task_id}"
+        return task_id if self.prefix_str is None else f"{self.prefix_str}:{task_id}"
 
     def progress_key(self, task_id: str) -> str:
-        return f"{self.prefix}:progress:{task_id}"
+        return self.result_key(task_id) + PROGRESS_KEY_SUFFIX
 
     def _client(self) -> aioredis.Redis:
         return self._redis.get()
@@ -154,57 +172,70 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         return {}
 
     def _where(self) -> str:
-        return f"Redis at {safe_url(self.url)}"
+        return f"Redis at {safe_url(self.redis_url)}"
 
     # ----------------------------------------------------------------- lifecycle
     async def shutdown(self) -> None:
-        notifier, self._notifier = self._notifier, None
-        if notifier is not None and notifier.task is not None and self._is_here(notifier):
-            notifier.task.cancel()
-            try:
-                await notifier.task
-            except BaseException:
-                pass
+        """Stop this loop's subscription and close its client (both reopen on use)."""
+        notifier = self._here()
+        if notifier is not None:
+            self._notifier = None
+            if notifier.task is not None:
+                notifier.task.cancel()
+                try:
+                    await notifier.task
+                except BaseException:
+                    pass
         await self._redis.close()
+        await super().shutdown()
 
-    @staticmethod
-    def _is_here(notifier: _Notifier) -> bool:
+    def _here(self) -> _Notifier | None:
+        """The notifier, if it belongs to this process and running event loop."""
+        notifier = self._notifier
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return False
-        return notifier.pid == os.getpid() and notifier.loop is loop
+            return None
+        if notifier is None or notifier.pid != os.getpid() or notifier.loop is not loop:
+            return None
+        return notifier
 
     # ----------------------------------------------------------------- results
     async def set_result(self, task_id: str, result: TaskiqResult[_ReturnType]) -> None:
-        # a value JSON cannot encode raises here (TypeError): the receiver then saves an
-        # error result that says so
-        blob = self.serializer.dumpb(result.to_dict())
+        """Store the result, then announce it (with the result inside when it is small)."""
+        blob = self._dump(task_id, "result", result)
+        inline = self.keep_results and len(blob) <= INLINE_LIMIT
         try:
-            client = self._client()
-            async with client.pipeline(transaction=True) as pipe:
+            async with self._client().pipeline(transaction=True) as pipe:
                 pipe.set(self.result_key(task_id), blob, **self._expiry())
-                inline = len(blob) <= INLINE_LIMIT and self.keep_results
                 pipe.publish(self.channel, task_id.encode() + _SEP + blob if inline else task_id)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise ResultSetError(
-                f"cannot save the result of task {task_id} to {self._where()}: {exc}"
+            raise RedisResultSetError(
+                reason=f"cannot save the result of task {task_id} to {self._where()}: {exc}"
             ) from exc
 
     async def is_result_ready(self, task_id: str) -> bool:
         try:
             return bool(await self._client().exists(self.result_key(task_id)))
         except (RedisError, OSError) as exc:
-            raise ResultIsReadyError(
-                f"cannot check the result of task {task_id} in {self._where()}: {exc}"
+            raise RedisResultIsReadyError(
+                reason=f"cannot check the result of task {task_id} in {self._where()}: {exc}"
             ) from exc
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[_ReturnType]:
-        blob = await self._read(task_id)
+        notifier = self._here()
+        blob = notifier.inline.pop(task_id, None) if notifier is not None else None
         if blob is None:
-            raise ResultGetError(f"no result stored for task {task_id} in {self._where()}")
-        return self._decode(task_id, blob, with_logs)
+            blob = await self._read(task_id)
+        if blob is None:
+            raise RedisResultGetError(
+                reason=f"no result stored for task {task_id} in {self._where()}"
+            )
+        result = self._load(task_id, blob)
+        if not with_logs:
+            result.log = None
+        return result
 
     async def _read(self, task_id: str) -> bytes | None:
         """The stored result (deleted as it is read unless ``keep_results``), or ``None``."""
@@ -219,79 +250,68 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 raw, _ = await pipe.execute()
                 return _bytes(raw)
         except (RedisError, OSError) as exc:
-            raise ResultGetError(
-                f"cannot read the result of task {task_id} from {self._where()}: {exc}"
+            raise RedisResultGetError(
+                reason=f"cannot read the result of task {task_id} from {self._where()}: {exc}"
             ) from exc
 
-    def _decode(self, task_id: str, blob: bytes, with_logs: bool) -> TaskiqResult[_ReturnType]:
+    def _dump(self, task_id: str, what: str, value: TaskiqResult[Any] | TaskProgress[Any]) -> bytes:
         try:
-            data = self.serializer.loadb(blob)
-            if not isinstance(data, dict):
-                raise ValueError(f"expected a mapping, got {type(data).__name__}")
-            result: TaskiqResult[Any] = TaskiqResult.from_dict(data)
+            return self.serializer.dumpb(value.model_dump(mode="json"))
         except Exception as exc:
-            raise ResultGetError(
-                f"the stored result of task {task_id} cannot be decoded with "
-                f"{type(self.serializer).__name__}: {exc}"
+            raise RedisResultSetError(
+                reason=f"the {what} of task {task_id} cannot be serialized with "
+                f"{type(self.serializer).__name__}: {type(exc).__name__}: {exc}"
             ) from exc
-        if not with_logs:
-            result.log = None
-        return result
 
-    async def wait_result(
-        self,
-        task_id: str,
-        check_interval: float = 0.2,
-        timeout: float = -1,
-        with_logs: bool = False,
-    ) -> TaskiqResult[_ReturnType]:
-        """Wait for the result, woken by the ``set_result`` notification.
+    def _load(self, task_id: str, blob: bytes) -> TaskiqResult[_ReturnType]:
+        try:
+            return TaskiqResult[_ReturnType].model_validate(self.serializer.loadb(blob))
+        except Exception as exc:
+            raise RedisResultGetError(
+                reason=f"the stored result of task {task_id} cannot be decoded with "
+                f"{type(self.serializer).__name__}: {type(exc).__name__}: {exc}"
+            ) from exc
 
-        ``check_interval`` is only how often the key is read again in case a notification was
-        lost; a negative ``timeout`` waits forever. Redis errors while waiting are logged and
-        waited out until the timeout.
+    # ----------------------------------------------------------------- waiting
+    async def wait_ready(self, task_id: str, timeout: float | None) -> None:
+        """Return once the result of ``task_id`` is stored; ``TaskiqResultTimeoutError`` after
+        ``timeout`` seconds (``None``: no limit).
+
+        Woken by the notification of ``set_result``; the key is read once the subscription is
+        up (so a result saved just before is not missed) and again every
+        ``recheck_interval`` seconds (a notification lost while resubscribing). Redis errors
+        while waiting are logged and waited out until the timeout.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout is not None and timeout >= 0 else None
-        period = check_interval if check_interval and check_interval > 0 else 0.2
+        deadline = None if timeout is None else loop.time() + timeout
         notifier = self._ensure_notifier()
-        blob = notifier.inline.pop(task_id, None)
-        if blob is not None:
-            return self._decode(task_id, blob, with_logs)
+        notifier.inline.pop(task_id, None)  # left by an earlier wait that never read it
         future = notifier.register(task_id)
-        last_error: BaseException | None = None
         try:
             if not notifier.subscribed.is_set():
                 # results saved before the subscription is up would only be seen by the
-                # fallback re-read: wait for it (briefly) first
+                # re-check: wait for it (briefly) first
                 limit = 2.0 if deadline is None else max(0.0, min(2.0, deadline - loop.time()))
                 try:
                     await asyncio.wait_for(notifier.subscribed.wait(), limit)
                 except asyncio.TimeoutError:
                     pass
-            while True:
-                blob = notifier.inline.pop(task_id, None)
-                if blob is not None:
-                    return self._decode(task_id, blob, with_logs)
+            failing = False
+            while task_id not in notifier.inline:
                 try:
-                    blob = await self._read(task_id)
-                    if blob is not None:
-                        return self._decode(task_id, blob, with_logs)
-                    last_error = None
-                except ResultGetError as exc:
-                    if last_error is None:
+                    if await self.is_result_ready(task_id):
+                        return
+                    failing = False
+                except RedisResultIsReadyError as exc:
+                    if not failing:
                         logger.warning("waiting for task %s: %s", task_id, exc)
-                    last_error = exc
+                    failing = True
                 raise_if_cancelled()
-                wait = period
+                wait = self.recheck_interval
                 if deadline is not None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        extra = f" (last error: {last_error})" if last_error else ""
-                        raise TaskiqResultTimeoutError(
-                            f"no result for task {task_id} in {timeout} s{extra}"
-                        )
-                    wait = min(wait, remaining)
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        raise TaskiqResultTimeoutError(timeout=timeout)
                 await asyncio.wait({future}, timeout=wait)
                 if future.done():
                     notifier.unregister(task_id, future)
@@ -299,12 +319,11 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         finally:
             notifier.unregister(task_id, future)
 
-    # ----------------------------------------------------------------- notifications
     def _ensure_notifier(self) -> _Notifier:
-        notifier = self._notifier
-        if notifier is None or not self._is_here(notifier):
-            if notifier is not None and notifier.pid != os.getpid():
-                keep_inherited(notifier)  # its subscription belongs to the parent process
+        notifier = self._here()
+        if notifier is None:
+            if self._notifier is not None and self._notifier.pid != os.getpid():
+                keep_inherited(self._notifier)  # its subscription belongs to the parent process
             notifier = self._notifier = _Notifier()
         if notifier.task is None or notifier.task.done():
             notifier.task = asyncio.create_task(
@@ -319,29 +338,13 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             try:
                 pubsub = self._client().pubsub()
                 await pubsub.subscribe(self.channel)
-                # wait until Redis confirmed the subscription: from then on no result is missed
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    raise_if_cancelled()
-                    if message is not None and message.get("type") == "subscribe":
-                        break
+                await self._confirmed(pubsub)
                 notifier.subscribed.set()
                 notifier.wake_all()  # anything saved while we were not subscribed
                 if backoff > 0.1:
                     logger.warning("result notifications from %s are back", self._where())
                 backoff = 0.1
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    raise_if_cancelled()
-                    if message is not None and message.get("type") == "message":
-                        data = message.get("data")
-                        data = data if isinstance(data, bytes) else str(data).encode()
-                        raw_id, sep, blob = data.partition(_SEP)
-                        task_id = raw_id.decode()
-                        if sep:
-                            notifier.deliver(task_id, blob, task_id in self._handles)
-                        else:
-                            notifier.wake(task_id)
+                await self._dispatch(pubsub, notifier)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -360,34 +363,62 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                     except BaseException:
                         pass
 
+    @staticmethod
+    async def _confirmed(pubsub: Any) -> None:
+        """Wait until Redis confirmed the subscription: from then on no result is missed."""
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            raise_if_cancelled()
+            if message is not None and message.get("type") == "subscribe":
+                return
+
+    @staticmethod
+    async def _dispatch(pubsub: Any, notifier: _Notifier) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            raise_if_cancelled()
+            if message is None or message.get("type") != "message":
+                continue
+            data = message.get("data")
+            data = data if isinstance(data, bytes) else str(data).encode()
+            raw_id, sep, blob = data.partition(_SEP)
+            task_id = raw_id.decode()
+            if sep:
+                notifier.deliver(task_id, blob)
+            else:
+                notifier.wake(task_id)
+
     # ----------------------------------------------------------------- progress
-    async def set_progress(self, task_id: str, progress: Any) -> None:
-        blob = self.serializer.dumpb(progress)
+    async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
+        blob = self._dump(task_id, "progress", progress)
         try:
             await self._client().set(self.progress_key(task_id), blob, **self._expiry())
         except (RedisError, OSError) as exc:
-            raise ResultSetError(
-                f"cannot save the progress of task {task_id} to {self._where()}: {exc}"
+            raise RedisResultSetError(
+                reason=f"cannot save the progress of task {task_id} to {self._where()}: {exc}"
             ) from exc
 
-    async def get_progress(self, task_id: str) -> Any:
+    async def get_progress(self, task_id: str) -> TaskProgress[Any] | None:
         try:
             blob = _bytes(await self._client().get(self.progress_key(task_id)))
         except (RedisError, OSError) as exc:
-            raise ResultGetError(
-                f"cannot read the progress of task {task_id} from {self._where()}: {exc}"
+            raise RedisResultGetError(
+                reason=f"cannot read the progress of task {task_id} from {self._where()}: {exc}"
             ) from exc
         if blob is None:
             return None
         try:
-            return self.serializer.loadb(blob)
+            return TaskProgress[Any].model_validate(self.serializer.loadb(blob))
         except Exception as exc:
-            raise ResultGetError(
-                f"the stored progress of task {task_id} cannot be decoded: {exc}"
+            raise RedisResultGetError(
+                reason=f"the stored progress of task {task_id} cannot be decoded: {exc}"
             ) from exc
 
     def __repr__(self) -> str:
-        return f"RedisResultBackend(url={safe_url(self.url)!r}, prefix={self.prefix!r})"
+        return (
+            f"RedisResultBackend(redis_url={safe_url(self.redis_url)!r}, "
+            f"prefix_str={self.prefix_str!r})"
+        )
 
 
 def _bytes(value: bytes | str | None) -> bytes | None:
