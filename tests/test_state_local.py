@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from shared_state import TaskiqState
+from tests.pool_support import wait_for
 
 
 @pytest.fixture
@@ -340,3 +341,250 @@ def test_copying_a_state_copies_its_local_tier() -> None:
     twin.set_value("b", 2)
     assert twin.get_value("a") == [1]
     assert "b" not in state
+
+
+# --------------------------------------------------------------------- taskiq's class
+def test_it_is_a_taskiq_state(state: TaskiqState) -> None:
+    import taskiq
+
+    assert isinstance(state, taskiq.TaskiqState)
+    assert state.data == {}  # taskiq's storage: the local tier
+
+
+def test_internals_never_become_values(state: TaskiqState) -> None:
+    state.set_value("k", 1)
+    state.data = "a value named data"  # attribute style stores a value, as in taskiq
+    assert state["data"] == "a value named data"
+    assert state.data == {"k": 1, "data": "a value named data"}
+    assert sorted(state.keys()) == ["data", "k"]
+
+
+def test_userdict_methods_read_every_value(state: TaskiqState) -> None:
+    state.set_value("a", 1)
+    state.b = [2]
+    assert state.get("a") == 1 and state.get("zz", 0) == 0
+    assert list(iter(state)) == ["a", "b"]
+    assert state == {"a": 1, "b": [2]} and state != {"a": 1}
+    assert state.copy() == state and type(state.copy()) is TaskiqState
+    merged = state | {"c": 3}
+    assert merged == {"a": 1, "b": [2], "c": 3} and "c" not in state
+    assert ({"z": 0} | state) == {"z": 0, "a": 1, "b": [2]}
+    state |= {"c": 3}
+    assert state["c"] == 3
+    assert TaskiqState.fromkeys(["x", "y"], 0) == {"x": 0, "y": 0}
+
+
+def test_update_forms_are_told_apart_by_their_arguments(state: TaskiqState) -> None:
+    assert state.update("n", lambda old: old + 1, 0) == 1
+    assert state.update("n", fn=lambda old: old + 1) == 2
+    assert state.update(key="n", fn=lambda old: old * 10) == 20
+    assert state.update({"key": "stored", "fn": "as values"}) is None
+    assert state.get_value("key") == "stored" and state.get_value("fn") == "as values"
+    state.update(key="a keyword named key")  # without fn: MutableMapping's form
+    assert state.get_value("key") == "a keyword named key"
+    with pytest.raises(TypeError):
+        state.update("n", "not callable")  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        state.update({"x": 1}, {"y": 2})  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        state.update({"ok": 1, 2: "not a str key"})  # type: ignore[dict-item]
+    assert "ok" not in state, "a bad key in update(mapping) must stop it before any write"
+
+
+def test_pickling_keeps_values_local_keys_and_once_records(state: TaskiqState) -> None:
+    import pickle
+
+    state.set_value("a", [1])
+    state.set_local("mine", 2)
+    state.init_once("setup", lambda s: None)
+    back = pickle.loads(pickle.dumps(state))
+    assert back == {"a": [1], "mine": 2}
+    assert back.init_once("setup", lambda s: pytest.fail("ran twice")) is False
+    with back.lock("works"):  # a new object gets locks of its own
+        pass
+
+
+def test_deepcopy_copies_the_local_tier(state: TaskiqState) -> None:
+    import copy
+
+    state.set_value("a", [1])
+    twin = copy.deepcopy(state)
+    twin.get_value("a").append(2)
+    assert state.get_value("a") == [1] and twin.get_value("a") == [1, 2]
+
+
+# --------------------------------------------------------------------- set_local
+def test_set_local_keeps_a_value_local(state: TaskiqState) -> None:
+    state.set_local("cache", {"x": 1})
+    assert state.get_value("cache") == {"x": 1} and state.cache == {"x": 1}
+    assert state.is_shared("cache") is False
+    assert state.incr("hits") == 1
+    with pytest.raises(TypeError):
+        state.set_local(1, "x")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- init_once
+def test_init_once_runs_once_per_state_object(state: TaskiqState) -> None:
+    calls: list[str] = []
+    assert state.init_once("setup", lambda s: calls.append("ran")) is True
+    assert state.init_once("setup", lambda s: calls.append("again")) is False
+    assert state.init_once("other", lambda s: calls.append("other")) is True
+    assert calls == ["ran", "other"]
+    assert TaskiqState().init_once("setup", lambda s: calls.append("new state")) is True
+    assert state.keys() == [], "a record of init_once is not a value"
+    state.clear()
+    assert state.init_once("setup", lambda s: calls.append("after clear")) is False
+
+
+def test_init_once_gives_fn_the_state(state: TaskiqState) -> None:
+    state.init_once("counter", lambda s: s.set_value("counter", 0))
+    state.incr("counter")
+    state.init_once("counter", lambda s: s.set_value("counter", 0))
+    assert state.get_value("counter") == 1
+
+
+def test_init_once_whose_fn_raises_runs_again_next_time(state: TaskiqState) -> None:
+    def broken(_: TaskiqState) -> None:
+        raise ValueError("no database")
+
+    with pytest.raises(ValueError, match="no database"):
+        state.init_once("setup", broken)
+    assert state.init_once("setup", lambda s: None) is True
+
+
+def test_init_once_from_inside_its_own_fn_is_an_error(state: TaskiqState) -> None:
+    def nested(s: TaskiqState) -> None:
+        s.init_once("setup", lambda _: None)
+
+    with pytest.raises(RuntimeError, match="inside its own fn"):
+        state.init_once("setup", nested)
+    assert state.init_once("setup", lambda s: None) is True
+
+
+def test_init_once_refuses_async_functions(state: TaskiqState) -> None:
+    async def setup(_: TaskiqState) -> None:
+        pytest.fail("must not run")
+
+    with pytest.raises(TypeError, match="ainit_once"):
+        state.init_once("setup", setup)
+    with pytest.raises(TypeError, match="ainit_once"):
+        state.init_once("setup", lambda s: setup(s))
+    with pytest.raises(TypeError):
+        state.init_once("setup", "not callable")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        state.init_once(1, lambda s: None)  # type: ignore[arg-type]
+
+
+def test_init_once_in_eight_threads_runs_once_and_the_others_wait(state: TaskiqState) -> None:
+    start = threading.Barrier(8)
+    release = threading.Event()
+    ran: list[int] = []
+    seen: list[Any] = []
+
+    def setup(s: TaskiqState) -> None:
+        ran.append(1)
+        assert release.wait(10)
+        s.set_value("ready", True)
+
+    def worker() -> None:
+        start.wait(10)
+        state.init_once("setup", setup)
+        seen.append(state.get_value("ready"))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: ran == [1], 10, "fn to start")
+    threads[0].join(0.2)
+    assert seen == [], "a caller returned while fn was still running"
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert ran == [1] and seen == [True] * 8
+
+
+async def test_ainit_once_takes_sync_and_async_functions(state: TaskiqState) -> None:
+    async def connect(s: TaskiqState) -> None:
+        await asyncio.sleep(0)
+        s.set_value("connected", True)
+
+    assert await state.ainit_once("connect", connect) is True
+    assert await state.ainit_once("connect", connect) is False
+    assert await state.ainit_once("plain", lambda s: s.set_value("plain", 1)) is True
+    assert state.init_once("connect", lambda s: None) is False
+    assert state.get_value("connected") is True and state.get_value("plain") == 1
+
+
+async def test_ainit_once_waiters_do_not_block_the_loop(state: TaskiqState) -> None:
+    release = asyncio.Event()
+
+    async def slow(s: TaskiqState) -> None:
+        await release.wait()
+        s.set_value("ready", True)
+
+    first = asyncio.create_task(state.ainit_once("setup", slow))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(state.ainit_once("setup", slow))
+    done, _ = await asyncio.wait({second}, timeout=0.2)
+    assert not done, "the second caller must wait for the first one's fn"
+    release.set()  # only possible because the waiting second caller left the loop free
+    assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [True, False]
+    assert state.get_value("ready") is True
+
+
+# --------------------------------------------------------------------- async lock waits
+async def test_async_lock_waiting_on_a_thread_keeps_the_loop_ticking(state: TaskiqState) -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with state.lock("resource"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+        waiter = asyncio.create_task(_enter_and_leave(state.lock("resource")))
+        ticks = 0
+        while ticks < 20:
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert not waiter.done()
+    finally:
+        release.set()
+    await asyncio.wait_for(waiter, 10)
+    thread.join(10)
+
+
+async def test_async_lock_waiters_leave_the_default_executor_free(state: TaskiqState) -> None:
+    import concurrent.futures
+
+    loop = asyncio.get_running_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(executor)  # one thread: a single waiter parked there would show
+    lock = state.lock("busy")
+    lock.acquire()
+    waiters = [asyncio.create_task(_enter_and_leave(state.lock("busy"))) for _ in range(16)]
+    try:
+        await asyncio.sleep(0)  # every waiter tried once and now waits
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: "free"), 5) == "free"
+        assert not any(waiter.done() for waiter in waiters)
+    finally:
+        lock.release()
+    await asyncio.wait_for(asyncio.gather(*waiters), 20)
+    executor.shutdown(wait=True)
+
+
+async def test_a_cancelled_async_waiter_leaves_the_lock_free(state: TaskiqState) -> None:
+    lock = state.lock("job")
+    lock.acquire()
+    waiter = asyncio.create_task(_enter_and_leave(state.lock("job")))
+    await asyncio.sleep(0)  # the waiter tried once and now waits in its thread
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    lock.release()
+    later = state.lock("job")
+    assert await asyncio.to_thread(later.acquire, True, 5) is True
+    later.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import stat
@@ -35,8 +36,9 @@ class Server:
         return connect_state(self.address, self.authkey, self.versions)
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def serving() -> Iterator[Server]:
+    """A real state server in a private directory, stopped and removed afterwards."""
     short = Path(os.path.realpath("/tmp")) / f"ss-{os.getpid()}-{threading.get_ident() % 10000}"
     short.mkdir(mode=0o700)
     srv = Server(short)
@@ -48,6 +50,12 @@ def server() -> Iterator[Server]:
         for child in short.iterdir():
             child.unlink()
         short.rmdir()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    with serving() as srv:
+        yield srv
 
 
 def run_in_processes(server: Server, count: int, body: Callable[[TaskiqState, int], Any]) -> None:
@@ -265,3 +273,200 @@ def test_incr_of_a_non_number_is_a_type_error(server: Server) -> None:
     with pytest.raises(TypeError, match="name"):
         state.incr("name")
     assert wait_for(lambda: state.get_value("name") == "pool", 1)
+
+
+# --------------------------------------------------------------------- taskiq's UserDict
+def test_userdict_methods_see_both_tiers(server: Server) -> None:
+    import copy
+
+    state, other = server.connect(), server.connect()
+    client = threading.Lock()
+    state.client = client  # local tier: cannot be pickled
+    state["plain"] = 1  # shared tier
+    assert state.get("client") is client and state.get("plain") == 1
+    assert sorted(state) == ["client", "plain"] and "client" in state and "plain" in state
+    assert len(state) == 2 and state == {"client": client, "plain": 1}
+    assert "'plain': 1" in repr(state) and "'client'" in repr(state)
+    twin = copy.copy(state)
+    assert twin.get("client") is client
+    twin["more"] = 2  # a copy is another handle on the same shared tier...
+    assert other.get("more") == 2
+    twin.set_local("mine", 3)  # ...with a local tier of its own
+    assert "mine" not in state
+    merged = state | {"x": 1}
+    assert merged.shared is False and merged["plain"] == 1 and "x" not in other
+    assert state.pop("plain") == 1 and "plain" not in other
+    assert other.setdefault("plain", 5) == 5 and state["plain"] == 5
+
+
+def test_a_shared_state_pickles_only_to_start_a_process(server: Server) -> None:
+    import multiprocessing
+    import pickle
+
+    state = server.connect()
+    state.set_value("greeting", "hi")
+    with pytest.raises(TypeError, match="authkey"):
+        pickle.dumps(state)
+    child = multiprocessing.get_context("spawn").Process(target=_answer, args=(state,))
+    child.start()
+    try:
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+    assert state.get_value("reply") == "hi back"
+
+
+def _answer(state: TaskiqState) -> None:
+    state.set_value("reply", state.get_value("greeting") + " back")
+
+
+# --------------------------------------------------------------------- set_local
+def test_set_local_keeps_a_picklable_value_in_this_process(server: Server) -> None:
+    state, other = server.connect(), server.connect()
+    state.set_local("worker_id", 7)
+    state.worker_id = 8
+    state.set_value("worker_id", 9)  # a key kept local stays local
+    assert state.incr("worker_id") == 10
+    assert state.worker_id == 10 and state.is_shared("worker_id") is False
+    assert "worker_id" not in other and other.keys() == []
+    state.delete_value("worker_id")
+    state.set_value("worker_id", 1)  # deleted: the next value is shared again
+    assert state.is_shared("worker_id") and other.get_value("worker_id") == 1
+
+
+def test_a_local_value_hides_the_shared_one_in_its_process_only(server: Server) -> None:
+    state, other = server.connect(), server.connect()
+    other.mode = "everyone"
+    state.set_local("mode", "mine")
+    assert state.mode == "mine" and other.mode == "everyone"
+    assert state.is_shared("mode") is False and other.is_shared("mode") is True
+    assert state.keys() == ["mode"]
+
+
+# --------------------------------------------------------------------- init_once
+def test_init_once_runs_once_across_processes_and_the_others_wait(
+    server: Server, tmp_path: Path
+) -> None:
+    started, go = CTX.Event(), CTX.Event()
+    calling = [CTX.Event() for _ in range(4)]
+    runs = tmp_path / "runs"
+
+    def setup(state: TaskiqState) -> None:
+        with open(runs, "a") as out:
+            out.write("ran\n")
+        started.set()
+        assert go.wait(20)
+        state.set_value("config", {"ready": True})
+
+    async def asetup(state: TaskiqState) -> None:
+        setup(state)
+
+    def caller(index: int) -> None:
+        state = server.connect()
+        calling[index].set()
+        if index % 2:
+            ran = asyncio.run(state.ainit_once("setup", asetup))
+        else:
+            ran = state.init_once("setup", setup)
+        seen = state.get_value("config")
+        (tmp_path / f"result-{index}").write_text(repr((ran, seen)))
+
+    procs = [CTX.Process(target=caller, args=(i,)) for i in range(4)]
+    try:
+        procs[0].start()
+        assert started.wait(20), "the first caller never ran fn"
+        for proc in procs[1:]:
+            proc.start()
+        assert all(event.wait(20) for event in calling)
+        procs[1].join(0.3)
+        assert not list(tmp_path.glob("result-*")), "a caller returned while fn was running"
+        go.set()
+        for proc in procs:
+            proc.join(30)
+        assert [proc.exitcode for proc in procs] == [0] * 4
+    finally:
+        go.set()
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    results = [(tmp_path / f"result-{i}").read_text() for i in range(4)]
+    assert results == [repr((i == 0, {"ready": True})) for i in range(4)]
+    assert runs.read_text() == "ran\n"
+
+
+def test_workers_added_or_replaced_later_do_not_run_init_again(server: Server) -> None:
+    def worker(state: TaskiqState, _: int) -> None:
+        state.init_once("counter", lambda s: s.set_value("counter", 0))  # at WORKER_STARTUP
+        state.incr("counter")
+
+    run_in_processes(server, 4, worker)
+    run_in_processes(server, 2, worker)  # replaced or added workers
+    state = server.connect()
+    assert state.get_value("counter") == 6
+    state.clear()  # records are not values: clearing the data does not re-arm them
+    assert state.init_once("counter", lambda s: s.set_value("counter", 0)) is False
+
+
+def test_init_once_runs_again_when_its_runner_died(server: Server) -> None:
+    started = CTX.Event()
+
+    def dies_in_fn() -> None:
+        state = server.connect()
+
+        def setup(_: TaskiqState) -> None:
+            started.set()
+            os._exit(3)
+
+        state.init_once("setup", setup)
+
+    proc = CTX.Process(target=dies_in_fn)
+    proc.start()
+    assert started.wait(20)
+    proc.join(20)
+    assert proc.exitcode == 3
+    state = server.connect()
+    assert state.init_once("setup", lambda s: s.set_value("ready", True)) is True
+    assert state.get_value("ready") is True
+    assert server.connect().init_once("setup", lambda s: pytest.fail("ran twice")) is False
+
+
+# --------------------------------------------------------------------- async lock waits
+async def test_async_lock_wait_on_another_process_keeps_the_loop_ticking(
+    server: Server,
+) -> None:
+    held, release = CTX.Event(), CTX.Event()
+
+    def holder() -> None:
+        with server.connect().lock("resource"):
+            held.set()
+            release.wait(20)
+
+    proc = CTX.Process(target=holder)
+    proc.start()
+    try:
+        assert await asyncio.to_thread(held.wait, 20)
+        state = server.connect()
+        waiter = asyncio.create_task(_enter(state.lock("resource")))
+        ticks = 0
+        while ticks < 20:  # the loop keeps running other tasks while the waiter waits
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert not waiter.done()
+        release.set()
+        await asyncio.wait_for(waiter, 10)
+        await asyncio.to_thread(proc.join, 20)
+        assert proc.exitcode == 0
+    finally:
+        release.set()
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+async def _enter(lock: Any) -> None:
+    async with lock:
+        pass
