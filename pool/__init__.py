@@ -22,6 +22,7 @@ _OWN: dict[str, str] = {
     "TaskiqState": "shared_state",
     "WorkerCrashedError": "pool.extensions.errors",
     "PoolUnavailableError": "pool.extensions.errors",
+    "TaskNotFoundError": "pool.extensions.errors",
 }
 
 # taskiq's public names beyond ``taskiq.__all__``, by the module that defines them
@@ -170,7 +171,11 @@ if TYPE_CHECKING:
     from taskiq.scheduler.scheduled_task import CronSpec
     from taskiq.serializers import JSONSerializer, PickleSerializer
 
-    from pool.extensions.errors import PoolUnavailableError, WorkerCrashedError
+    from pool.extensions.errors import (
+        PoolUnavailableError,
+        TaskNotFoundError,
+        WorkerCrashedError,
+    )
     from pool.extensions.inmemory import InMemoryBroker
     from pool.extensions.pool_broker import PoolBroker, PoolResultBackend
     from shared_state import TaskiqState

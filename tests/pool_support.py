@@ -18,7 +18,8 @@ from typing import Any
 
 import psutil
 
-from pool import AsyncKicker, PoolBroker
+from pool import PoolBroker
+from pool.extensions.handles import PoolKicker
 from pool.runtime.client import request
 from taskiq.exceptions import SendTaskError
 
@@ -203,8 +204,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def kicker(broker: PoolBroker, task: str) -> AsyncKicker[Any]:
-    return AsyncKicker(f"{APP}:{task}", broker)
+def kicker(broker: PoolBroker, task: str) -> PoolKicker[Any, Any]:
+    return PoolKicker(f"{APP}:{task}", broker, {})
 
 
 async def call(

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from pool import PoolBroker, SendTaskError, TaskiqResultTimeoutError
-from pool.exceptions import UnknownTaskError, WorkerCrashedError
+from pool import TaskNotFoundError, UnknownTaskError, WorkerCrashedError
 from pool.runtime.rundir import RunDir
 from tests.pool_support import RunningPool, call, kicker, wait_for, wait_for_gone
 
@@ -115,7 +115,8 @@ async def test_unknown_task_gives_error_result_naming_it(pool2: RunningPool) -> 
     broker = pool2.broker()
     result = await call(broker, "no_such_task")
     assert result.is_err
-    assert isinstance(result.error, UnknownTaskError)
+    assert isinstance(result.error, TaskNotFoundError)
+    assert isinstance(result.error, UnknownTaskError)  # taskiq's class for it
     assert "pool_test_app:no_such_task" in str(result.error)
     assert (await call(broker, "add", 1, 2)).return_value == 3
     await broker.shutdown()

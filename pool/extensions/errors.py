@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskiq.exceptions import SendTaskError, TaskiqError
+from taskiq.exceptions import SendTaskError, TaskiqError, UnknownTaskError
 
 
 class _WithReason:
@@ -30,3 +30,10 @@ class PoolUnavailableError(_WithReason, SendTaskError):
     """No pool answers in the run directory (``kiq`` raises it; it names the directory)."""
 
     reason: str = "no pool is running"
+
+
+class TaskNotFoundError(_WithReason, UnknownTaskError):
+    """The pool has no task of that name: the result a producer waiting for it gets."""
+
+    reason: str = "no task of that name is registered"
+    task_name: str = ""

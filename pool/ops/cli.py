@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument("--run-dir", default=None, help="run directory of the pool")
 
-    from pool.scheduler_cli import DESCRIPTION, HELP
+    from pool.ops.scheduler_cli import DESCRIPTION, HELP
 
     sched = commands.add_parser(
         "scheduler",
@@ -339,7 +339,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_scheduler(args: argparse.Namespace) -> int:
-    from pool.scheduler_cli import run_scheduler
+    from pool.ops.scheduler_cli import run_scheduler
 
     return run_scheduler(args.app, args.log_level)
 

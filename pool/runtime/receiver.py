@@ -6,7 +6,10 @@
    dependency after an ``await`` can see another task's message.
 2. ``shared_state.TaskiqState`` (pool's subclass) resolves to ``broker.state`` too, as
    ``taskiq.TaskiqState`` does.
-3. Each finished task is reported (name, failed or not, duration) for the pool's stats,
+3. A task cancelled because the worker stops (its drain timeout passed) is neither saved
+   nor acknowledged, so the broker delivers it again; taskiq saves the cancellation as the
+   task's error and acknowledges it.
+4. Each finished task is reported (name, failed or not, duration) for the pool's stats,
    and the running ones are known, so that a drain can cancel what outlived its timeout.
 """
 
@@ -54,7 +57,15 @@ class PoolReceiver(Receiver):
         self.on_finished = on_finished
         # the callbacks running now: counted in heartbeats, cancelled after a drain timeout
         self.running: set[asyncio.Task[Any]] = set()
+        self.abandoning = False
         super().__init__(*args, **kwargs)
+
+    def abandon(self) -> None:
+        """Cancel the running tasks without saving or acknowledging them: they are
+        delivered again (taskiq would save the cancellation as the task's error result)."""
+        self.abandoning = True
+        for task in self.running:
+            task.cancel()
 
     async def callback(self, message: bytes | AckableMessage, raise_err: bool = False) -> None:
         task = asyncio.current_task()
@@ -79,6 +90,8 @@ class PoolReceiver(Receiver):
     ) -> TaskiqResult[Any]:
         started = time.perf_counter()
         result = await super().run_task(target, message, ack_controller)
+        if self.abandoning and isinstance(result.error, asyncio.CancelledError):
+            raise asyncio.CancelledError
         if self.on_finished is not None:
             self.on_finished(message, result, time.perf_counter() - started)
         return result

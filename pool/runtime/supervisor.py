@@ -539,6 +539,13 @@ class Supervisor:
 
     # ----------------------------------------------------------------- tasks
     def enqueue(self, entry: Entry) -> None:
+        if self.broker.find_task(entry.task_name) is None:
+            from pool.extensions.errors import TaskNotFoundError
+
+            logger.warning("task %r (%s) is not registered", entry.task_name, entry.task_id)
+            reason = f"task {entry.task_name!r} is not registered in {self.config.app}"
+            self._store_error(entry, TaskNotFoundError(reason, task_name=entry.task_name))
+            return
         self.router.enqueue(entry)
         self.dispatch()
 
@@ -552,14 +559,19 @@ class Supervisor:
 
     def _give_up(self, entry: Entry, reason: str) -> None:
         """A task that killed too many workers gets an error result instead of a delivery."""
-        from taskiq import TaskiqResult
-
         from pool.extensions.errors import WorkerCrashedError
 
-        error = WorkerCrashedError(
-            f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
-            f"times and each time its worker died or did not acknowledge it ({reason})"
+        self._store_error(
+            entry,
+            WorkerCrashedError(
+                f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
+                f"times and each time its worker died or did not acknowledge it ({reason})"
+            ),
         )
+
+    def _store_error(self, entry: Entry, error: BaseException) -> None:
+        from taskiq import TaskiqResult
+
         result: TaskiqResult[Any] = TaskiqResult(
             is_err=True, return_value=None, execution_time=0.0, error=error
         )

@@ -271,8 +271,7 @@ class Worker:
             self.receiver.wait_tasks_timeout or 0.0,
             len(pending),
         )
-        for task in pending:
-            task.cancel()
+        self.receiver.abandon()
         await asyncio.gather(*pending, return_exceptions=True)
 
     def supervisor_lost(self) -> None:
