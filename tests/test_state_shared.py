@@ -58,12 +58,14 @@ def server() -> Iterator[Server]:
         yield srv
 
 
-def run_in_processes(server: Server, count: int, body: Callable[[TaskiqState, int], Any]) -> None:
-    """Run ``body(state, index)`` in ``count`` processes at once, each with its own client."""
+def run_in_processes(
+    connect: Callable[[], TaskiqState], count: int, body: Callable[[TaskiqState, int], Any]
+) -> None:
+    """Run ``body(connect(), index)`` in ``count`` processes at once, each its own client."""
     start = CTX.Event()
 
     def child(index: int) -> None:
-        state = server.connect()
+        state = connect()
         start.wait(10)
         body(state, index)
 
@@ -84,9 +86,9 @@ def run_in_processes(server: Server, count: int, body: Callable[[TaskiqState, in
 def test_a_value_set_in_one_process_is_seen_by_another_at_once(server: Server) -> None:
     reader = server.connect()
     assert reader.get_value("config") is None  # also caches "missing"
-    run_in_processes(server, 1, lambda state, _: state.set_value("config", {"debug": True}))
+    run_in_processes(server.connect, 1, lambda state, _: state.set_value("config", {"debug": True}))
     assert reader.get_value("config") == {"debug": True}
-    run_in_processes(server, 1, lambda state, _: state.delete_value("config"))
+    run_in_processes(server.connect, 1, lambda state, _: state.delete_value("config"))
     assert "config" not in reader
     assert reader.get_value("config", "gone") == "gone"
 
@@ -124,7 +126,7 @@ def test_incr_is_exact_under_contention_from_four_processes(server: Server) -> N
         for _ in range(500):
             state.incr("hits")
 
-    run_in_processes(server, 4, body)
+    run_in_processes(server.connect, 4, body)
     assert server.connect().get_value("hits") == 2000
 
 
@@ -143,7 +145,7 @@ def test_update_is_atomic_and_runs_its_function_once_per_call(
 
             state.update("seen", append, default=[])
 
-    run_in_processes(server, 4, body)
+    run_in_processes(server.connect, 4, body)
     seen = server.connect().get_value("seen")
     assert sorted(seen) == sorted(i * 1000 + n for i in range(4) for n in range(50))
     assert len(calls.read_text().splitlines()) == 200
@@ -154,7 +156,7 @@ def test_setdefault_gives_every_process_the_same_winner(server: Server, tmp_path
         winner = state.setdefault("leader", index)
         (tmp_path / f"p{index}").write_text(str(winner))
 
-    run_in_processes(server, 4, body)
+    run_in_processes(server.connect, 4, body)
     winners = {(tmp_path / f"p{i}").read_text() for i in range(4)}
     assert len(winners) == 1
     assert server.connect().get_value("leader") == int(winners.pop())
@@ -174,7 +176,7 @@ def test_lock_makes_read_modify_write_exact_across_processes(server: Server) -> 
 
                 asyncio.run(bump())
 
-    run_in_processes(server, 4, body)
+    run_in_processes(server.connect, 4, body)
     assert server.connect().get_value("n") == 400
 
 
@@ -403,8 +405,8 @@ def test_workers_added_or_replaced_later_do_not_run_init_again(server: Server) -
         state.init_once("counter", lambda s: s.set_value("counter", 0))  # at WORKER_STARTUP
         state.incr("counter")
 
-    run_in_processes(server, 4, worker)
-    run_in_processes(server, 2, worker)  # replaced or added workers
+    run_in_processes(server.connect, 4, worker)
+    run_in_processes(server.connect, 2, worker)  # replaced or added workers
     state = server.connect()
     assert state.get_value("counter") == 6
     state.clear()  # records are not values: clearing the data does not re-arm them
@@ -470,3 +472,28 @@ async def test_async_lock_wait_on_another_process_keeps_the_loop_ticking(
 async def _enter(lock: Any) -> None:
     async with lock:
         pass
+
+
+def test_init_once_on_a_redis_state_runs_once_across_processes() -> None:
+    from tests.redis_support import redis_space
+
+    spaces = redis_space()
+    space = next(spaces)  # skips the test when there is no Redis
+    try:
+        from pool.redis import RedisState
+
+        def connect() -> TaskiqState:
+            return RedisState(space.url, prefix=space.name("s"))
+
+        def worker(state: TaskiqState, _: int) -> None:
+            state.init_once("counter", lambda s: s.set_value("counter", 0))
+            state.incr("counter")
+
+        run_in_processes(connect, 3, worker)
+        run_in_processes(connect, 1, worker)  # a replaced worker
+        state = connect()
+        assert state.get_value("counter") == 4
+        state.clear()
+        assert state.init_once("counter", lambda s: pytest.fail("ran twice")) is False
+    finally:
+        spaces.close()
