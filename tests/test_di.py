@@ -1,4 +1,5 @@
-"""Dependency injection as taskiq users write it: Context, TaskiqDepends, TaskiqState."""
+"""Dependency injection as taskiq users write it (Context, TaskiqDepends, TaskiqState), on
+pool's ``InMemoryBroker``, whose tasks run through pool's receiver subclass."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from typing import Annotated, Any
 
 import pytest
+import taskiq
+from taskiq.exceptions import TaskRejectedError
 
 from pool import (
     AsyncBroker,
+    AsyncTaskiqTask,
     Context,
     InMemoryBroker,
     TaskiqDepends,
-    TaskiqMessage,
-    TaskiqMiddleware,
     TaskiqResult,
     TaskiqState,
 )
+
+
+async def result_of(task: AsyncTaskiqTask[Any]) -> TaskiqResult[Any]:
+    return await task.wait_result(timeout=5, check_interval=0.01)
 
 
 class Database:
@@ -53,7 +59,7 @@ async def test_context_gives_message_broker_and_state(broker: InMemoryBroker) ->
         }
 
     task = await inspect.kiq(5)
-    result = await task.wait_result(timeout=5)
+    result = await result_of(task)
     assert result.error is None
     assert result.return_value == {
         "task_id": task.task_id,
@@ -70,7 +76,7 @@ async def test_context_in_a_sync_task(broker: InMemoryBroker) -> None:
         return context.message.task_id, threading.current_thread() is threading.main_thread()
 
     task = await sync_inspect.kiq()
-    result = await task.wait_result(timeout=5)
+    result = await result_of(task)
     assert result.return_value == (task.task_id, False)
 
 
@@ -80,13 +86,15 @@ async def test_context_with_annotated_style(broker: InMemoryBroker) -> None:
         return context.message.task_id
 
     task = await annotated.kiq()
-    assert (await task.wait_result(timeout=5)).return_value == task.task_id
+    assert (await result_of(task)).return_value == task.task_id
 
 
 async def test_each_concurrent_task_sees_its_own_context_message(
     broker: InMemoryBroker,
 ) -> None:
-    """SPEC 7: taskiq shares one context between concurrent tasks; pool does not."""
+    """Two tasks interleaved at an ``await`` each keep their own ``Context``.
+
+    (A dependency resolved after an ``await`` is in test_taskiq_contract_receiver.py.)"""
     both_started = asyncio.Event()
     started: list[str] = []
 
@@ -103,8 +111,8 @@ async def test_each_concurrent_task_sees_its_own_context_message(
     first = await who_am_i.kiq("first")
     second = await who_am_i.kiq("second")
     first_result, second_result = (
-        await first.wait_result(timeout=5),
-        await second.wait_result(timeout=5),
+        await result_of(first),
+        await result_of(second),
     )
     assert sorted(started) == ["first", "second"]
     for task, label, result in (
@@ -116,7 +124,7 @@ async def test_each_concurrent_task_sees_its_own_context_message(
         assert result.return_value == {"before": expected, "after": expected}
 
 
-async def test_state_is_injected_by_type(broker: InMemoryBroker) -> None:
+async def test_pools_state_class_is_injected_as_the_broker_state(broker: InMemoryBroker) -> None:
     broker.state.set_value("config", {"debug": True})
 
     @broker.task
@@ -128,17 +136,20 @@ async def test_state_is_injected_by_type(broker: InMemoryBroker) -> None:
     def write_config(state: TaskiqState = TaskiqDepends()) -> None:
         state.config = {"debug": False}
 
-    assert (await (await read_config.kiq()).wait_result(timeout=5)).return_value == {"debug": True}
-    await (await write_config.kiq()).wait_result(timeout=5)
+    assert (await result_of(await read_config.kiq())).return_value == {"debug": True}
+    await result_of(await write_config.kiq())
     assert broker.state.config == {"debug": False}
 
 
-async def test_broker_is_injected_by_its_type(broker: InMemoryBroker) -> None:
-    @broker.task
-    async def which(b: InMemoryBroker = TaskiqDepends()) -> bool:
-        return b is broker
+async def test_taskiqs_state_class_is_injected_as_the_same_state(broker: InMemoryBroker) -> None:
+    broker.state["config"] = "set by the app"
 
-    assert (await (await which.kiq()).wait_result(timeout=5)).return_value is True
+    @broker.task
+    async def read_config(state: taskiq.TaskiqState = TaskiqDepends()) -> Any:
+        assert state is broker.state
+        return state.config
+
+    assert (await result_of(await read_config.kiq())).return_value == "set by the app"
 
 
 async def test_function_dependencies_nest(broker: InMemoryBroker) -> None:
@@ -154,9 +165,7 @@ async def test_function_dependencies_nest(broker: InMemoryBroker) -> None:
     async def use(c: str = TaskiqDepends(client)) -> str:
         return c
 
-    assert (await (await use.kiq()).wait_result(timeout=5)).return_value == (
-        "client(http://example)"
-    )
+    assert (await result_of(await use.kiq())).return_value == ("client(http://example)")
 
 
 async def test_generator_dependencies_are_closed_after_the_task(broker: InMemoryBroker) -> None:
@@ -179,7 +188,7 @@ async def test_generator_dependencies_are_closed_after_the_task(broker: InMemory
         events.append("task")
         return a + b
 
-    result = await (await uses.kiq()).wait_result(timeout=5)
+    result = await result_of(await uses.kiq())
     assert result.return_value == "syncasync"
     assert events[:2] == ["open sync", "open async"] or events[:2] == ["open async", "open sync"]
     assert events[2] == "task"
@@ -200,7 +209,7 @@ async def test_generator_dependency_sees_the_task_error(broker: InMemoryBroker) 
     async def fails(r: None = TaskiqDepends(resource)) -> None:
         raise ValueError("task failed")
 
-    result = await (await fails.kiq()).wait_result(timeout=5)
+    result = await result_of(await fails.kiq())
     assert isinstance(result.error, ValueError)
     assert len(seen) == 1 and seen[0] is result.error
 
@@ -217,7 +226,7 @@ async def test_dependency_is_resolved_per_run(broker: InMemoryBroker) -> None:
     async def count(n: int = TaskiqDepends(counter)) -> int:
         return n
 
-    values = [(await (await count.kiq()).wait_result(timeout=5)).return_value for _ in range(3)]
+    values = [(await result_of(await count.kiq())).return_value for _ in range(3)]
     assert values == [1, 2, 3]
 
 
@@ -229,8 +238,8 @@ async def test_kwargs_sent_with_the_message_win_over_dependencies(broker: InMemo
     async def hello(name: str = TaskiqDepends(default_name)) -> str:
         return name
 
-    assert (await (await hello.kiq()).wait_result(timeout=5)).return_value == "from dependency"
-    assert (await (await hello.kiq(name="sent")).wait_result(timeout=5)).return_value == "sent"
+    assert (await result_of(await hello.kiq())).return_value == "from dependency"
+    assert (await result_of(await hello.kiq(name="sent"))).return_value == "sent"
 
 
 async def test_custom_dependency_context_and_overrides(broker: InMemoryBroker) -> None:
@@ -249,26 +258,17 @@ async def test_custom_dependency_context_and_overrides(broker: InMemoryBroker) -
     ) -> str:
         return f"{db.name}/{settings}"
 
-    assert (await (await use.kiq()).wait_result(timeout=5)).return_value == "primary/test"
+    assert (await result_of(await use.kiq())).return_value == "primary/test"
 
 
-async def test_context_reject_saves_no_result(broker: InMemoryBroker) -> None:
-    finished = asyncio.Event()
-
-    class Done(TaskiqMiddleware):
-        def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
-            finished.set()
-
-    broker.add_middlewares(Done())
-
+async def test_context_reject_saves_a_task_rejected_error(broker: InMemoryBroker) -> None:
     @broker.task
     async def refuse(context: Context = TaskiqDepends()) -> None:
         context.reject()
 
-    task = await refuse.kiq()
-    await asyncio.wait_for(finished.wait(), 5)
-    await broker.wait_all()
-    assert await task.is_ready() is False
+    result = await result_of(await refuse.kiq())
+    assert result.is_err
+    assert isinstance(result.error, TaskRejectedError)
 
 
 async def test_context_requeue_runs_the_task_again(broker: InMemoryBroker) -> None:
@@ -282,12 +282,12 @@ async def test_context_requeue_runs_the_task_again(broker: InMemoryBroker) -> No
         return len(runs)
 
     task = await flaky.kiq()
-    result = await task.wait_result(timeout=5)
+    result = await result_of(task)
     assert result.return_value == 2
     assert runs[0] is None and int(runs[1]) == 1
 
 
-def test_async_broker_is_the_base_of_the_injected_broker() -> None:
+def test_the_inmemory_broker_is_an_async_broker() -> None:
     assert isinstance(InMemoryBroker(), AsyncBroker)
 
 
@@ -302,6 +302,6 @@ async def test_injecting_context_and_state_raises_no_warning(broker: InMemoryBro
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = await (await both.kiq()).wait_result(timeout=5)
+        result = await result_of(await both.kiq())
     assert result.return_value is True
     assert [str(w.message) for w in caught] == []
