@@ -41,7 +41,7 @@ def producer(space: RedisSpace, url: str | None = None) -> Any:
 
 
 async def send(broker: Any, task: str, count: int, *args: Any) -> list[Any]:
-    return [await AsyncKicker(task, broker).kiq(*args) for _ in range(count)]
+    return [await AsyncKicker(task, broker, {}).kiq(*args) for _ in range(count)]
 
 
 def state_of(space: RedisSpace, url: str | None = None) -> Any:
@@ -71,7 +71,7 @@ async def test_two_pools_share_the_work_and_the_state(space: RedisSpace) -> None
     with redis_pool(space, workers=2) as first, redis_pool(space, workers=2) as second:
         broker = producer(space)
         await broker.startup()
-        handles = [await AsyncKicker("count_run", broker).kiq(f"t{i}") for i in range(300)]
+        handles = [await AsyncKicker("count_run", broker, {}).kiq(f"t{i}") for i in range(300)]
         results = [(await h.wait_result(timeout=60)).raise_for_error() for h in handles]
         assert [r.return_value[0] for r in results] == [1] * 300, "each task ran once"
         ran_in = {r.return_value[1] for r in results}

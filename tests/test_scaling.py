@@ -181,7 +181,7 @@ async def test_sighup_reloads_code_without_dropping_below_target(tmp_path: Path)
     with RunningPool(workers=2, app="reload_app:broker", env=env) as running:
         broker = running.broker()
         assert (
-            await (await AsyncKicker("version", broker).kiq()).wait_result(timeout=30)
+            await (await AsyncKicker("version", broker, {}).kiq()).wait_result(timeout=30)
         ).return_value == 1
         before = set(running.worker_pids())
         write_versioned_app(tmp_path, 2)
@@ -198,7 +198,7 @@ async def test_sighup_reloads_code_without_dropping_below_target(tmp_path: Path)
         wait_for(replaced, 30, "every worker replaced")
         assert lowest >= 2, "ready workers dropped below the target during the restart"
         assert (
-            await (await AsyncKicker("version", broker).kiq()).wait_result(timeout=30)
+            await (await AsyncKicker("version", broker, {}).kiq()).wait_result(timeout=30)
         ).return_value == 2
         await broker.shutdown()
 
