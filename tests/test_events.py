@@ -1,14 +1,18 @@
-"""Lifecycle events on an in-process broker: registration, order, sync/async, failures."""
+"""Lifecycle events, taskiq's: registration, order, sync/async, failures; on pool's brokers.
+
+taskiq's meaning (SPEC 3): ``AsyncBroker.startup`` fires CLIENT_STARTUP, or WORKER_STARTUP
+when ``is_worker_process``; taskiq's ``InMemoryBroker`` fires both, client first. A raising
+handler's exception propagates unchanged and the handlers after it do not run.
+"""
 
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pool import InMemoryBroker, TaskiqError, TaskiqEvents, TaskiqState
-from pool.exceptions import EventHandlerError
+from pool import InMemoryBroker, PoolBroker, TaskiqEvents, TaskiqState
 
 ALL_EVENTS = list(TaskiqEvents)
 
@@ -26,18 +30,14 @@ def test_on_event_registers_one_handler_for_several_events() -> None:
     assert broker.event_handlers[TaskiqEvents.WORKER_SHUTDOWN] == []
 
 
-def test_add_event_handler_accepts_the_event_name_as_a_string() -> None:
-    broker = InMemoryBroker()
-
-    def handler(state: TaskiqState) -> None:
-        return None
-
-    broker.add_event_handler("WORKER_SHUTDOWN", handler)  # type: ignore[arg-type]
-    assert broker.event_handlers[TaskiqEvents.WORKER_SHUTDOWN] == [handler]
-    with pytest.raises(ValueError):
-        broker.add_event_handler("NOT_AN_EVENT", handler)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, "not callable")  # type: ignore[arg-type]
+def test_events_are_taskiqs_enum_with_their_names_as_values() -> None:
+    assert {event.value for event in TaskiqEvents} == {
+        "CLIENT_STARTUP",
+        "CLIENT_SHUTDOWN",
+        "WORKER_STARTUP",
+        "WORKER_SHUTDOWN",
+    }
+    assert TaskiqEvents("WORKER_STARTUP") is TaskiqEvents.WORKER_STARTUP
 
 
 def test_with_event_handlers_is_chainable() -> None:
@@ -115,17 +115,56 @@ async def test_sync_and_async_handlers_get_the_broker_state() -> None:
     await broker.shutdown()
 
 
-async def test_inmemory_broker_fires_worker_and_client_events_in_taskiq_order() -> None:
+async def test_inmemory_broker_fires_client_then_worker_events() -> None:
     fired: list[str] = []
     broker = InMemoryBroker()
     for event in ALL_EVENTS:
         broker.add_event_handler(event, lambda state, e=event: fired.append(e.value))
 
     await broker.startup()
-    assert fired == ["WORKER_STARTUP", "CLIENT_STARTUP"]
+    assert fired == ["CLIENT_STARTUP", "WORKER_STARTUP"]
     fired.clear()
     await broker.shutdown()
-    assert fired == ["WORKER_SHUTDOWN", "CLIENT_SHUTDOWN"]
+    assert fired == ["CLIENT_SHUTDOWN", "WORKER_SHUTDOWN"]
+
+
+@pytest.mark.parametrize(
+    ("is_worker", "expected"),
+    [
+        (False, ["CLIENT_STARTUP", "CLIENT_SHUTDOWN"]),
+        (True, ["WORKER_STARTUP", "WORKER_SHUTDOWN"]),
+    ],
+    ids=["producer", "worker"],
+)
+async def test_pool_broker_fires_client_or_worker_events_as_taskiq_says(
+    tmp_path: Path, is_worker: bool, expected: list[str]
+) -> None:
+    """No pool needs to run: starting and stopping a producer connects to nothing."""
+    fired: list[str] = []
+    broker = PoolBroker(run_dir=tmp_path)
+    broker.is_worker_process = is_worker
+    for event in ALL_EVENTS:
+        broker.add_event_handler(event, lambda state, e=event: fired.append(e.value))
+    async with broker:
+        assert fired == expected[:1]
+    assert fired == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PoolBroker.__init__ keeps taskiq's plain TaskiqState: a producer's state lacks "
+    "the seed's API (set_value, ...) that SPEC 2 promises outside a pool",
+)
+async def test_a_pool_broker_producers_state_has_the_seeds_api(tmp_path: Path) -> None:
+    broker = PoolBroker(run_dir=tmp_path)
+
+    @broker.on_event(TaskiqEvents.CLIENT_STARTUP)
+    def remember(state: TaskiqState) -> None:
+        state.set_value("started", True)
+
+    async with broker:
+        assert isinstance(broker.state, TaskiqState)
+        assert broker.state.get_value("started") is True
 
 
 async def test_handlers_for_other_events_do_not_run() -> None:
@@ -163,17 +202,18 @@ async def test_startup_state_is_visible_to_tasks_and_shutdown_handlers() -> None
         return bool(broker.state.client.open)
 
     await broker.startup()
-    assert (await (await is_open.kiq()).wait_result(timeout=5)).return_value is True
+    result = await (await is_open.kiq()).wait_result(timeout=5, check_interval=0.01)
+    assert result.return_value is True
     await broker.shutdown()
     assert closed == ["client"]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
-async def test_raising_worker_startup_handler_fails_startup_with_a_taskiq_error(
+async def test_a_raising_startup_handler_fails_startup_with_its_own_error(
     asynchronous: bool,
 ) -> None:
     broker = InMemoryBroker()
-    later: list[str] = []
+    ran: list[str] = []
 
     if asynchronous:
 
@@ -185,36 +225,18 @@ async def test_raising_worker_startup_handler_fails_startup_with_a_taskiq_error(
         def failing(state: TaskiqState) -> None:
             raise ConnectionError("database unreachable")
 
+    broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, lambda state: ran.append("client"))
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, failing)
-    broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, lambda state: later.append("ran"))
-    broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, lambda state: later.append("client"))
+    broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, lambda state: ran.append("later"))
 
-    with pytest.raises(TaskiqError) as info:
+    with pytest.raises(ConnectionError, match="database unreachable"):
         await broker.startup()
-    error = info.value
-    assert isinstance(error, EventHandlerError)
-    assert isinstance(error.__cause__, ConnectionError)
-    message = str(error)
-    assert "WORKER_STARTUP" in message
-    assert "failing" in message
-    assert "database unreachable" in message
-    assert later == []  # the start stopped at the failing handler
-
-
-async def test_raising_client_startup_handler_fails_startup_too() -> None:
-    broker = InMemoryBroker()
-
-    @broker.on_event(TaskiqEvents.CLIENT_STARTUP)
-    def failing(state: TaskiqState) -> None:
-        raise RuntimeError("no config")
-
-    with pytest.raises(EventHandlerError, match="CLIENT_STARTUP"):
-        await broker.startup()
+    assert ran == ["client"]  # CLIENT_STARTUP comes first; nothing after the failure ran
 
 
 @pytest.mark.parametrize("event", [TaskiqEvents.WORKER_SHUTDOWN, TaskiqEvents.CLIENT_SHUTDOWN])
-async def test_raising_shutdown_handler_is_logged_and_the_rest_still_run(
-    event: TaskiqEvents, caplog: pytest.LogCaptureFixture
+async def test_a_raising_shutdown_handler_fails_shutdown_with_its_own_error(
+    event: TaskiqEvents,
 ) -> None:
     broker = InMemoryBroker()
     ran: list[str] = []
@@ -231,46 +253,24 @@ async def test_raising_shutdown_handler_is_logged_and_the_rest_still_run(
 
     broker.with_event_handlers(event, first, exploding, last)
     await broker.startup()
-    with caplog.at_level(logging.ERROR):
-        await broker.shutdown()  # does not raise
-    assert ran == ["first", "exploding", "last"]
-    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(
-        "exploding" in r.getMessage() and r.exc_info and "close failed" in str(r.exc_info[1])
-        for r in records
-    ), [r.getMessage() for r in records]
+    with pytest.raises(RuntimeError, match="close failed"):
+        await broker.shutdown()
+    assert ran == ["first", "exploding"]
 
 
-async def test_raising_worker_shutdown_handler_does_not_skip_client_shutdown() -> None:
-    broker = InMemoryBroker()
-    ran: list[str] = []
-
-    @broker.on_event(TaskiqEvents.WORKER_SHUTDOWN)
-    def failing(state: TaskiqState) -> None:
-        raise RuntimeError("boom")
-
-    @broker.on_event(TaskiqEvents.CLIENT_SHUTDOWN)
-    def client_down(state: TaskiqState) -> None:
-        ran.append("client")
-
-    await broker.startup()
-    await broker.shutdown()
-    assert ran == ["client"]
-
-
-async def test_broker_can_start_again_after_shutdown() -> None:
+async def test_events_fire_again_when_the_broker_starts_again() -> None:
     broker = InMemoryBroker()
     starts: list[int] = []
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, lambda state: starts.append(1))
 
     @broker.task
-    def sync_task() -> str:
+    async def async_task() -> str:
         return "ran"
 
     for _ in range(2):
-        await broker.startup()
-        assert (await (await sync_task.kiq()).wait_result(timeout=5)).return_value == "ran"
-        await broker.shutdown()
+        async with broker:
+            result = await (await async_task.kiq()).wait_result(timeout=5, check_interval=0.01)
+            assert result.return_value == "ran"
     assert starts == [1, 1]
 
 
