@@ -1,4 +1,10 @@
-"""pool.redis against a real Redis: the stream broker, the result backend and the state."""
+"""pool.redis against a real Redis: the stream broker, the result backend and the state.
+
+Each class is a subclass of a taskiq ABC; the contract tests drive them with taskiq's own
+pieces (``taskiq.receiver.Receiver``, ``AsyncKicker``, ``ProgressTracker``,
+``AcknowledgeType``), and the rest checks what pool adds (claims, keep-alive, delays,
+reconnection, the poison rule, pushed results).
+"""
 
 from __future__ import annotations
 
@@ -18,17 +24,28 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import pytest
-
-from pool.exceptions import (
-    BrokerError,
+from pydantic import BaseModel
+from taskiq import (
+    AckableMessage,
+    AcknowledgeType,
+    AsyncBroker,
+    AsyncResultBackend,
+    BrokerMessage,
+    Context,
     ResultGetError,
+    ScheduleSource,
     SendTaskError,
+    TaskiqDepends,
+    TaskiqEvents,
+    TaskiqResult,
     TaskiqResultTimeoutError,
 )
-from pool.message import AckableMessage, BrokerMessage
-from pool.receiver import Receiver
-from pool.result import TaskiqResult
-from pool.result_backend import InMemoryResultBackend
+from taskiq.depends.progress_tracker import ProgressTracker, TaskProgress, TaskState
+from taskiq.exceptions import BrokerError, ResultSetError, TaskiqError
+from taskiq.receiver import Receiver
+
+from pool.extensions.errors import WorkerCrashedError
+from pool.extensions.handles import PoolTask, PushedResults
 from tests.redis_support import (
     REDIS_URL,
     UNREACHABLE_URL,
@@ -40,8 +57,16 @@ from tests.redis_support import (
 
 redis = pytest.importorskip("redis")
 
-from pool.redis import RedisResultBackend, RedisState, RedisStreamBroker  # noqa: E402
+from pool.redis import (  # noqa: E402
+    RedisResultBackend,
+    RedisScheduleSource,
+    RedisSendTaskError,
+    RedisState,
+    RedisStreamBroker,
+)
 from shared_state import TaskiqState  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
@@ -54,6 +79,13 @@ def message(payload: bytes, task_id: str | None = None, **labels: Any) -> Broker
     return BrokerMessage(
         task_id=task_id or uuid.uuid4().hex, task_name="t", message=payload, labels=labels
     )
+
+
+def make_broker(space: RedisSpace, **kwargs: Any) -> RedisStreamBroker:
+    """A broker on this test's stream, with a result backend on this test's keys."""
+    kwargs.setdefault("queue_name", space.name("q"))
+    broker = RedisStreamBroker(space.url, **kwargs)
+    return broker.with_result_backend(RedisResultBackend(space.url, prefix_str=space.name("r")))
 
 
 async def next_message(gen: AsyncGenerator[Any, None], timeout: float = 10.0) -> AckableMessage:
@@ -157,6 +189,25 @@ def run_processes(target: Callable[..., Any], n: int, *args: Any, timeout: float
     return [value for _, value in out]
 
 
+def result_of(value: Any, **kwargs: Any) -> TaskiqResult[Any]:
+    return TaskiqResult(is_err=False, return_value=value, execution_time=0.5, **kwargs)
+
+
+def why(exc: BaseException) -> str:
+    """An error's message and its cause's: taskiq's ``kiq`` wraps what ``kick`` raised in a
+    bare ``SendTaskError`` (pool's kicker unwraps it again)."""
+    return f"{exc} / {exc.__cause__}"
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (polling the event loop, bounded) until ``predicate()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 # --------------------------------------------------------------------------- import surface
 def test_importing_pool_does_not_import_redis() -> None:
     code = (
@@ -174,7 +225,6 @@ def test_pool_redis_without_redis_py_says_what_to_install() -> None:
     code = (
         "import sys\n"
         "sys.modules['redis'] = None  # as if redis-py were not installed\n"
-        "import pool\n"
         "try:\n"
         "    import pool.redis\n"
         "except ImportError as exc:\n"
@@ -185,64 +235,232 @@ def test_pool_redis_without_redis_py_says_what_to_install() -> None:
     done = subprocess.run(
         [sys.executable, "-c", code], check=True, timeout=30, capture_output=True, text=True
     )
-    assert "pip install 'pool[redis]'" in done.stdout
+    assert "pip install 'taskiq-pool[redis]'" in done.stdout
 
 
-# --------------------------------------------------------------------------- broker
-async def test_kick_listen_ack_round_trip(space: RedisSpace) -> None:
-    queue = space.name("q")
-    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=space.name("r"))
-    broker = RedisStreamBroker(space.url, queue_name=queue, result_backend=backend)
+def test_the_redis_classes_are_taskiq_subclasses() -> None:
+    backend: RedisResultBackend[Any] = RedisResultBackend(REDIS_URL)
+    assert issubclass(RedisStreamBroker, AsyncBroker)
+    assert isinstance(backend, AsyncResultBackend) and isinstance(backend, PushedResults)
+    assert issubclass(RedisScheduleSource, ScheduleSource)
+    assert issubclass(RedisSendTaskError, SendTaskError) and issubclass(
+        RedisSendTaskError, TaskiqError
+    )
+    # taskiq rebuilds a stored exception by calling its class with the exception's args
+    rebuilt = RedisSendTaskError("why")  # type: ignore[call-arg]  # mypy: keyword-only
+    assert str(rebuilt) == "why" == str(RedisSendTaskError(reason="why"))
+
+
+# --------------------------------------------------------------------------- taskiq contract
+class Point(BaseModel):
+    x: int
+    tags: list[str]
+
+
+class TaskFailed(Exception):
+    pass
+
+
+async def run_one(broker: RedisStreamBroker, gen: AsyncGenerator[Any, None], **kw: Any) -> None:
+    """Take the next message and run it with taskiq's own receiver."""
+    await Receiver(broker, max_async_tasks=10, **kw).callback(await next_message(gen))
+
+
+async def test_result_round_trip_carries_a_pydantic_model_and_an_exception(
+    space: RedisSpace,
+) -> None:
+    broker = make_broker(space)
 
     @broker.task
-    async def add(a: int, b: int) -> int:
-        return a + b
+    async def make_point(x: int) -> Point:
+        return Point(x=x, tags=["a"])
 
-    await broker.startup()
-    gen = broker.listen()
+    @broker.task
+    async def fail() -> None:
+        raise TaskFailed("it broke")
+
+    async with broker:
+        gen = broker.listen()
+        try:
+            ok, bad = await make_point.kiq(3), await fail.kiq()
+            assert isinstance(ok, PoolTask)
+            await run_one(broker, gen)
+            await run_one(broker, gen)
+            result = await ok.wait_result(timeout=10)
+            assert result.return_value == Point(x=3, tags=["a"]) and not result.is_err
+            failed = await bad.wait_result(timeout=10)
+            assert failed.is_err and isinstance(failed.error, TaskFailed)
+            assert str(failed.error) == "it broke"
+            with pytest.raises(TaskFailed, match="it broke"):
+                failed.raise_for_error()
+            # stored as taskiq-redis stores it: the JSON of TaskiqResult.model_dump
+            stored = json.loads(space.client().get(space.name(f"r:{ok.task_id}")))
+            assert stored["return_value"] == {"x": 3, "tags": ["a"]}
+        finally:
+            await gen.aclose()
+
+
+async def test_taskiq_redis_reads_what_pool_stores(space: RedisSpace) -> None:
+    taskiq_redis = pytest.importorskip("taskiq_redis")
+    from taskiq.serializers import JSONSerializer
+
+    ours: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=space.name("r"))
+    theirs = taskiq_redis.RedisAsyncResultBackend(
+        space.url, prefix_str=space.name("r"), serializer=JSONSerializer()
+    )
     try:
-        handle = await add.kiq(2, 3)
-        raw = await next_message(gen)
-        assert pending_count(queue) == 1  # delivered, not yet acknowledged
-        result = await Receiver(broker).callback(raw)
-        assert result is not None and result.return_value == 5
-        waited = await handle.wait_result(timeout=5)
-        assert waited.return_value == 5 and not waited.is_err
-        # acknowledged after the result was saved: not pending, and deleted from the stream
-        assert pending_count(queue) == 0
-        assert stream_len(queue) == 0
+        await ours.set_result("t", result_of({"a": 1}, labels={"k": "v"}))
+        await ours.set_progress("t", TaskProgress(state=TaskState.STARTED, meta={"n": 1}))
+        got = await theirs.get_result("t")
+        assert got.return_value == {"a": 1} and got.labels == {"k": "v"}
+        progress = await theirs.get_progress("t")
+        assert progress is not None and progress.state == TaskState.STARTED
+        assert progress.meta == {"n": 1}
     finally:
-        await gen.aclose()
-        await broker.shutdown()
+        await ours.shutdown()
+        await theirs.shutdown()
 
 
-async def test_message_not_acked_when_the_result_cannot_be_saved(space: RedisSpace) -> None:
-    class Broken(InMemoryResultBackend[Any]):
+async def test_progress_through_taskiqs_progress_tracker(space: RedisSpace) -> None:
+    broker = make_broker(space)
+    halfway, go_on = asyncio.Event(), asyncio.Event()
+
+    @broker.task
+    async def long_job(progress: ProgressTracker[dict[str, int]] = TaskiqDepends()) -> str:
+        await progress.set_progress(TaskState.STARTED, {"done": 1})
+        halfway.set()
+        await asyncio.wait_for(go_on.wait(), 10)
+        await progress.set_progress("finishing")  # meta kept from before
+        return "done"
+
+    async with broker:
+        gen = broker.listen()
+        try:
+            handle = await long_job.kiq()
+            assert await handle.get_progress() is None
+            running = asyncio.create_task(run_one(broker, gen))
+            await asyncio.wait_for(halfway.wait(), 10)
+            progress = await handle.get_progress()
+            assert isinstance(progress, TaskProgress)
+            assert progress.state == TaskState.STARTED and progress.meta == {"done": 1}
+            go_on.set()
+            await asyncio.wait_for(running, 10)
+            assert (await handle.wait_result(timeout=10)).return_value == "done"
+            progress = await handle.get_progress()
+            assert progress is not None
+            assert progress.state == "finishing" and progress.meta == {"done": 1}
+        finally:
+            await gen.aclose()
+
+
+async def test_async_with_broker_starts_and_stops_it(space: RedisSpace) -> None:
+    broker = make_broker(space)
+    events: list[str] = []
+    broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, lambda _: events.append("up"))
+    broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, lambda _: events.append("down"))
+
+    @broker.task
+    async def noop() -> None:
+        pass
+
+    async with broker:
+        assert events == ["up"]
+        await noop.kiq()
+        assert broker._redis._clients  # a client for this loop
+    assert events == ["up", "down"]
+    assert not broker._redis._clients  # closed by shutdown
+    assert stream_len(space.name("q")) == 1
+
+
+async def test_kicker_with_task_id_and_labels(space: RedisSpace) -> None:
+    broker = make_broker(space)
+    seen: list[Any] = []
+
+    @broker.task(task_name="labelled", retries=1)
+    async def labelled(context: Context = TaskiqDepends()) -> str:
+        seen.append(dict(context.message.labels))
+        return context.message.task_id
+
+    async with broker:
+        gen = broker.listen()
+        try:
+            handle = await labelled.kicker().with_task_id("my-id").with_labels(priority=3).kiq()
+            assert isinstance(handle, PoolTask) and handle.task_id == "my-id"
+            raw = await next_message(gen)
+            sent = broker.formatter.loads(raw.data)
+            assert sent.task_id == "my-id" and sent.labels["priority"] == "3"
+            await Receiver(broker, max_async_tasks=10).callback(raw)
+            result = await handle.wait_result(timeout=10)
+            assert result.return_value == "my-id"
+            assert seen == [{"retries": 1, "priority": 3}]  # label types restored by taskiq
+            assert result.labels == {"retries": 1, "priority": 3}
+        finally:
+            await gen.aclose()
+
+
+@pytest.mark.parametrize(
+    "ack_type, pending_while_running",
+    [
+        (AcknowledgeType.WHEN_RECEIVED, 0),
+        (AcknowledgeType.WHEN_EXECUTED, 1),
+        (AcknowledgeType.WHEN_SAVED, 1),
+    ],
+)
+async def test_acknowledge_types(
+    space: RedisSpace, ack_type: AcknowledgeType, pending_while_running: int
+) -> None:
+    queue = space.name("q")
+    broker = make_broker(space)
+    during: list[int] = []
+
+    @broker.task
+    async def job() -> None:
+        during.append(pending_count(queue))
+
+    async with broker:
+        gen = broker.listen()
+        try:
+            await job.kiq()
+            await run_one(broker, gen, ack_type=ack_type)
+            assert during == [pending_while_running]
+            assert pending_count(queue) == 0 and stream_len(queue) == 0  # XACK and XDEL
+        finally:
+            await gen.aclose()
+
+
+async def test_when_saved_a_result_that_cannot_be_saved_leaves_the_message_pending(
+    space: RedisSpace,
+) -> None:
+    class Broken(RedisResultBackend[Any]):
         async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
             raise ConnectionError("result store down")
 
     queue = space.name("q")
-    broker = RedisStreamBroker(space.url, queue_name=queue, result_backend=Broken())
+    broker = RedisStreamBroker(space.url, queue_name=queue).with_result_backend(
+        Broken(space.url, prefix_str=space.name("r"))
+    )
 
     @broker.task
     async def one() -> int:
         return 1
 
-    gen = broker.listen()
-    try:
-        await one.kiq()
-        raw = await next_message(gen)
-        assert await Receiver(broker).callback(raw) is None
-        assert pending_count(queue) == 1  # left for redelivery
-    finally:
-        await gen.aclose()
-        await broker.shutdown()
+    async with broker:
+        gen = broker.listen()
+        try:
+            await one.kiq()
+            raw = await next_message(gen)
+            with pytest.raises(ConnectionError):
+                await Receiver(broker, max_async_tasks=10).callback(raw, raise_err=True)
+            assert pending_count(queue) == 1  # left for redelivery
+        finally:
+            await gen.aclose()
 
 
+# --------------------------------------------------------------------------- broker
 async def test_unacked_message_is_claimed_by_another_consumer(space: RedisSpace) -> None:
     queue = space.name("q")
-    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", idle_timeout=0.5)
-    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b", idle_timeout=0.5)
+    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", idle_timeout=500)
+    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b", idle_timeout=500)
     try:
         await a.kick(message(b"payload-1"))
         gen_a = a.listen()
@@ -286,17 +504,21 @@ async def test_messages_read_but_not_handed_out_go_back_at_once(space: RedisSpac
 
 async def test_running_message_is_not_claimed_while_its_consumer_lives(space: RedisSpace) -> None:
     queue = space.name("q")
-    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", idle_timeout=0.5)
-    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b", idle_timeout=0.5)
+    a = RedisStreamBroker(space.url, queue_name=queue, consumer_name="a", idle_timeout=500)
+    b = RedisStreamBroker(space.url, queue_name=queue, consumer_name="b", idle_timeout=500)
     gen_a = a.listen()
     try:
         await a.kick(message(b"long task"))
-        got = await next_message(gen_a)
+        await a.kick(message(b"read, not yet handed out"))
+        got = await next_message(gen_a)  # a read both in one batch and handed out one
         async with Collector(b) as collector:
-            # three idle timeouts: a's listener keeps the entry fresh while "the task runs"
+            # three idle timeouts: a's listener keeps both entries fresh
             with pytest.raises(AssertionError, match="no message"):
                 await collector.get(timeout=1.5)
             await ack(got)
+            second = await next_message(gen_a)
+            assert second.data == b"read, not yet handed out"
+            await ack(second)
         assert pending_count(queue) == 0
     finally:
         await gen_a.aclose()
@@ -304,50 +526,114 @@ async def test_running_message_is_not_claimed_while_its_consumer_lives(space: Re
         await b.shutdown()
 
 
+async def test_a_message_whose_consumers_died_max_deliveries_times_gets_an_error_result(
+    space: RedisSpace,
+) -> None:
+    queue = space.name("q")
+
+    def node(name: str) -> RedisStreamBroker:
+        return make_broker(space, consumer_name=name, idle_timeout=300, max_deliveries=2)
+
+    brokers = [node(f"c{i}") for i in range(3)]
+
+    @brokers[0].task(task_name="deadly")
+    async def deadly() -> None: ...
+
+    try:
+        handle = await deadly.kiq()
+        for doomed in brokers[:2]:  # each takes the message and "dies" without an ack
+            async with Collector(doomed) as collector:
+                await collector.get(timeout=10)
+        async with Collector(brokers[2]) as collector:
+            # delivered twice already: the third consumer answers it instead of running it
+            result = await handle.wait_result(timeout=10)
+            with pytest.raises(AssertionError, match="no message"):
+                await collector.get(timeout=0.5)
+        assert result.is_err and isinstance(result.error, WorkerCrashedError)
+        assert "'deadly'" in str(result.error) and "2 times" in str(result.error)
+        assert pending_count(queue) == 0 and stream_len(queue) == 0
+    finally:
+        for broker in brokers:
+            await broker.shutdown()
+
+
 async def test_delayed_message_arrives_after_its_delay(space: RedisSpace) -> None:
     queue = space.name("q")
-    broker = RedisStreamBroker(space.url, queue_name=queue, xread_block=0.2)
+    broker = make_broker(space, xread_block=200)
+
+    @broker.task(task_name="later")
+    async def later() -> None: ...
+
     client = sync_client()
     try:
         async with Collector(broker) as collector:
             sent = time.monotonic()
-            await broker.kick(message(b"later", delay=1.0))
+            await later.kicker().with_labels(delay=1).kiq()  # taskiq's delay label
             await broker.kick(message(b"now"))
             assert client.zcard(f"{queue}:delayed") == 1
             first_at, first = await collector.get(timeout=5)
             assert first.data == b"now"
             assert first_at - sent < 1.0
-            later_at, later = await collector.get(timeout=5)
-            assert later.data == b"later"
+            later_at, delayed = await collector.get(timeout=5)
+            assert broker.formatter.loads(delayed.data).task_name == "later"
             assert later_at - sent >= 0.95, "delivered before its delay"
             assert later_at - sent < 3.0
             assert client.zcard(f"{queue}:delayed") == 0
             await ack(first)
-            await ack(later)
+            await ack(delayed)
     finally:
         client.close()
         await broker.shutdown()
 
 
 async def test_invalid_delay_label_is_refused(space: RedisSpace) -> None:
-    broker = RedisStreamBroker(space.url, queue_name=space.name("q"))
+    broker = make_broker(space)
+
+    @broker.task
+    async def job() -> None: ...
+
     try:
-        with pytest.raises(SendTaskError, match="delay"):
+        with pytest.raises(RedisSendTaskError, match="delay"):
             await broker.kick(message(b"x", delay="soon"))
+        with pytest.raises(SendTaskError) as caught:
+            await job.kicker().with_labels(delay="soon").kiq()
+        assert "delay" in why(caught.value)
+    finally:
+        await broker.shutdown()
+
+
+async def test_queue_name_label_sends_to_another_stream(space: RedisSpace) -> None:
+    broker = make_broker(space)
+    other = space.name("other")
+    try:
+        await broker.kick(message(b"x", queue_name=other))
+        assert stream_len(other) == 1 and stream_len(space.name("q")) == 0
     finally:
         await broker.shutdown()
 
 
 async def test_stream_is_capped(space: RedisSpace) -> None:
     queue = space.name("q")
+    exact = space.name("exact")
     broker = RedisStreamBroker(space.url, queue_name=queue, maxlen=100)
+    strict = RedisStreamBroker(space.url, queue_name=exact, maxlen=100, approximate=False)
     try:
         for i in range(1000):
             await broker.kick(message(str(i).encode()))
+            await strict.kick(message(str(i).encode()))
         length = stream_len(queue)
         assert 100 <= length < 300, length  # MAXLEN ~ trims whole nodes
+        assert stream_len(exact) == 100
     finally:
         await broker.shutdown()
+        await strict.shutdown()
+
+
+def test_constructor_checks_its_arguments() -> None:
+    for name in ("idle_timeout", "xread_block", "max_deliveries", "maxlen", "xread_count"):
+        bad: dict[str, Any] = {name: 0}
+        with pytest.raises(ValueError, match=name):
+            RedisStreamBroker(REDIS_URL, **bad)
 
 
 async def test_kick_to_unreachable_redis_fails_quickly() -> None:
@@ -357,10 +643,11 @@ async def test_kick_to_unreachable_redis_fails_quickly() -> None:
     async def job() -> None: ...
 
     started = time.monotonic()
-    with pytest.raises(SendTaskError, match=r"127\.0\.0\.1:1"):
+    with pytest.raises(RedisSendTaskError, match=r"127\.0\.0\.1:1"):
         await broker.kick(message(b"x"))
-    with pytest.raises(SendTaskError, match=r"127\.0\.0\.1:1"):
+    with pytest.raises(SendTaskError) as caught:
         await job.kiq()
+    assert "127.0.0.1:1" in why(caught.value)
     assert time.monotonic() - started < 5
     await broker.shutdown()
 
@@ -387,10 +674,10 @@ async def test_check_connection_ok(space: RedisSpace) -> None:
 async def test_forked_child_leaves_the_parents_connections_alone(space: RedisSpace) -> None:
     """A worker forked while the parent listens gets its own connections; the parent's keep
     working (dropping inherited ones could unregister them from the shared epoll)."""
-    queue = space.name("q")
-    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=space.name("r"))
-    broker = RedisStreamBroker(space.url, queue_name=queue, xread_block=0.2, result_backend=backend)
-    waiter = asyncio.create_task(backend.wait_result("from-child", timeout=20))
+    broker = make_broker(space, xread_block=200)
+    backend = broker.result_backend
+    assert isinstance(backend, RedisResultBackend)
+    waiter = asyncio.create_task(backend.wait_ready("from-child", timeout=20))
 
     def child(index: int) -> str:
         import gc
@@ -418,7 +705,8 @@ async def test_forked_child_leaves_the_parents_connections_alone(space: RedisSpa
                 _, got = await collector.get(timeout=10)
                 assert got.data.startswith(b"child")
                 await ack(got)
-            assert (await asyncio.wait_for(waiter, 10)).return_value == "hi"
+            await asyncio.wait_for(waiter, 10)
+            assert (await backend.get_result("from-child")).return_value == "hi"
     finally:
         waiter.cancel()
         await broker.shutdown()
@@ -428,7 +716,7 @@ async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture)
     server = PrivateRedis()
     server.start()
     caplog.set_level(logging.WARNING, logger="pool.redis")
-    broker = RedisStreamBroker(server.url, queue_name="q", xread_block=0.2)
+    broker = RedisStreamBroker(server.url, queue_name="q", xread_block=200)
     try:
         async with Collector(broker) as collector:
             await broker.kick(message(b"before"))
@@ -437,11 +725,7 @@ async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture)
             await ack(got)
 
             server.stop()  # no persistence: the stream and the group are gone
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while "lost the connection" not in caplog.text:
-                assert loop.time() < deadline, "the listener did not notice Redis going away"
-                await asyncio.sleep(0.05)
+            await until(lambda: "lost the connection" in caplog.text, 10, "Redis going away")
             server.start()
 
             await broker.kick(message(b"after"))
@@ -456,14 +740,10 @@ async def test_listen_survives_a_redis_restart(caplog: pytest.LogCaptureFixture)
 
 
 # --------------------------------------------------------------------------- results
-def result_of(value: Any, **kwargs: Any) -> TaskiqResult[Any]:
-    return TaskiqResult(is_err=False, return_value=value, execution_time=0.5, **kwargs)
-
-
 async def test_result_set_get_and_ttl(space: RedisSpace) -> None:
     prefix = space.name("r")
     backend: RedisResultBackend[Any] = RedisResultBackend(
-        space.url, result_ex_time=60, prefix=prefix
+        space.url, result_ex_time=60, prefix_str=prefix
     )
     client = sync_client()
     try:
@@ -476,19 +756,15 @@ async def test_result_set_get_and_ttl(space: RedisSpace) -> None:
         assert got.execution_time == 0.5 and not got.is_err and got.log is None
         assert (await backend.get_result(tid, with_logs=True)).log == "output"
         assert 0 < client.ttl(f"{prefix}:{tid}") <= 60
-        # stored as JSON
         assert json.loads(client.get(f"{prefix}:{tid}"))["return_value"] == {"a": [1, 2]}
 
-        failed: TaskiqResult[Any] = TaskiqResult(is_err=True, error=ValueError("boom"))
-        await backend.set_result("failed", failed)
-        error = (await backend.get_result("failed")).error
-        assert isinstance(error, ValueError) and str(error) == "boom"
-
         px: RedisResultBackend[Any] = RedisResultBackend(
-            space.url, result_px_time=5000, prefix=prefix
+            space.url, result_px_time=5000, prefix_str=prefix
         )
         await px.set_result("px", result_of(1))
         assert 0 < client.pttl(f"{prefix}:px") <= 5000
+        await px.set_progress("px", TaskProgress(state=TaskState.STARTED, meta=None))
+        assert 0 < client.pttl(f"{prefix}:px__progress") <= 5000
         await px.shutdown()
     finally:
         client.close()
@@ -497,17 +773,18 @@ async def test_result_set_get_and_ttl(space: RedisSpace) -> None:
 
 async def test_result_errors(space: RedisSpace) -> None:
     prefix = space.name("r")
-    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
     client = sync_client()
     try:
         with pytest.raises(ResultGetError):
             await backend.get_result("missing")
         started = time.monotonic()
-        with pytest.raises(TaskiqResultTimeoutError):
-            await backend.wait_result("missing", timeout=0.3)
+        with pytest.raises(TaskiqResultTimeoutError) as caught:
+            await backend.wait_ready("missing", timeout=0.3)
+        assert caught.value.timeout == 0.3
         assert time.monotonic() - started < 2
-        with pytest.raises(TypeError):  # not JSON: the receiver saves an error result instead
-            await backend.set_result("set", result_of({1, 2}))
+        with pytest.raises(ResultSetError, match="cannot be serialized"):
+            await backend.set_result("set", result_of(object()))
         # a pickle planted in Redis is refused, never unpickled
         client.set(f"{prefix}:planted", pickle.dumps({"is_err": False}))
         with pytest.raises(ResultGetError, match="cannot be decoded"):
@@ -521,48 +798,100 @@ async def test_result_errors(space: RedisSpace) -> None:
         RedisResultBackend(space.url, result_ex_time=0)
 
 
-async def test_wait_result_is_woken_by_pubsub(space: RedisSpace) -> None:
-    prefix = space.name("r")
-    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
-    setter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
-    tid = uuid.uuid4().hex
+async def test_no_prefix_keys_results_by_task_id_as_taskiq_redis_does(space: RedisSpace) -> None:
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=None)
+    tid = space.name("bare")  # the task id itself starts with this test's prefix
     try:
-        task = asyncio.create_task(waiter.wait_result(tid, check_interval=5, timeout=20))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not (
-            waiter._notifier is not None
-            and waiter._notifier.subscribed.is_set()
-            and tid in waiter._notifier.waiters
-        ):
-            assert loop.time() < deadline, "the waiter never subscribed"
-            assert not task.done()
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # past the waiter's first read: only pub/sub can wake it now
+        await backend.set_result(tid, result_of(1))
+        assert space.client().exists(tid)
+        assert (await backend.get_result(tid)).return_value == 1
+    finally:
+        await backend.shutdown()
+
+
+async def test_wait_ready_is_woken_by_pubsub(space: RedisSpace) -> None:
+    prefix = space.name("r")
+    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    waiter.recheck_interval = 5.0
+    setter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    tid = uuid.uuid4().hex
+    checks = 0
+    original = waiter.is_result_ready
+
+    async def counted(task_id: str) -> bool:
+        nonlocal checks
+        checks += 1
+        return await original(task_id)
+
+    waiter.is_result_ready = counted  # type: ignore[method-assign]
+    try:
+        task = asyncio.create_task(waiter.wait_ready(tid, timeout=20))
+        await until(lambda: checks >= 1, 10, "the waiter's first read")  # subscribed by then
         saved = time.monotonic()
         await setter.set_result(tid, result_of("done"))
-        got = await asyncio.wait_for(task, 10)
-        assert got.return_value == "done"
+        await asyncio.wait_for(task, 10)
         assert time.monotonic() - saved < 1.0, "woken by the 5 s re-check, not the notification"
+        assert (await waiter.get_result(tid)).return_value == "done"
 
-        # a result saved before the wait starts is returned at once
+        # a result saved before the wait starts is seen at once
         await setter.set_result("early", result_of(1))
         started = time.monotonic()
-        assert (await waiter.wait_result("early", check_interval=5, timeout=5)).return_value == 1
+        await waiter.wait_ready("early", timeout=5)
         assert time.monotonic() - started < 1.0
     finally:
         await waiter.shutdown()
         await setter.shutdown()
 
 
+async def test_a_small_result_reaches_its_waiting_handle_inside_the_notification(
+    space: RedisSpace,
+) -> None:
+    prefix = space.name("inline")
+    producer: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    worker: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    reads = 0
+    original = producer._read
+
+    async def counted(task_id: str) -> bytes | None:
+        nonlocal reads
+        reads += 1
+        return await original(task_id)
+
+    producer._read = counted  # type: ignore[method-assign]
+    try:
+        handle: PoolTask[Any] = PoolTask("t-inline", producer)
+        waiting = asyncio.create_task(handle.wait_result(timeout=10))
+        await until(
+            lambda: (
+                producer._notifier is not None
+                and producer._notifier.subscribed.is_set()
+                and "t-inline" in producer._notifier.waiters
+            ),
+            10,
+            "the handle waiting",
+        )
+        await worker.set_result(
+            "t-inline", TaskiqResult(is_err=False, return_value=42, execution_time=0)
+        )
+        result = await asyncio.wait_for(waiting, 10)
+        assert result.return_value == 42
+        assert reads == 0, "the result was read from Redis, not from the notification"
+    finally:
+        await producer.shutdown()
+        await worker.shutdown()
+
+
 async def test_keep_results_false_deletes_after_get(space: RedisSpace) -> None:
     backend: RedisResultBackend[Any] = RedisResultBackend(
-        space.url, keep_results=False, prefix=space.name("r")
+        space.url, keep_results=False, prefix_str=space.name("r")
     )
     try:
         await backend.set_result("t", result_of(7))
-        assert (await backend.wait_result("t", timeout=5)).return_value == 7
+        await backend.set_progress("t", TaskProgress(state=TaskState.SUCCESS, meta=None))
+        handle: PoolTask[Any] = PoolTask("t", backend)
+        assert (await handle.wait_result(timeout=5)).return_value == 7
         assert not await backend.is_result_ready("t")
+        assert await backend.get_progress("t") is None
         with pytest.raises(ResultGetError):
             await backend.get_result("t")
     finally:
@@ -570,11 +899,13 @@ async def test_keep_results_false_deletes_after_get(space: RedisSpace) -> None:
 
 
 async def test_progress(space: RedisSpace) -> None:
-    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=space.name("r"))
+    backend: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=space.name("r"))
     try:
         assert await backend.get_progress("t") is None
-        await backend.set_progress("t", {"state": "running", "meta": {"done": 3}})
-        assert await backend.get_progress("t") == {"state": "running", "meta": {"done": 3}}
+        await backend.set_progress("t", TaskProgress(state="running", meta={"done": 3}))
+        progress = await backend.get_progress("t")
+        assert isinstance(progress, TaskProgress)
+        assert progress.state == "running" and progress.meta == {"done": 3}
     finally:
         await backend.shutdown()
 
@@ -582,26 +913,23 @@ async def test_progress(space: RedisSpace) -> None:
 async def test_result_waiters_survive_a_redis_restart() -> None:
     server = PrivateRedis()
     server.start()
-    waiter: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix="r")
-    setter: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix="r")
+    waiter: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix_str="r")
+    waiter.recheck_interval = 5.0
+    setter: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix_str="r")
     try:
-        task = asyncio.create_task(waiter.wait_result("t", check_interval=5, timeout=30))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while waiter._notifier is None or not waiter._notifier.subscribed.is_set():
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
+        task = asyncio.create_task(waiter.wait_ready("t", timeout=30))
+
+        def subscribed() -> bool:
+            return waiter._notifier is not None and waiter._notifier.subscribed.is_set()
+
+        await until(subscribed, 10, "the subscription")
         server.stop()
-        while waiter._notifier.subscribed.is_set():
-            assert loop.time() < deadline, "the subscription loss went unnoticed"
-            await asyncio.sleep(0.01)
+        await until(lambda: not subscribed(), 10, "the subscription loss noticed")
         server.start()
-        while not waiter._notifier.subscribed.is_set():
-            assert loop.time() < deadline + 10, "never subscribed again"
-            await asyncio.sleep(0.01)
+        await until(subscribed, 20, "subscribed again")
         await setter.set_result("t", result_of("after restart"))
-        got = await asyncio.wait_for(task, 10)
-        assert got.return_value == "after restart"
+        await asyncio.wait_for(task, 10)
+        assert (await waiter.get_result("t")).return_value == "after restart"
     finally:
         await waiter.shutdown()
         await setter.shutdown()
@@ -873,31 +1201,3 @@ def test_state_works_in_a_forked_child_after_use_in_the_parent(space: RedisSpace
 def test_wait_for_helper_is_bounded() -> None:
     with pytest.raises(AssertionError):
         wait_for(lambda: False, timeout=0.05, what="nothing")
-
-
-async def test_a_small_result_reaches_its_waiting_handle_inside_the_notification(
-    space: RedisSpace,
-) -> None:
-    from pool.task import AsyncTaskiqTask
-
-    prefix = space.name("inline")
-    producer: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
-    worker: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix=prefix)
-    try:
-        handle: AsyncTaskiqTask[Any] = AsyncTaskiqTask("t-inline", producer)
-        producer.track(handle)
-        notifier = producer._ensure_notifier()
-        await asyncio.wait_for(notifier.subscribed.wait(), 10)
-        await worker.set_result("t-inline", TaskiqResult(is_err=False, return_value=42))
-        deadline = asyncio.get_running_loop().time() + 10
-        while "t-inline" not in notifier.inline:
-            assert asyncio.get_running_loop().time() < deadline, "no inline notification"
-            await asyncio.sleep(0.01)
-        client = space.client()
-        client.delete(producer.result_key("t-inline"))  # only the notification has it now
-        client.close()
-        result = await handle.wait_result(timeout=5)
-        assert result.return_value == 42
-    finally:
-        await producer.shutdown()
-        await worker.shutdown()

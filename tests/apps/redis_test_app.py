@@ -14,10 +14,10 @@ QUEUE = os.environ.get("POOL_TEST_QUEUE", "pooltest:queue")
 
 def make_broker(url: str = URL, queue: str = QUEUE) -> RedisStreamBroker:
     """The same broker for workers and for the test that sends the tasks."""
-    idle = float(os.environ.get("POOL_TEST_IDLE", "2"))
+    idle_ms = int(float(os.environ.get("POOL_TEST_IDLE", "2")) * 1000)
     return RedisStreamBroker(
-        url, queue_name=queue, consumer_group=queue, idle_timeout=idle, xread_block=0.2
-    ).with_result_backend(RedisResultBackend(url, prefix=f"{queue}:result", result_ex_time=600))
+        url, queue_name=queue, consumer_group_name=queue, idle_timeout=idle_ms, xread_block=200
+    ).with_result_backend(RedisResultBackend(url, prefix_str=f"{queue}:result", result_ex_time=600))
 
 
 broker = make_broker()
