@@ -130,10 +130,10 @@ class StateLock:
         loop = asyncio.get_running_loop()
         got: asyncio.Future[None] = loop.create_future()
         stop = threading.Event()
-        threading.Thread(
-            target=self._wait, args=(loop, got, stop, pid), name=f"state-lock {self.name}",
-            daemon=True,
-        ).start()  # fmt: skip
+        waiter = threading.Thread(
+            target=self._wait, args=(loop, got, stop, pid), name="state-lock", daemon=True
+        )
+        waiter.start()
         try:
             await got
         except asyncio.CancelledError:

@@ -292,9 +292,10 @@ class TaskiqState(taskiq.TaskiqState):
             state.init_once("counters", lambda s: s.set_value("counter", 0))
 
         If ``fn`` raises, nothing is recorded and the next call runs it again; if the process
-        running it dies, the next caller runs it again too. ``clear()`` does not forget what
-        ran. With ``RedisState``, ``fn`` must finish within its ``lock_timeout``. ``fn`` must
-        be synchronous: in async code, ``await state.ainit_once(name, fn)``.
+        running it dies, the next caller runs it again too (with ``RedisState``, once the
+        lock's ``lock_timeout`` passed; ``fn`` must finish within it). ``clear()`` does not
+        forget what ran. ``fn`` must be synchronous: in async code, use
+        ``await state.ainit_once(name, fn)``.
         """
         self._check_once(name, fn)
         if inspect.iscoroutinefunction(fn):
