@@ -353,7 +353,7 @@ def test_it_is_a_taskiq_state(state: TaskiqState) -> None:
 
 def test_internals_never_become_values(state: TaskiqState) -> None:
     state.set_value("k", 1)
-    state.data = "a value named data"  # attribute style stores a value, as in taskiq
+    state.data = "a value named data"  # type: ignore[assignment]  # a value, as in taskiq
     assert state["data"] == "a value named data"
     assert state.data == {"k": 1, "data": "a value named data"}
     assert sorted(state.keys()) == ["data", "k"]

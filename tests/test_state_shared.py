@@ -477,9 +477,7 @@ async def _enter(lock: Any) -> None:
 def test_init_once_on_a_redis_state_runs_once_across_processes() -> None:
     from tests.redis_support import redis_space
 
-    spaces = redis_space()
-    space = next(spaces)  # skips the test when there is no Redis
-    try:
+    with contextlib.contextmanager(redis_space)() as space:  # skips when there is no Redis
         from pool.redis import RedisState
 
         def connect() -> TaskiqState:
@@ -495,5 +493,3 @@ def test_init_once_on_a_redis_state_runs_once_across_processes() -> None:
         assert state.get_value("counter") == 4
         state.clear()
         assert state.init_once("counter", lambda s: pytest.fail("ran twice")) is False
-    finally:
-        spaces.close()
