@@ -1,443 +1,475 @@
-"""TaskiqScheduler with a controllable clock: cron, cron_offset, time, interval, sources."""
+"""pool's run claims on taskiq's scheduler, and ``python -m pool scheduler``, without Redis.
+
+When a schedule is due is taskiq's business (``taskiq.cli.scheduler.run.SchedulerLoop``); what
+pool adds sits in ``on_ready``, so most tests call ``on_ready`` at the moments taskiq's loop
+would, with a made-up clock, and a few run taskiq's real loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import pytest
+from taskiq import InMemoryBroker, ScheduledTask, ScheduleSource, TaskiqScheduler
+from taskiq.cli.scheduler.run import SchedulerLoop
+from taskiq.exceptions import ScheduledTaskCancelledError, SendTaskError
+from taskiq.schedule_sources import LabelScheduleSource
 
-from pool import (
-    InMemoryBroker,
-    LabelScheduleSource,
-    ScheduledTask,
-    ScheduleSource,
-    TaskiqScheduler,
-)
-from pool.scheduler import (
-    CronSpec,
+from pool.extensions.scheduler import (
+    CLAIM_TTL,
+    InMemoryRunClaim,
     InMemoryScheduleSource,
-    ScheduledTaskCancelledError,
-    schedule_by_cron,
-    schedule_by_interval,
-    schedule_by_time,
+    PoolScheduler,
+    RunClaims,
+    claim_id,
+    occurrence_of,
+    with_run_claims,
 )
+from tests.pool_support import wait_for
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = pytest.mark.timeout(30)
 
 UTC = timezone.utc
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
 
 
 def at(hour: int, minute: int, second: int = 0, day: int = 1) -> datetime:
     return datetime(2030, 1, day, hour, minute, second, tzinfo=UTC)
 
 
+def schedule(task_name: str = "record", *args: Any, **when: Any) -> ScheduledTask:
+    return ScheduledTask(task_name=task_name, labels={}, args=list(args), kwargs={}, **when)
+
+
+class Clock:
+    """The test's time, for the occurrences and for in-memory claims' expiry."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or at(0, 0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def seconds(self) -> float:
+        return self.now.timestamp()
+
+
+class Node:
+    """One scheduler "machine": its own InMemoryBroker with a recording task, and a scheduler."""
+
+    def __init__(
+        self,
+        name: str,
+        sources: list[ScheduleSource],
+        calls: list[tuple[str, Any]],
+        claim: Any = None,
+        clock: Clock | None = None,
+        register: bool = True,
+    ) -> None:
+        self.name = name
+        self.calls = calls
+        self.broker = InMemoryBroker()
+        if register:
+            self.register()
+        self.scheduler = PoolScheduler(self.broker, sources, claim=claim)
+        self.source = sources[0]
+        if clock is not None and self.scheduler.run_claims is not None:
+            self.scheduler.run_claims.clock = clock
+
+    def register(self) -> None:
+        @self.broker.task("record")
+        async def record(value: Any = None, **kwargs: Any) -> Any:
+            self.calls.append((self.name, value))
+            return value
+
+        self.record = record
+
+    async def fire(self, task: ScheduledTask | None = None) -> bool:
+        """What taskiq's loop does for a due schedule; True if this node sent it."""
+        before = len(self.calls)
+        for due in [task] if task is not None else await self.source.get_schedules():
+            await self.scheduler.on_ready(self.source, due)
+        await self.broker.wait_all()
+        return len(self.calls) > before
+
+
 @pytest.fixture
-async def app():
-    broker = InMemoryBroker()
-    calls: list[Any] = []
+def calls() -> list[tuple[str, Any]]:
+    return []
 
-    @broker.task("record")
-    async def record(value: Any = None, **kwargs: Any) -> Any:
-        calls.append(value)
-        return value
 
-    source = InMemoryScheduleSource()
-    scheduler = TaskiqScheduler(broker, [source])
-    await scheduler.startup()
-    yield SimpleNamespace(
-        broker=broker, source=source, scheduler=scheduler, record=record, calls=calls
+# ------------------------------------------------------------------ taskiq's scheduler
+async def test_pool_scheduler_is_taskiqs_scheduler_and_without_claims_sends_as_taskiq(
+    calls: list[tuple[str, Any]],
+) -> None:
+    task = ScheduledTask(
+        task_name="record", labels={"l": 1}, args=["x"], kwargs={}, cron="* * * * *", task_id="t1"
     )
-    await scheduler.shutdown()
-
-
-async def ticks(scheduler: TaskiqScheduler, times: list[datetime]) -> list[datetime]:
-    """The times among ``times`` at which the scheduler sent something."""
-    fired = []
-    for now in times:
-        if await scheduler.tick(now):
-            fired.append(now)
-    return fired
-
-
-# ------------------------------------------------------------------ cron
-async def test_cron_fires_once_per_due_minute(app) -> None:
-    broker, source, scheduler, calls = app.broker, app.source, app.scheduler, app.calls
-    await source.add_schedule(ScheduledTask("record", cron="*/5 * * * *", args=["c"]))
-    seconds = [at(10, m, s) for m in range(0, 11) for s in (0, 1, 30, 59)]
-    fired = await ticks(scheduler, seconds)
-    assert fired == [at(10, 0, 0), at(10, 5, 0), at(10, 10, 0)]
-    await broker.wait_all()
-    assert calls == ["c", "c", "c"]
-
-
-async def test_cron_first_tick_mid_minute_still_fires(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    await source.add_schedule(ScheduledTask("record", cron="0 * * * *"))
-    assert await ticks(scheduler, [at(10, 0, 42), at(10, 0, 50), at(10, 1, 0)]) == [at(10, 0, 42)]
-
-
-async def test_cron_missed_runs_are_not_sent_in_a_burst(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    await source.add_schedule(ScheduledTask("record", cron="* * * * *"))
-    assert await ticks(scheduler, [at(10, 0, 1)]) == [at(10, 0, 1)]
-    # The loop was blocked for an hour: one late run, not sixty.
-    assert len(await scheduler.tick(at(11, 0, 30))) == 1
-    assert await scheduler.tick(at(11, 0, 31)) == []
-    # A clock that goes back does not send again.
-    assert await scheduler.tick(at(10, 30, 0)) == []
-
-
-async def test_cron_missed_while_down_is_not_sent_on_start(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    await source.add_schedule(ScheduledTask("record", cron="0 9 * * *"))
-    # A scheduler started at 09:01 does not send the 09:00 run.
-    assert await ticks(scheduler, [at(9, 1, 0), at(9, 2, 0), at(10, 0, 0)]) == []
-    assert await ticks(scheduler, [at(9, 0, 0, day=2)]) == [at(9, 0, 0, day=2)]
-
-
-async def test_cron_offset_time_zone(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    # 09:00 in Paris is 08:00 UTC in January.
-    await source.add_schedule(
-        ScheduledTask("record", cron="0 9 * * *", cron_offset="Europe/Paris", args=["paris"])
-    )
-    await source.add_schedule(
-        ScheduledTask("record", cron="0 9 * * *", cron_offset=timedelta(hours=3), args=["+3"])
-    )
-    await source.add_schedule(ScheduledTask("record", cron="0 9 * * *", args=["utc"]))
-    sent: dict[datetime, list[Any]] = {}
-    for hour in range(5, 11):
-        for now in (at(hour, 0, 0), at(hour, 0, 30)):
-            tasks = await scheduler.tick(now)
-            if tasks:
-                sent[now] = [t.args[0] for t in tasks]
-    assert sent == {at(6, 0): ["+3"], at(8, 0): ["paris"], at(9, 0): ["utc"]}
-
-
-async def test_cron_offset_follows_daylight_saving(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    await source.add_schedule(ScheduledTask("record", cron="0 9 * * *", cron_offset="Europe/Paris"))
-    july = datetime(2030, 7, 1, 7, 0, 5, tzinfo=UTC)  # 09:00 in Paris in summer
-    assert await ticks(scheduler, [july - timedelta(hours=1), july]) == [july]
-
-
-async def test_invalid_cron_raises_value_error_with_the_expression() -> None:
-    with pytest.raises(ValueError, match=r"61 \* \* \* \*"):
-        ScheduledTask("record", cron="61 * * * *")
-    with pytest.raises(ValueError, match="not a cron"):
-        ScheduledTask("record", cron="not a cron")
-    with pytest.raises(ValueError):
-        ScheduledTask("record", cron="* * * * * *")  # seconds are not supported
-    with pytest.raises(ValueError, match="Mars/Olympus"):
-        ScheduledTask("record", cron="* * * * *", cron_offset="Mars/Olympus")
-    assert ScheduledTask("record", cron="@hourly").cron == "@hourly"
-
-
-def test_exactly_one_of_cron_time_interval() -> None:
-    with pytest.raises(ValueError, match="exactly one"):
-        ScheduledTask("record")
-    with pytest.raises(ValueError, match="exactly one"):
-        ScheduledTask("record", cron="* * * * *", interval=5)
-    with pytest.raises(ValueError):
-        ScheduledTask("record", interval=0)
-    with pytest.raises(ValueError):
-        ScheduledTask("record", interval=-1)
-
-
-def test_scheduled_task_round_trips_through_a_dict() -> None:
-    for task in (
-        ScheduledTask("a", cron="0 1 * * *", cron_offset=timedelta(hours=-5), args=[1]),
-        ScheduledTask("b", time=datetime(2030, 1, 1, 12), kwargs={"x": 1}, labels={"l": 2}),
-        ScheduledTask("c", interval=timedelta(minutes=2), task_id="tid"),
-    ):
-        assert ScheduledTask.from_dict(task.to_dict()) == task
-    assert ScheduledTask("c", interval=timedelta(minutes=2)).interval == 120.0
-
-
-# ------------------------------------------------------------------ time
-async def test_time_fires_once_then_is_removed(app) -> None:
-    broker, source, scheduler, calls = app.broker, app.source, app.scheduler, app.calls
-    when = at(12, 0, 30)
-    task = ScheduledTask("record", time=when, args=["once"])
-    await source.add_schedule(task)
-    assert await scheduler.tick(at(12, 0, 29)) == []
-    assert await scheduler.tick(at(12, 0, 30)) == [task]
-    assert await source.get_schedules() == []
-    assert await scheduler.tick(at(12, 0, 31)) == []
-    await broker.wait_all()
-    assert calls == ["once"]
-
-
-async def test_naive_time_is_utc_and_late_one_shots_still_fire(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    task = ScheduledTask("record", time=datetime(2030, 1, 1, 12, 0))
-    assert task.time == at(12, 0)
-    await source.add_schedule(task)
-    # The scheduler was down at 12:00: the one-shot is sent once when it comes back.
-    assert await scheduler.tick(at(15, 0)) == [task]
-
-
-class ReadOnlySource(ScheduleSource):
-    def __init__(self, schedules: list[ScheduledTask]) -> None:
-        self.schedules = schedules
-        self.sent: list[str] = []
-
-    async def get_schedules(self) -> list[ScheduledTask]:
-        return list(self.schedules)
-
-    def post_send(self, task: ScheduledTask) -> None:
-        self.sent.append(task.schedule_id)
-
-
-async def test_time_fires_once_even_if_the_source_cannot_delete() -> None:
-    broker = InMemoryBroker()
-
-    @broker.task("record")
-    async def record() -> None:
-        pass
-
-    task = ScheduledTask("record", time=at(12, 0))
-    source = ReadOnlySource([task])
-    scheduler = TaskiqScheduler(broker, [source])
-    await scheduler.startup()
-    for second in range(5):
-        await scheduler.tick(at(12, 0, second))
-    assert source.sent == [task.schedule_id]
-    await scheduler.shutdown()
-
-
-async def test_schedule_by_time_in_the_past_raises(app) -> None:
-    source, record = app.source, app.record
-    with pytest.raises(ValueError, match="past"):
-        await schedule_by_time(record, source, datetime.now(UTC) - timedelta(seconds=1))
-    with pytest.raises(ValueError, match="past"):
-        await schedule_by_time(record, source, datetime(2000, 1, 1))  # naive = UTC
-    assert await source.get_schedules() == []
-
-
-# ------------------------------------------------------------------ interval
-async def test_interval_fires_every_n_seconds_since_first_seen(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    await source.add_schedule(ScheduledTask("record", interval=10))
-    start = at(12, 0, 3)
-    times = [start + timedelta(seconds=s) for s in range(0, 35)]
-    fired = await ticks(scheduler, times)
-    assert [int((t - start).total_seconds()) for t in fired] == [0, 10, 20, 30]
-
-
-async def test_interval_does_not_burst_after_a_stall(app) -> None:
-    source, scheduler = app.source, app.scheduler
-    await source.add_schedule(ScheduledTask("record", interval=timedelta(seconds=5)))
-    start = at(12, 0, 0)
-    assert len(await scheduler.tick(start)) == 1
-    assert len(await scheduler.tick(start + timedelta(seconds=23))) == 1  # 4 periods missed
-    assert await scheduler.tick(start + timedelta(seconds=24)) == []
-    assert len(await scheduler.tick(start + timedelta(seconds=25))) == 1  # back on the grid
-
-
-# ------------------------------------------------------------------ registration handles
-async def test_schedule_by_cron_and_cancel(app) -> None:
-    broker, source, scheduler = app.broker, app.source, app.scheduler
-    record, calls = app.record, app.calls
-    handle = await schedule_by_cron(record, source, "* * * * *", "hello", extra=1)
-    (task,) = await source.get_schedules()
-    assert task.schedule_id == handle.schedule_id
-    assert task.task_name == "record"
-    assert task.args == ["hello"] and task.kwargs == {"extra": 1}
-    assert len(await scheduler.tick(at(10, 0))) == 1
-    await handle.cancel()
-    assert await source.get_schedules() == []
-    assert await scheduler.tick(at(10, 1)) == []
-    await broker.wait_all()
-    assert calls == ["hello"]
-
-
-async def test_schedule_by_cron_with_cron_spec_and_kicker(app) -> None:
-    broker, source, scheduler, record = app.broker, app.source, app.scheduler, app.record
-    kicker = record.kicker().with_labels(priority=3).with_task_id("fixed")
-    handle = await schedule_by_cron(
-        kicker, source, CronSpec(minutes=30, hours=8, offset="Europe/Paris"), "x"
-    )
-    assert handle.task.cron == "30 8 * * *"
-    assert handle.task.cron_offset == "Europe/Paris"
-    assert handle.task.labels == {"priority": 3}
-    assert handle.task.task_id == "fixed"
-    assert await ticks(scheduler, [at(8, 30), at(7, 30, day=2)]) == [at(7, 30, day=2)]
-    result = await broker.result_backend.wait_result("fixed", timeout=5)
+    node = Node("n", [InMemoryScheduleSource([task])], calls)
+    assert isinstance(node.scheduler, TaskiqScheduler)
+    assert node.scheduler.run_claims is None  # no claim given, and no source offers one
+    assert await node.fire()
+    result = await node.broker.result_backend.get_result("t1")
     assert result.return_value == "x"
-    assert result.labels["priority"] == 3
+    assert result.labels == {"l": 1, "schedule_id": task.schedule_id}  # taskiq's on_ready
 
 
-async def test_schedule_by_cron_invalid_expression(app) -> None:
-    source, record = app.source, app.record
-    with pytest.raises(ValueError, match="every minute"):
-        await schedule_by_cron(record, source, "every minute")
+async def test_two_schedulers_send_a_cron_minute_once(calls: list[tuple[str, Any]]) -> None:
+    clock, claim = Clock(), InMemoryRunClaim()
+    task = schedule("record", "tick", cron="* * * * *")
+    a = Node("a", [InMemoryScheduleSource([task])], calls, claim, clock)
+    b = Node("b", [InMemoryScheduleSource([task])], calls, claim, clock)
+    for minute in range(5):
+        first, second = (a, b) if minute % 2 == 0 else (b, a)
+        clock.now = at(10, minute, minute)
+        assert await first.fire()
+        clock.now = at(10, minute, 30)
+        assert not await second.fire()
+    assert [name for name, _ in calls] == ["a", "b", "a", "b", "a"]
 
 
-async def test_schedule_by_time_and_interval_handles(app) -> None:
-    source, record = app.source, app.record
-    when = datetime.now(UTC) + timedelta(hours=1)
-    once = await schedule_by_time(record, source, when, "later")
-    every = await schedule_by_interval(record, source, 30, "often")
-    assert {s.schedule_id for s in await source.get_schedules()} == {
-        once.schedule_id,
-        every.schedule_id,
-    }
-    await once.unschedule()
-    await every.cancel()
-    assert await source.get_schedules() == []
-    handle = await every.kiq()  # send now, as if not scheduled
-    assert (await handle.wait_result(timeout=5)).return_value == "often"
+async def test_without_claims_two_schedulers_send_twice(calls: list[tuple[str, Any]]) -> None:
+    """The control of the test above: the claims are what make it pass."""
+    task = schedule("record", cron="* * * * *")
+    a = Node("a", [InMemoryScheduleSource([task])], calls, claim=False)
+    b = Node("b", [InMemoryScheduleSource([task])], calls, claim=False)
+    assert a.scheduler.run_claims is None
+    assert await a.fire() and await b.fire()
+    assert len(calls) == 2
 
 
-# ------------------------------------------------------------------ sources
-async def test_label_schedule_source_reads_labels() -> None:
-    broker = InMemoryBroker()
-
-    @broker.task(
-        "labelled",
-        priority=1,
-        schedule=[
-            {"cron": "*/2 * * * *", "args": [1], "labels": {"extra": "y"}},
-            {"interval": 60, "kwargs": {"k": 2}},
-            {"time": "2030-01-01T12:00:00", "schedule_id": "new-year-noon"},
-            {"cron": "0 9 * * *", "cron_offset": "Europe/Paris"},
-        ],
-    )
-    async def labelled(*args: Any, **kwargs: Any) -> None:
-        pass
-
-    @broker.task("plain")
-    async def plain() -> None:
-        pass
-
-    source = LabelScheduleSource(broker)
-    scheduler = TaskiqScheduler(broker, [source])
-    await scheduler.startup()
-    schedules = await source.get_schedules()
-    assert len(schedules) == 4
-    cron, interval, once, paris = schedules
-    assert {s.task_name for s in schedules} == {"labelled"}
-    assert cron.cron == "*/2 * * * *" and cron.args == [1]
-    assert cron.labels == {"priority": 1, "extra": "y"}  # no "schedule" label sent along
-    assert interval.interval == 60 and interval.kwargs == {"k": 2}
-    assert once.time == at(12, 0) and once.schedule_id == "new-year-noon"
-    assert paris.cron_offset == "Europe/Paris"
-    # ids are stable between reads, so state is kept between ticks
-    assert [s.schedule_id for s in await source.get_schedules()] == [
-        s.schedule_id for s in schedules
-    ]
-
-    sent = await scheduler.tick(at(12, 0))
-    assert {s.schedule_id for s in sent} == {
-        cron.schedule_id,
-        interval.schedule_id,
-        "new-year-noon",
-    }
-    assert "new-year-noon" not in {s.schedule_id for s in await source.get_schedules()}
-    assert await scheduler.tick(at(12, 0, 30)) == []
-    assert [s.schedule_id for s in await scheduler.tick(at(12, 1))] == [interval.schedule_id]
-    assert [s.schedule_id for s in await scheduler.tick(at(12, 2))] == [
-        cron.schedule_id,
-        interval.schedule_id,
-    ]
-    await scheduler.shutdown()
+async def test_interval_is_sent_once_per_interval_and_taken_over(
+    calls: list[tuple[str, Any]],
+) -> None:
+    clock = Clock()
+    claim = InMemoryRunClaim(clock=clock.seconds)
+    task = schedule("record", "i", interval=10)
+    a = Node("a", [InMemoryScheduleSource([task])], calls, claim, clock)
+    b = Node("b", [InMemoryScheduleSource([task])], calls, claim, clock)
+    start = clock.now
+    sent_at: list[tuple[str, int]] = []
+    for second in range(70):
+        clock.now = start + timedelta(seconds=second)
+        # each fires on its own grid, as taskiq's loop does: a from 0 s, b from 3 s; a dies at 35
+        due = [n for n, first in ((a, 0), (b, 3)) if second >= first and (second - first) % 10 == 0]
+        for node in due:
+            if node is a and second >= 35:
+                continue
+            if await node.fire():
+                sent_at.append((node.name, second))
+    # b finds each run claimed until a stops, then takes over once a's last claim (30 + 9 s)
+    # expired
+    assert sent_at == [("a", 0), ("a", 10), ("a", 20), ("a", 30), ("b", 43), ("b", 53), ("b", 63)]
 
 
-async def test_label_schedule_source_rejects_bad_labels() -> None:
-    broker = InMemoryBroker()
+async def test_a_one_shot_is_sent_by_one_scheduler(calls: list[tuple[str, Any]]) -> None:
+    clock, claim = Clock(at(12, 0, 1)), InMemoryRunClaim()
+    task = schedule("record", "once", time=at(12, 0))
+    a = Node("a", [InMemoryScheduleSource([task])], calls, claim, clock)
+    b = Node("b", [InMemoryScheduleSource([task])], calls, claim, clock)
+    assert await a.fire()
+    assert await a.source.get_schedules() == []  # deleted by post_send
+    clock.now = at(12, 0, 2)
+    assert not await b.fire()
+    assert calls == [("a", "once")]
 
-    @broker.task("bad", schedule=[{"cron": "nope"}])
-    async def bad() -> None:
-        pass
 
-    with pytest.raises(ValueError, match="'bad'"):
-        await LabelScheduleSource(broker).startup()
+async def test_a_failed_send_releases_the_claim(calls: list[tuple[str, Any]]) -> None:
+    """A scheduler that cannot send a claimed run lets the other one retry it."""
+    clock, claim = Clock(at(10, 0, 1)), InMemoryRunClaim()
+    task = schedule("record", "r", cron="* * * * *")
+    a = Node("a", [InMemoryScheduleSource([task])], calls, claim, clock, register=False)
+    b = Node("b", [InMemoryScheduleSource([task])], calls, claim, clock)
+    with pytest.raises(SendTaskError):  # "record" is unknown to a's broker
+        await a.fire()
+    assert claim.claims == {}
+    assert await b.fire()
+    assert calls == [("b", "r")]
 
 
-class FlakySource(ScheduleSource):
-    def __init__(self, task: ScheduledTask) -> None:
-        self.task = task
-        self.fail_reads = 0
-        self.cancel_next = False
-
-    async def get_schedules(self) -> list[ScheduledTask]:
-        if self.fail_reads:
-            self.fail_reads -= 1
-            raise ConnectionError("source down")
-        return [self.task]
-
-    async def pre_send(self, task: ScheduledTask) -> None:
-        if self.cancel_next:
-            self.cancel_next = False
+async def test_a_run_cancelled_by_pre_send_is_cancelled_everywhere(
+    calls: list[tuple[str, Any]],
+) -> None:
+    class Cancelling(InMemoryScheduleSource):
+        async def pre_send(self, task: ScheduledTask) -> None:
             raise ScheduledTaskCancelledError
 
+    clock, claim = Clock(at(10, 0, 1)), InMemoryRunClaim()
+    task = schedule("record", cron="* * * * *")
+    a = Node("a", [Cancelling([task])], calls, claim, clock)
+    b = Node("b", [InMemoryScheduleSource([task])], calls, claim, clock)
+    assert not await a.fire()  # taskiq's on_ready logs the cancellation
+    assert not await b.fire()  # a claimed the run before its source cancelled it
+    assert calls == []
 
-async def test_source_errors_and_cancellation_by_pre_send() -> None:
+
+async def test_a_failing_claim_store_sends_nothing(
+    calls: list[tuple[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    class Down:
+        async def claim(self, schedule_id: str, occurrence: str, ttl: float) -> bool:
+            raise ConnectionError("claim store down")
+
+    node = Node("n", [InMemoryScheduleSource([schedule(cron="* * * * *")])], calls, Down())
+    assert not await node.fire()
+    assert "cannot claim run" in caplog.text and "claim store down" in caplog.text
+
+
+def test_the_claim_is_checked_and_found() -> None:
     broker = InMemoryBroker()
-    sent: list[int] = []
+    with pytest.raises(TypeError, match="claim"):
+        PoolScheduler(broker, [], claim=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="claim"):
+        RunClaims(object())  # type: ignore[arg-type]
 
-    @broker.task("count")
-    async def count() -> None:
-        sent.append(1)
+    class Offering(InMemoryScheduleSource):
+        def __init__(self) -> None:
+            super().__init__()
+            self.made: list[InMemoryRunClaim] = []
 
-    source = FlakySource(ScheduledTask("count", cron="* * * * *"))
-    other = InMemoryScheduleSource([ScheduledTask("count", cron="* * * * *")])
-    scheduler = TaskiqScheduler(broker, [source, other])
-    await scheduler.startup()
-    source.fail_reads = 1
-    assert len(await scheduler.tick(at(10, 0))) == 1  # the other source still works
-    assert len(await scheduler.tick(at(10, 0, 1))) == 1  # the flaky one is back
-    source.cancel_next = True
-    assert len(await scheduler.tick(at(10, 1))) == 1  # only the other one was sent
-    assert await scheduler.tick(at(10, 1, 30)) == []  # the cancelled run is not retried
-    await broker.wait_all()
-    assert len(sent) == 3
-    await scheduler.shutdown()
+        def run_claim(self) -> InMemoryRunClaim:
+            self.made.append(InMemoryRunClaim())
+            return self.made[-1]
 
-
-async def test_failed_send_is_retried_at_the_next_tick() -> None:
-    broker = InMemoryBroker()  # "missing" is not registered: kiq raises
-    source = InMemoryScheduleSource([ScheduledTask("missing", cron="* * * * *")])
-    scheduler = TaskiqScheduler(broker, [source])
-    await scheduler.startup()
-    assert await scheduler.tick(at(10, 0)) == []
-
-    @broker.task("missing")
-    async def missing() -> None:
-        pass
-
-    assert len(await scheduler.tick(at(10, 0, 1))) == 1  # sent late, within the minute
-    assert await scheduler.tick(at(10, 0, 2)) == []
-    await scheduler.shutdown()
+    offering = Offering()
+    found = PoolScheduler(broker, [InMemoryScheduleSource(), offering]).run_claims
+    assert found is not None and found.claim is offering.made[0]
+    explicit = InMemoryRunClaim()
+    chosen = PoolScheduler(broker, [offering], claim=explicit).run_claims
+    assert chosen is not None and chosen.claim is explicit
+    assert PoolScheduler(broker, [offering], claim=False).run_claims is None
 
 
-# ------------------------------------------------------------------ run_forever
-async def test_run_forever_sends_and_stops() -> None:
-    broker = InMemoryBroker()
-    got = asyncio.Event()
-
-    @broker.task("ping")
-    async def ping() -> None:
-        got.set()
-
-    source = InMemoryScheduleSource([ScheduledTask("ping", interval=3600)])
-    scheduler = TaskiqScheduler(broker, [source])
-    stop = asyncio.Event()
-    await scheduler.startup()
-    assert broker.is_scheduler_process
-    runner = asyncio.create_task(scheduler.run_forever(stop))
-    await asyncio.wait_for(got.wait(), 5)  # an interval schedule is sent when first seen
-    stop.set()
-    await asyncio.wait_for(runner, 5)
-    await scheduler.shutdown()
+def test_occurrences() -> None:
+    paris = datetime(2030, 1, 1, 9, 0, 42, tzinfo=timezone(timedelta(hours=1)))
+    cron = schedule(cron="0 9 * * *", cron_offset="Europe/Paris")
+    assert occurrence_of(cron, paris) == ("2030-01-01T08:00+00:00", CLAIM_TTL)  # UTC minute
+    naive = schedule(time=datetime(2030, 1, 1, 12))
+    assert occurrence_of(naive, at(12, 0, 5)) == ("2030-01-01T12:00:00+00:00", CLAIM_TTL)
+    assert occurrence_of(schedule(interval=timedelta(minutes=2)), at(1, 0)) == ("interval", 108)
 
 
-async def test_run_forever_returns_at_once_when_stopped() -> None:
-    scheduler = TaskiqScheduler(InMemoryBroker(), [InMemoryScheduleSource()])
-    stop = asyncio.Event()
-    stop.set()
-    await asyncio.wait_for(scheduler.run_forever(stop), 2)
+async def test_label_schedules_are_named_alike_in_every_scheduler() -> None:
+    """taskiq's LabelScheduleSource gives its schedules random ids in each process."""
+
+    def source(args: list[Any]) -> LabelScheduleSource:
+        broker = InMemoryBroker()
+
+        @broker.task("labelled", schedule=[{"cron": "*/5 * * * *", "args": args}])
+        async def labelled(*args: Any) -> None: ...
+
+        return LabelScheduleSource(broker)
+
+    first, second, other = source([1]), source([1]), source([2])
+    for each in (first, second, other):
+        await each.startup()
+    [a], [b], [c] = [await s.get_schedules() for s in (first, second, other)]
+    assert a.schedule_id != b.schedule_id  # taskiq's random ids
+    assert claim_id(first, a) == claim_id(second, b) != claim_id(other, c)
+    assert claim_id(first, a).startswith("label:labelled:")
+    assert claim_id(InMemoryScheduleSource(), a) == a.schedule_id  # other sources: their id
+
+
+async def test_with_run_claims_adds_claims_to_a_plain_taskiq_scheduler(
+    calls: list[tuple[str, Any]],
+) -> None:
+    sent: list[str] = []
+
+    class Custom(TaskiqScheduler):
+        async def on_ready(self, source: ScheduleSource, task: ScheduledTask) -> None:
+            sent.append(task.schedule_id)
+
+    class Claim(InMemoryRunClaim):
+        closed = False
+
+        async def shutdown(self) -> None:
+            self.closed = True
+
+    claim = Claim()
+    task = schedule(cron="* * * * *")
+    source = InMemoryScheduleSource([task])
+    a = Custom(InMemoryBroker(), [source])
+    b = Custom(InMemoryBroker(), [source])
+    assert with_run_claims(a, claim) is a and with_run_claims(b, claim) is b
+    assert with_run_claims(a, InMemoryRunClaim()) is a  # already claiming: unchanged
+    await a.on_ready(source, task)
+    await b.on_ready(source, task)
+    assert sent == [task.schedule_id]  # the subclass's own on_ready sent it, once
+    await a.startup()
+    await a.shutdown()
+    assert claim.closed
+    plain = TaskiqScheduler(InMemoryBroker(), [source])
+    assert with_run_claims(plain) is plain and not hasattr(plain, "run_claims")
+
+
+async def test_in_memory_source_with_taskiqs_schedule_api(calls: list[tuple[str, Any]]) -> None:
+    source = InMemoryScheduleSource()
+    node = Node("n", [source], calls)
+    created = await node.record.kicker().schedule_by_cron(source, "*/5 * * * *", "hello")
+    [stored] = await source.get_schedules()
+    assert stored.schedule_id == created.schedule_id and stored.args == ["hello"]
+    await created.unschedule()
+    assert await source.get_schedules() == []
+    await source.delete_schedule("no-such-id")  # not an error
+    once = await node.record.kicker().schedule_by_time(source, at(12, 0), "later")
+    interval = await node.record.kicker().schedule_by_interval(source, 30, "often")
+    assert {s.schedule_id for s in await source.get_schedules()} == {
+        once.schedule_id,
+        interval.schedule_id,
+    }
+    source.post_send(once.task)
+    assert [s.schedule_id for s in await source.get_schedules()] == [interval.schedule_id]
+
+
+async def test_taskiqs_loop_with_claims_sends_each_run_once(calls: list[tuple[str, Any]]) -> None:
+    """Two schedulers in taskiq's real loop, one claim store: one run per second, not two."""
+    claim = InMemoryRunClaim()
+    task = schedule("record", "every second", interval=1)
+    nodes = [Node(n, [InMemoryScheduleSource([task])], calls, claim) for n in "ab"]
+    loops = [
+        asyncio.create_task(SchedulerLoop(node.scheduler).run(update_interval=timedelta(hours=1)))
+        for node in nodes
+    ]
+    started = time.monotonic()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len(calls) < 3:
+            assert loop.time() < deadline, "taskiq's loop sent nothing"
+            await asyncio.sleep(0.05)
+    finally:
+        for running in loops:
+            running.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        for node in nodes:
+            await node.broker.wait_all()
+    seconds = time.monotonic() - started
+    # one send per whole second (taskiq's loop ticks on the second), whoever sent it
+    assert len(calls) <= int(seconds) + 1, (calls, seconds)
+
+
+# ------------------------------------------------------------------ python -m pool scheduler
+def scheduler_process(
+    *args: str, mark: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pool.ops.scheduler_cli", *args, "--log-level", "DEBUG"],
+            cwd=str(APPS),
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(APPS), str(ROOT)]),
+                "POOL_TEST_MARK": str(mark),
+                **(env or {}),
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Scheduler processes of a test; any still running at the end is killed."""
+    running: list[subprocess.Popen[bytes]] = []
+    yield running
+    for proc in running:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("spec", ["scheduler_app:scheduler", "scheduler_app:make_scheduler"])
+def test_cli_runs_taskiqs_loop_and_stops_cleanly(
+    sig: int, spec: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    mark, log = tmp_path / "marks", tmp_path / "scheduler.log"
+    procs.append(proc := scheduler_process(spec, "--update-interval", "5", mark=mark, log=log))
+    wait_for(lambda: len(lines(mark)) >= 2, 15, "two runs of the every-second schedule")
+    started = time.monotonic()
+    assert stop(proc, sig) == 0, log.read_text()
+    assert time.monotonic() - started < 5
+    text = log.read_text()
+    assert "scheduler stopped" in text and "Traceback" not in text, text
+    assert "run claims: none" in text
+    assert {line.split()[0] for line in lines(mark)} == {"interval"}
+    assert {line.split()[1] for line in lines(mark)} == {str(proc.pid)}  # ran in-process
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("scheduler_app:not_a_scheduler", "not a TaskiqScheduler but InMemoryBroker"),
+        ("scheduler_app:missing", "has no attribute 'missing'"),
+        ("no_such_app_module:scheduler", "No module named 'no_such_app_module'"),
+        ("scheduler_app", "expected MODULE:ATTR"),
+    ],
+)
+def test_cli_rejects_what_is_not_a_scheduler(spec: str, message: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pool.ops.scheduler_cli", spec],
+        cwd=str(APPS),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(ROOT)])},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+
+
+def test_cli_reports_a_module_that_fails_to_import(tmp_path: Path) -> None:
+    (tmp_path / "broken_sched_app.py").write_text("raise RuntimeError('boom at import')\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "pool.ops.scheduler_cli", "broken_sched_app:scheduler"],
+        cwd=str(tmp_path),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "cannot import broken_sched_app:scheduler: RuntimeError: boom at import" in out.stderr
+
+
+def test_cli_takes_taskiq_schedulers_arguments() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pool.ops.scheduler_cli", *args],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+
+    helped = run("--help")
+    assert helped.returncode == 0, helped.stderr
+    for option in ("--skip-first-run", "--update-interval", "--send-timeout", "--claims"):
+        assert option in helped.stdout
+    bad = run("app:scheduler", "--loop-interval", "soon")
+    assert bad.returncode == 2 and "--loop-interval" in bad.stderr
