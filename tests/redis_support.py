@@ -29,7 +29,7 @@ def _unreachable_reason() -> str | None:
     try:
         import redis
     except ImportError:
-        return "redis-py is not installed (pip install 'pool[redis]')"
+        return "redis-py is not installed (pip install 'taskiq-pool[redis]')"
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
     try:
         client.ping()
