@@ -9,7 +9,7 @@ With any other result backend they behave exactly like taskiq's.
 from __future__ import annotations
 
 from copy import copy
-from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from taskiq.abc.broker import AsyncTaskiqDecoratedTask
 from taskiq.exceptions import SendTaskError
@@ -20,7 +20,6 @@ _Params = ParamSpec("_Params")
 _Return = TypeVar("_Return")
 
 
-@runtime_checkable
 class PushedResults(Protocol):
     """A result backend that can wait for a result without polling."""
 
@@ -38,11 +37,11 @@ class PoolTask(AsyncTaskiqTask[_Return]):
         timeout: float = -1.0,
         with_logs: bool = False,
     ) -> Any:
-        backend = self.result_backend
-        if not isinstance(backend, PushedResults):
+        wait_ready = getattr(self.result_backend, "wait_ready", None)
+        if wait_ready is None:  # not a PushedResults backend
             return await super().wait_result(check_interval, timeout, with_logs)
         # taskiq's meaning: a timeout of 0 or less waits for ever
-        await backend.wait_ready(self.task_id, timeout if timeout > 0 else None)
+        await wait_ready(self.task_id, timeout if timeout > 0 else None)
         return await self.get_result(with_logs=with_logs)
 
 

@@ -279,11 +279,18 @@ class Heartbeat(Frame):
 @frame(Op.DONE)
 @dataclass(slots=True)
 class Done(Frame):
-    """``delivery`` is acknowledged; ``result`` (may be empty) is saved with it, at once."""
+    """``delivery`` is acknowledged; ``result`` (may be empty) is saved with it, at once.
+
+    ``outcome`` says how the task ended when it ended before its acknowledgement (the
+    default ``--ack-type when_saved``), so that no separate :class:`Finished` is needed:
+    0 not yet (a :class:`Finished` follows), 1 succeeded, 2 failed.
+    """
 
     delivery: int
     task_id: str
     result: bytes
+    outcome: int
+    duration: float
 
 
 @frame(Op.LATE_RESULT)

@@ -43,6 +43,8 @@ EXIT_OK = 0
 EXIT_STARTUP_FAILED = 3
 EXIT_ORPHANED = 70
 
+_NOT_FINISHED = (0, 0.0)
+
 
 @dataclass
 class WorkerConfig:
@@ -161,6 +163,7 @@ class Worker:
         self.inbox: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
         self._unacked: dict[str, int] = {}
         self._stashed: dict[str, bytes] = {}
+        self._outcomes: dict[str, tuple[int, float]] = {}
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -175,7 +178,10 @@ class Worker:
             return EXIT_STARTUP_FAILED
         self.pipe.send(Ready(os.getpid()))
         heartbeat = asyncio.create_task(self._heartbeat())
-        await self.receiver.listen(self.stop)
+        if self.broker.worker_link is self:
+            await self._consume_pool_broker()
+        else:
+            await self.receiver.listen(self.stop)
         await self._cancel_leftovers()
         heartbeat.cancel()
         try:
@@ -232,8 +238,9 @@ class Worker:
     def acknowledge(self, delivery: int, task_id: str) -> None:
         if self._unacked.get(task_id) == delivery:
             del self._unacked[task_id]
+        outcome, duration = self._outcomes.pop(task_id, _NOT_FINISHED)
         assert self.pipe is not None
-        self.pipe.send(Done(delivery, task_id, self._stashed.pop(task_id, b"")))
+        self.pipe.send(Done(delivery, task_id, self._stashed.pop(task_id, b""), outcome, duration))
 
     def save_result(self, task_id: str, payload: bytes) -> None:
         """Kept until the acknowledgement, which carries it; sent at once after it."""
@@ -250,11 +257,38 @@ class Worker:
     # ----------------------------------------------------------------- the rest
     def _finished(self, message: Any, result: Any, duration: float) -> None:
         """A task ran to its end: tell the supervisor, for stats and metrics."""
-        assert self.pipe is not None
-        self.pipe.send(Finished(message.task_name, bool(result.is_err), duration))
+        if message.task_id in self._unacked:  # told with the acknowledgement, in one frame
+            self._outcomes[message.task_id] = (2 if result.is_err else 1, duration)
+        else:
+            assert self.pipe is not None
+            self.pipe.send(Finished(message.task_name, bool(result.is_err), duration))
         forget = getattr(self.broker.result_backend, "forget_local", None)
         if forget is not None:
             forget(message.task_id)
+
+    async def _consume_pool_broker(self) -> None:
+        """Run what ``PoolBroker.listen()`` yields, each in a task of its own, until drained.
+
+        The supervisor hands a worker at most ``--max-async-tasks`` (plus ``--max-prefetch``)
+        tasks at a time, so the admission control of taskiq's ``Receiver.listen`` (two
+        semaphores and three asyncio tasks per message) is not needed here; every message
+        still runs through the receiver's ``callback``.
+        """
+        receiver = self.receiver
+        callbacks: set[asyncio.Task[None]] = set()
+
+        async def consume() -> None:
+            async for message in self.broker.listen():
+                task = asyncio.create_task(receiver.callback(message))
+                callbacks.add(task)
+                task.add_done_callback(callbacks.discard)
+
+        consumer = asyncio.create_task(consume())
+        await self.stop.wait()
+        consumer.cancel()  # tasks not taken yet stay unacknowledged: the supervisor has them
+        await asyncio.gather(consumer, return_exceptions=True)
+        if callbacks:
+            await asyncio.wait(list(callbacks), timeout=receiver.wait_tasks_timeout)
 
     def begin_drain(self, timeout: float | None) -> None:
         if timeout is not None and self.receiver is not None:
