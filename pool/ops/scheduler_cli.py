@@ -76,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_serve(args, own))
 
 
+def run_scheduler(spec: str, log_level: str = "INFO") -> int:
+    """``main([spec, "--log-level", log_level])``: the call ``pool.ops.cli`` makes today."""
+    return main([spec, "--log-level", log_level.upper()])
+
+
 def _own_help() -> str:
     text = _own_parser().format_help()
     return text.split("options:", 1)[-1].strip("\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import taskiq
+
 from pool import TaskiqEvents, TaskiqState
 from pool.redis import RedisResultBackend, RedisStreamBroker
 
@@ -24,7 +26,8 @@ broker = make_broker()
 
 
 @broker.on_event(TaskiqEvents.WORKER_STARTUP)
-async def on_startup(state: TaskiqState) -> None:
+async def on_startup(state: taskiq.TaskiqState) -> None:
+    assert isinstance(state, TaskiqState)  # under `pool run`: pool's shared state
     state.incr("workers_started")
 
 
