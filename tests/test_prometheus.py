@@ -1,34 +1,36 @@
-"""PrometheusMiddleware: metrics counted on the InMemoryBroker, served over HTTP by workers."""
+"""taskiq's PrometheusMiddleware on pool's ``InMemoryBroker``: counts, endpoint, processes.
+
+taskiq's middleware registers its metrics in prometheus' global registry and sets
+``PROMETHEUS_MULTIPROC_DIR`` for the whole process when it is created, so each check runs in
+a fresh interpreter of its own (an instance per process, as in a worker).
+"""
 
 from __future__ import annotations
 
-import asyncio
+import json
+import socket
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRELUDE = """
+import asyncio, json, sys, urllib.request
+from pathlib import Path
 from pool import InMemoryBroker, PrometheusMiddleware
 
-pytestmark = pytest.mark.timeout(30)
+METRICS = Path(sys.argv[1])
 
-
-def sample(middleware: PrometheusMiddleware, name: str, task_name: str) -> float:
-    value = middleware.registry.get_sample_value(name, {"task_name": task_name})
-    return 0.0 if value is None else value
-
-
-def scrape(address: tuple[str, int]) -> str:
-    host, port = address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def make_broker(middleware: PrometheusMiddleware) -> InMemoryBroker:
+def make_broker(**options):
     broker = InMemoryBroker()
+    middleware = PrometheusMiddleware(metrics_path=METRICS, **options)
     broker.add_middlewares(middleware)
 
     @broker.task("ok")
@@ -41,191 +43,146 @@ def make_broker(middleware: PrometheusMiddleware) -> InMemoryBroker:
 
     return broker
 
-
-async def test_metrics_are_counted() -> None:
-    middleware = PrometheusMiddleware(server_port=0)
-    broker = make_broker(middleware)
-    await broker.startup()
-    assert middleware.server_address is None  # not a worker process: no server
-    for i in range(3):
-        await broker.find_task("ok").kiq(i)  # type: ignore[union-attr]
-    for _ in range(2):
-        await broker.find_task("boom").kiq()  # type: ignore[union-attr]
+async def run(broker, oks, booms):
+    for i in range(oks):
+        await broker.find_task("ok").kiq(i)
+    for _ in range(booms):
+        await broker.find_task("boom").kiq()
     await broker.wait_all()
 
-    assert sample(middleware, "received_tasks_total", "ok") == 3
-    assert sample(middleware, "success_tasks_total", "ok") == 3
-    assert sample(middleware, "found_errors_total", "ok") == 0
-    assert sample(middleware, "received_tasks_total", "boom") == 2
-    assert sample(middleware, "found_errors_total", "boom") == 2
-    assert sample(middleware, "success_tasks_total", "boom") == 0
-    assert sample(middleware, "saved_results_total", "ok") == 3
-    assert sample(middleware, "execution_time_count", "ok") == 3
-    assert sample(middleware, "execution_time_count", "boom") == 2
-    assert sample(middleware, "in_flight_tasks", "ok") == 0
-    await broker.shutdown()
+def samples():
+    # imported after the middleware set PROMETHEUS_MULTIPROC_DIR, as in a worker
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(METRICS))
+    names = ("received_tasks_total", "success_tasks_total", "found_errors_total",
+             "saved_results_total", "execution_time_count")
+    return {
+        task: {n: registry.get_sample_value(n, {"task_name": task}) or 0 for n in names}
+        for task in ("ok", "boom")
+    }
+"""
 
 
-async def test_in_flight_gauge() -> None:
-    middleware = PrometheusMiddleware()
-    broker = InMemoryBroker()
-    broker.add_middlewares(middleware)
-    started = asyncio.Event()
-    release = asyncio.Event()
-
-    @broker.task("slow")
-    async def slow() -> None:
-        started.set()
-        await release.wait()
-
-    await broker.startup()
-    await slow.kiq()
-    await asyncio.wait_for(started.wait(), 5)
-    assert sample(middleware, "in_flight_tasks", "slow") == 1
-    release.set()
-    await broker.wait_all()
-    assert sample(middleware, "in_flight_tasks", "slow") == 0
-    await broker.shutdown()
-
-
-async def test_endpoint_is_served_in_worker_processes() -> None:
-    middleware = PrometheusMiddleware(server_addr="127.0.0.1", server_port=0)
-    broker = make_broker(middleware)
-    broker.is_worker_process = True
-    await broker.startup()
-    try:
-        assert middleware.server_address is not None
-        host, port = middleware.server_address
-        assert host == "127.0.0.1" and port > 0
-        await broker.find_task("ok").kiq(1)  # type: ignore[union-attr]
-        await broker.find_task("boom").kiq()  # type: ignore[union-attr]
-        await broker.wait_all()
-        text = await asyncio.to_thread(scrape, middleware.server_address)
-        assert 'received_tasks_total{task_name="ok"} 1.0' in text
-        assert 'found_errors_total{task_name="boom"} 1.0' in text
-        assert 'execution_time_bucket{le="+Inf",task_name="ok"} 1.0' in text
-        assert "python_gc" not in text  # a private registry, not the global one
-        address = middleware.server_address
-    finally:
-        await broker.shutdown()
-    assert middleware.server_address is None
-    with pytest.raises(OSError):
-        await asyncio.to_thread(scrape, address)  # the server was stopped
-
-
-async def test_two_instances_in_one_process_do_not_clash() -> None:
-    first = PrometheusMiddleware(server_port=0)
-    second = PrometheusMiddleware(server_port=0)
-    assert first.registry is not second.registry
-    broker1, broker2 = make_broker(first), make_broker(second)
-    broker1.is_worker_process = broker2.is_worker_process = True
-    await broker1.startup()
-    await broker2.startup()
-    try:
-        await broker1.find_task("ok").kiq(1)  # type: ignore[union-attr]
-        for _ in range(4):
-            await broker2.find_task("ok").kiq(1)  # type: ignore[union-attr]
-        await broker1.wait_all()
-        await broker2.wait_all()
-        assert sample(first, "received_tasks_total", "ok") == 1
-        assert sample(second, "received_tasks_total", "ok") == 4
-        assert first.server_address != second.server_address
-        assert first.server_address is not None and second.server_address is not None
-        text1 = await asyncio.to_thread(scrape, first.server_address)
-        text2 = await asyncio.to_thread(scrape, second.server_address)
-        assert 'received_tasks_total{task_name="ok"} 1.0' in text1
-        assert 'received_tasks_total{task_name="ok"} 4.0' in text2
-    finally:
-        await broker1.shutdown()
-        await broker2.shutdown()
-
-
-async def test_port_in_use_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    first = PrometheusMiddleware(server_port=0)
-    broker1 = make_broker(first)
-    broker1.is_worker_process = True
-    await broker1.startup()
-    try:
-        assert first.server_address is not None
-        second = PrometheusMiddleware(server_port=first.server_address[1])
-        broker2 = make_broker(second)
-        broker2.is_worker_process = True
-        await broker2.startup()
-        assert second.server_address is None
-        assert "cannot serve prometheus metrics" in caplog.text
-        await broker2.shutdown()
-    finally:
-        await broker1.shutdown()
-
-
-def test_import_pool_does_not_import_prometheus_client() -> None:
-    code = "import sys, pool; pool.PrometheusMiddleware; print('prometheus_client' in sys.modules)"
+def run_script(body: str, metrics: Path, *args: str) -> Any:
+    """Run ``PRELUDE + body`` in a fresh interpreter; its last line of output, as JSON."""
+    metrics.mkdir(exist_ok=True)
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True
-    )
-    assert out.stdout.strip() == "False"
-
-
-def test_multiprocess_mode_sums_over_processes(tmp_path: Path) -> None:
-    """With metrics_path, values from several processes are served together."""
-    metrics_dir = tmp_path / "metrics"
-    script = textwrap.dedent(
-        f"""
-        import asyncio, multiprocessing, sys, urllib.request
-        from pool import InMemoryBroker, PrometheusMiddleware
-
-        def child(n):
-            async def main():
-                mw = PrometheusMiddleware(metrics_path={str(metrics_dir)!r})
-                broker = InMemoryBroker()
-                broker.add_middlewares(mw)
-                @broker.task("t")
-                async def t():
-                    return 1
-                await broker.startup()
-                for _ in range(n):
-                    await t.kiq()
-                await broker.wait_all()
-                await broker.shutdown()
-            asyncio.run(main())
-
-        if __name__ == "__main__":
-            ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=child, args=(n,)) for n in (2, 3)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join(20)
-                assert p.exitcode == 0, p.exitcode
-
-            async def serve():
-                mw = PrometheusMiddleware(metrics_path={str(metrics_dir)!r}, server_port=0)
-                broker = InMemoryBroker()
-                broker.add_middlewares(mw)
-                broker.is_worker_process = True
-                await broker.startup()
-                host, port = mw.server_address
-                url = f"http://{{host}}:{{port}}/metrics"
-                text = await asyncio.to_thread(
-                    lambda: urllib.request.urlopen(url, timeout=5).read().decode()
-                )
-                await broker.shutdown()
-                return text
-
-            print(asyncio.run(serve()))
-        """
-    )
-    path = tmp_path / "mp_script.py"
-    path.write_text(script)
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, str(path)],
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body), str(metrics), *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
-        cwd=str(root),
-        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        timeout=50,
     )
     assert out.returncode == 0, out.stderr
-    assert 'received_tasks_total{task_name="t"} 5.0' in out.stdout
-    assert 'success_tasks_total{task_name="t"} 5.0' in out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_tasks_are_counted(tmp_path: Path) -> None:
+    body = """
+    async def main():
+        broker = make_broker()
+        async with broker:
+            await run(broker, oks=3, booms=2)
+        print(json.dumps(samples()))
+    asyncio.run(main())
+    """
+    counts = run_script(body, tmp_path / "metrics")
+    assert counts["ok"] == {
+        "received_tasks_total": 3,
+        "success_tasks_total": 3,
+        "found_errors_total": 0,
+        "saved_results_total": 3,
+        "execution_time_count": 3,
+    }
+    assert counts["boom"]["received_tasks_total"] == 2
+    assert counts["boom"]["found_errors_total"] == 2
+    assert counts["boom"]["success_tasks_total"] == 0
+
+
+SERVE = """
+port, role = int(sys.argv[2]), sys.argv[3]
+
+def scrape():
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+
+async def main():
+    broker = make_broker(server_addr="127.0.0.1", server_port=port)
+    broker.is_worker_process = role == "worker"
+    async with broker:
+        await run(broker, oks=1, booms=1)
+        text = await asyncio.to_thread(scrape)
+    print(json.dumps(text))
+asyncio.run(main())
+"""
+
+
+def test_a_worker_process_serves_the_metrics(tmp_path: Path) -> None:
+    text = run_script(SERVE, tmp_path / "metrics", str(free_port()), "worker")
+    assert 'received_tasks_total{task_name="ok"} 1.0' in text
+    assert 'found_errors_total{task_name="boom"} 1.0' in text
+    assert 'execution_time_bucket{le="+Inf",task_name="ok"} 1.0' in text
+
+
+def test_a_producer_serves_no_metrics(tmp_path: Path) -> None:
+    assert run_script(SERVE, tmp_path / "metrics", str(free_port()), "producer") is None
+
+
+def test_the_counts_of_several_processes_are_summed(tmp_path: Path) -> None:
+    """Each worker process counts into the shared metrics directory; one endpoint sums them."""
+    metrics = tmp_path / "metrics"
+    child = """
+    async def main():
+        broker = make_broker()
+        async with broker:
+            await run(broker, oks=int(sys.argv[2]), booms=1)
+        print(json.dumps("done"))
+    asyncio.run(main())
+    """
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + textwrap.dedent(child), str(metrics), str(n)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (2, 3)
+    ]
+    metrics.mkdir(exist_ok=True)
+    for proc in procs:
+        _, err = proc.communicate(timeout=50)
+        assert proc.returncode == 0, err
+    summing = "PrometheusMiddleware(metrics_path=METRICS)\nprint(json.dumps(samples()))\n"
+    counts = run_script(summing, metrics)
+    assert counts["ok"]["received_tasks_total"] == 5
+    assert counts["ok"]["success_tasks_total"] == 5
+    assert counts["boom"]["found_errors_total"] == 2
+
+
+def test_import_pool_and_naming_the_middleware_do_not_import_prometheus_client() -> None:
+    code = (
+        "import sys, pool\n"
+        "assert pool.PrometheusMiddleware is not None\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
