@@ -1,6 +1,7 @@
 """The wire format between producers, the supervisor and workers.
 
-A frame is ``[u32 length][u8 op][fields]`` where each field is ``[u32 length][bytes]``.
+A frame is ``[u32 size][u8 op][u32 length of each field][the fields]``; each kind of frame
+is a small dataclass below, with its fields named.
 Every byte read is bounds-checked: a malformed frame is dropped with a log line, an
 oversized or unauthenticated one closes the connection. Nothing is ever unpickled.
 """
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import operator
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -63,29 +65,10 @@ class FrameError(ValueError):
 
 
 def encode(op: int, *fields: bytes) -> bytes:
-    parts = [b""]
-    size = 1
-    for field in fields:
-        parts.append(_LEN.pack(len(field)))
-        parts.append(field)
-        size += 4 + len(field)
-    parts[0] = _HEAD.pack(size, op)
-    return b"".join(parts)
-
-
-def decode_fields(body: memoryview) -> list[bytes]:
-    fields = []
-    pos, end = 0, len(body)
-    while pos < end:
-        if end - pos < 4:
-            raise FrameError("truncated field header")
-        (size,) = _LEN.unpack_from(body, pos)
-        pos += 4
-        if size > end - pos:
-            raise FrameError("field longer than its frame")
-        fields.append(bytes(body[pos : pos + size]))
-        pos += size
-    return fields
+    """A frame: ``[u32 size][u8 op][u32 length of each field][the fields]``."""
+    lengths = [len(field) for field in fields]
+    size = 1 + 4 * len(fields) + sum(lengths)
+    return b"".join((_HEAD.pack(size, op), struct.pack(f"!{len(fields)}I", *lengths), *fields))
 
 
 # --------------------------------------------------------------------------- named frames
@@ -123,20 +106,30 @@ class Frame:
     op: ClassVar[Op]
     _encoders: ClassVar[tuple[Callable[[Any], bytes], ...]]
     _decoders: ClassVar[tuple[Callable[[bytes], Any], ...]]
-    _names: ClassVar[tuple[str, ...]]
+    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    _lengths: ClassVar[struct.Struct]
 
     def encode(self) -> bytes:
-        return encode(
-            self.op,
-            *(enc(getattr(self, name)) for enc, name in zip(self._encoders, self._names)),
-        )
+        fields = [enc(value) for enc, value in zip(self._encoders, self._values(self), strict=True)]
+        lengths = [len(field) for field in fields]
+        head = _HEAD.pack(1 + self._lengths.size + sum(lengths), self.op)
+        return b"".join((head, self._lengths.pack(*lengths), *fields))
 
     @classmethod
-    def decode(cls, fields: list[bytes]) -> Frame:
-        if len(fields) != len(cls._names):
-            raise FrameError(f"{cls.__name__} has {len(cls._names)} field(s), got {len(fields)}")
+    def decode(cls, body: memoryview) -> Frame:
+        table = cls._lengths
+        if len(body) < table.size:
+            raise FrameError(f"{cls.__name__} frame too short")
+        pos = table.size
+        lengths = table.unpack_from(body, 0)
+        if pos + sum(lengths) != len(body):
+            raise FrameError(f"{cls.__name__} frame: fields do not add up to its length")
+        values = []
         try:
-            return cls(*(dec(blob) for dec, blob in zip(cls._decoders, fields)))
+            for dec, size in zip(cls._decoders, lengths, strict=True):
+                values.append(dec(bytes(body[pos : pos + size])))
+                pos += size
+            return cls(*values)
         except (ValueError, UnicodeDecodeError) as exc:
             raise FrameError(f"bad {cls.__name__} frame: {exc}") from None
 
@@ -149,12 +142,18 @@ def frame(op: Op) -> Callable[[_F], _F]:
     """Register a dataclass as the frame kind numbered ``op``."""
 
     def register(cls: _F) -> _F:
-        kinds = [str(hint) for hint in cls.__annotations__.values() if "ClassVar" not in str(hint)]
-        cls.op = op  # type: ignore[attr-defined]
-        cls._names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[attr-defined,arg-type]
-        cls._encoders = tuple(_ENCODERS.get(k, _json_encode) for k in kinds)  # type: ignore[attr-defined]
-        cls._decoders = tuple(_DECODERS.get(k, _json_decode) for k in kinds)  # type: ignore[attr-defined]
-        FRAMES[op] = cls  # type: ignore[assignment]
+        names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        kinds = [str(cls.__annotations__[name]) for name in names]
+        getter = operator.attrgetter(*names) if names else (lambda _: ())
+        frame_cls: Any = cls
+        frame_cls.op = op
+        frame_cls._values = staticmethod(
+            (lambda self: (getter(self),)) if len(names) == 1 else getter
+        )
+        frame_cls._encoders = tuple(_ENCODERS.get(k, _json_encode) for k in kinds)
+        frame_cls._decoders = tuple(_DECODERS.get(k, _json_decode) for k in kinds)
+        frame_cls._lengths = struct.Struct(f"!{len(names)}I")
+        FRAMES[op] = frame_cls
         return cls
 
     return register
@@ -341,7 +340,7 @@ def decode_frame(op: int, body: memoryview) -> Frame:
     kind = FRAMES.get(op)
     if kind is None:
         raise FrameError(f"unknown op {op}")
-    return kind.decode(decode_fields(body))
+    return kind.decode(body)
 
 
 class FrameReader:

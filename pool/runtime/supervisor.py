@@ -197,6 +197,7 @@ class Supervisor:
             config.queue_size, config.max_async_tasks, config.max_task_failures, self._give_up
         )
         self.connections: set[ControlConnection] = set()
+        self._dispatch_scheduled = False
         self.slot_restarts: dict[int, int] = {}
         self.retired = {"tasks_done": 0, "tasks_failed": 0}
         self.ever_ready = False
@@ -553,6 +554,14 @@ class Supervisor:
         self.router.hold_back(conn)
 
     def dispatch(self) -> None:
+        """Hand out queued tasks once this turn of the event loop is over (frames that
+        arrive together are answered together)."""
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        self._dispatch_scheduled = False
         if self.stopping:
             return
         self.router.dispatch(h for h in self.workers.values() if h.takes_tasks and not h.recycling)
@@ -585,19 +594,28 @@ class Supervisor:
             handle.idle_since = time.monotonic()
         if frame.result:
             self.results.store(frame.task_id, frame.result, entry.producer if entry else None)
+        if frame.outcome:
+            name = entry.task_name if entry is not None else "unknown"
+            self.count_finished(handle, name, frame.outcome == 2, frame.duration)
         self.dispatch()
 
     def on_finished(self, handle: WorkerHandle, frame: Finished) -> None:
-        """A task ran to its end in a worker, whichever broker it came from."""
+        """A task ran to its end in a worker (one from an external broker, or acknowledged
+        before it ended)."""
+        self.count_finished(handle, frame.task_name, frame.failed, frame.duration)
+
+    def count_finished(
+        self, handle: WorkerHandle, task_name: str, failed: bool, duration: float
+    ) -> None:
         if handle.reported_in_flight > 0:
             handle.reported_in_flight -= 1
         if not handle.busy:
             handle.idle_since = time.monotonic()
         handle.tasks_done += 1
-        if frame.failed:
+        if failed:
             handle.tasks_failed += 1
         if self.metrics is not None:
-            self.metrics.observe(frame.task_name, frame.failed, frame.duration)
+            self.metrics.observe(task_name, failed, duration)
         limit = self.config.max_tasks_per_child
         if limit and handle.tasks_done >= limit and not handle.recycling:
             self.recycle(handle, f"it ran {handle.tasks_done} task(s) (--max-tasks-per-child)")
