@@ -19,6 +19,7 @@ from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeout
 
 from pool.extensions.handles import PoolDecoratedTask
 from pool.runtime.protocol import GetProgress, Kick, Subscribe
+from shared_state import TaskiqState
 
 if TYPE_CHECKING:
     from pool.runtime.client import ControlClient
@@ -227,6 +228,9 @@ class PoolBroker(AsyncBroker):
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__()
+        # Outside a pool the state is this process's own, with pool's API; a worker of the
+        # pool replaces it with the shared one before WORKER_STARTUP.
+        self.state = TaskiqState()
         self.pool_results = PoolResultBackend(self, max_stored_results)
         self.result_backend = self.pool_results
         self.decorator_class = PoolDecoratedTask

@@ -547,8 +547,12 @@ class Supervisor:
             reason = f"task {entry.task_name!r} is not registered in {self.config.app}"
             self._store_error(entry, TaskNotFoundError(reason, task_name=entry.task_name))
             return
+        was_empty = not self.router.queue
         self.router.enqueue(entry)
-        self.dispatch()
+        if was_empty and not self._dispatch_scheduled:
+            self._dispatch_now()  # a lone task leaves at once; a burst waits for the turn's end
+        else:
+            self.dispatch()
 
     def hold_back(self, conn: ControlConnection) -> None:
         self.router.hold_back(conn)
