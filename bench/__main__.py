@@ -139,11 +139,37 @@ def _chaos_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _release_section(results: dict[str, Any]) -> list[str]:
+    release, current = results["release"]["release"], results["release"]["current"]
+    commit = results["release"]["release_commit"]["commit"]
+    rows: list[tuple[str, ...]] = [("figure", f"release {commit}", "this tree", "this / release")]
+    for key, label, fmt in (
+        ("throughput_tasks_per_s", "throughput, PoolBroker, 2 workers (tasks/s)", "{:.0f}"),
+        ("p50_ms", "round trip p50 (ms)", "{:.3f}"),
+        ("p99_ms", "round trip p99 (ms)", "{:.3f}"),
+        ("import_ms", "`import pool; pool.PoolBroker` (ms, new interpreter)", "{:.0f}"),
+        ("idle_worker_rss_mib", "idle worker RSS (MiB)", "{:.1f}"),
+        ("supervisor_rss_mib", "supervisor RSS (MiB)", "{:.1f}"),
+    ):
+        rows.append((
+            label, fmt.format(release[key]), fmt.format(current[key]),
+            f"{current[key] / release[key]:.2f}",
+        ))  # fmt: skip
+    return [
+        "## 0. Before and after building on taskiq (same run, same machine)",
+        _table(rows),
+        f"`release` is a git worktree of {commit}, pool's own re-implementation of taskiq's "
+        "API; `this tree` runs taskiq 0.13's own kicker, message, receiver and result types.",
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     parts = [
         "# Benchmark results",
         f"{results['when']} on {results['machine']} (2 cores, shared). Reproduce: `make bench`.",
     ]
+    if "release" in results:
+        parts += _release_section(results)
     parts += _e2e_section(results)
     parts += _state_section(results)
     if "ops" in results:
@@ -180,7 +206,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
 
-    from bench import chaos, pool_bench, scale_bench, state_bench, taskiq_peer
+    from bench import chaos, pool_bench, release_peer, scale_bench, state_bench, taskiq_peer
 
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -194,6 +220,7 @@ def main() -> None:
     except ImportError:
         results["pool_redis"] = None
     results["taskiq"] = asyncio.run(taskiq_peer.measure(2, args.tasks, args.calls))
+    results["release"] = release_peer.measure(args.tasks, args.calls)
     results["state"] = state_bench.run()
     if not args.quick:
         results["ops"] = asyncio.run(scale_bench.measure())
