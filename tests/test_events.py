@@ -150,11 +150,6 @@ async def test_pool_broker_fires_client_or_worker_events_as_taskiq_says(
     assert fired == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PoolBroker.__init__ keeps taskiq's plain TaskiqState: a producer's state lacks "
-    "the seed's API (set_value, ...) that SPEC 2 promises outside a pool",
-)
 async def test_a_pool_broker_producers_state_has_the_seeds_api(tmp_path: Path) -> None:
     broker = PoolBroker(run_dir=tmp_path)
 
