@@ -157,7 +157,7 @@ async def test_scale_and_graceful_shutdown_work_on_redis(space: RedisSpace) -> N
 async def test_a_poison_message_gets_an_error_result_after_three_deliveries(
     space: RedisSpace,
 ) -> None:
-    from pool.exceptions import WorkerCrashedError
+    from pool import WorkerCrashedError
 
     with redis_pool(space, workers=2) as running:
         broker = producer(space)

@@ -178,7 +178,7 @@ class Worker:
             return EXIT_STARTUP_FAILED
         self.pipe.send(Ready(os.getpid()))
         heartbeat = asyncio.create_task(self._heartbeat())
-        if self.broker.worker_link is self:
+        if getattr(self.broker, "worker_link", None) is self:
             await self._consume_pool_broker()
         else:
             await self.receiver.listen(self.stop)
