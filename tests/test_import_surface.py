@@ -62,6 +62,7 @@ POOL_OWN = {
     "TaskiqState": "shared_state",
     "WorkerCrashedError": "pool.extensions.errors",
     "PoolUnavailableError": "pool.extensions.errors",
+    "TaskNotFoundError": "pool.extensions.errors",
 }
 
 # what a worker process needs; a producer does not
@@ -111,7 +112,9 @@ def test_pool_brokers_are_taskiq_async_brokers() -> None:
     assert issubclass(pool.PoolResultBackend, taskiq.AsyncResultBackend)
 
 
-@pytest.mark.parametrize("name", ["WorkerCrashedError", "PoolUnavailableError"])
+@pytest.mark.parametrize(
+    "name", ["WorkerCrashedError", "PoolUnavailableError", "TaskNotFoundError"]
+)
 def test_pools_exceptions_are_taskiq_errors(name: str) -> None:
     error_class = getattr(pool, name)
     assert issubclass(error_class, taskiq.TaskiqError)
@@ -121,8 +124,9 @@ def test_pools_exceptions_are_taskiq_errors(name: str) -> None:
         raise error
 
 
-def test_pool_unavailable_is_a_send_task_error() -> None:
+def test_pools_exceptions_are_the_matching_taskiq_errors() -> None:
     assert issubclass(pool.PoolUnavailableError, taskiq.SendTaskError)
+    assert issubclass(pool.TaskNotFoundError, taskiq.exceptions.UnknownTaskError)
 
 
 def test_all_and_dir_list_every_name_and_each_resolves() -> None:
