@@ -34,15 +34,14 @@ def _env(tree: Path) -> dict[str, str]:
 def import_time_ms(tree: Path, rounds: int = 7) -> float:
     """Median wall time of ``import pool`` (and of the name a producer needs) in a new
     interpreter, minus the interpreter's own start-up."""
+
     def timed(code: str) -> float:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], cwd=tree, env=_env(tree), check=True)
         return time.perf_counter() - start
 
     bare = statistics.median(timed("pass") for _ in range(rounds))
-    full = statistics.median(
-        timed("import pool; pool.PoolBroker") for _ in range(rounds)
-    )
+    full = statistics.median(timed("import pool; pool.PoolBroker") for _ in range(rounds))
     return (full - bare) * 1000
 
 

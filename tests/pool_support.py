@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from taskiq.exceptions import SendTaskError
 
 from pool import PoolBroker
 from pool.extensions.handles import PoolKicker
 from pool.runtime.client import request
-from taskiq.exceptions import SendTaskError
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"

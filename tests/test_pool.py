@@ -14,8 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pool import PoolBroker, SendTaskError, TaskiqResultTimeoutError
-from pool import TaskNotFoundError, UnknownTaskError, WorkerCrashedError
+from pool import (
+    PoolBroker,
+    SendTaskError,
+    TaskiqResultTimeoutError,
+    TaskNotFoundError,
+    UnknownTaskError,
+    WorkerCrashedError,
+)
 from pool.runtime.rundir import RunDir
 from tests.pool_support import RunningPool, call, kicker, wait_for, wait_for_gone
 

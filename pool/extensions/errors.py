@@ -17,7 +17,7 @@ class _WithReason:
     def __init__(self, reason: str | None = None, **kwargs: Any) -> None:
         if reason is not None:
             kwargs["reason"] = reason
-        super().__init__(**kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)
 
 
 class WorkerCrashedError(_WithReason, TaskiqError):

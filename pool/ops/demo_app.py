@@ -10,14 +10,15 @@ from pool import Context, PoolBroker, TaskiqDepends, TaskiqEvents, TaskiqState
 broker = PoolBroker()
 
 
-@broker.on_event(TaskiqEvents.WORKER_STARTUP)
+# taskiq types handlers as taking taskiq's TaskiqState; pool's subclass is what they get
+@broker.on_event(TaskiqEvents.WORKER_STARTUP)  # type: ignore[arg-type]
 async def on_worker_startup(state: TaskiqState) -> None:
     """Every worker registers itself in the shared state."""
     state.incr("workers_started")
     state.setdefault("started_by", os.getpid())
 
 
-@broker.on_event(TaskiqEvents.WORKER_SHUTDOWN)
+@broker.on_event(TaskiqEvents.WORKER_SHUTDOWN)  # type: ignore[arg-type]
 async def on_worker_shutdown(state: TaskiqState) -> None:
     state.incr("workers_stopped")
 

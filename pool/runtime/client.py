@@ -92,7 +92,7 @@ async def connect(
             # A pool that restarts is gone for a moment: retry until the timeout.
             if loop.time() + 0.1 >= deadline:
                 raise PoolUnavailableError(
-                    f"no pool is running in {rd.path} ({type(exc).__name__}: {exc}); "
+                    reason=f"no pool is running in {rd.path} ({type(exc).__name__}: {exc}); "
                     "start one with `python -m pool run module:broker`"
                 ) from exc
             await asyncio.sleep(0.1)

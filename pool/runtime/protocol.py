@@ -106,7 +106,7 @@ class Frame:
     op: ClassVar[Op]
     _encoders: ClassVar[tuple[Callable[[Any], bytes], ...]]
     _decoders: ClassVar[tuple[Callable[[bytes], Any], ...]]
-    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    _values: Callable[[Any], tuple[Any, ...]]
     _lengths: ClassVar[struct.Struct]
 
     def encode(self) -> bytes:
@@ -142,7 +142,7 @@ def frame(op: Op) -> Callable[[_F], _F]:
     """Register a dataclass as the frame kind numbered ``op``."""
 
     def register(cls: _F) -> _F:
-        names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        names = tuple(f.name for f in dataclasses.fields(cls))
         kinds = [str(cls.__annotations__[name]) for name in names]
         getter = operator.attrgetter(*names) if names else (lambda _: ())
         frame_cls: Any = cls

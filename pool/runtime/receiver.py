@@ -39,7 +39,9 @@ class _ContextPerTask:
     def __init__(self, graph: DependencyGraph) -> None:
         self.graph = graph
 
-    def async_ctx(self, initial_cache: dict[Any, Any] | None = None, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    def async_ctx(
+        self, initial_cache: dict[Any, Any] | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         context = dict(initial_cache or {})
         state = context.get(TaskiqBaseState)
         if state is not None:

@@ -545,7 +545,7 @@ class Supervisor:
 
             logger.warning("task %r (%s) is not registered", entry.task_name, entry.task_id)
             reason = f"task {entry.task_name!r} is not registered in {self.config.app}"
-            self._store_error(entry, TaskNotFoundError(reason, task_name=entry.task_name))
+            self._store_error(entry, TaskNotFoundError(reason=reason, task_name=entry.task_name))
             return
         was_empty = not self.router.queue
         self.router.enqueue(entry)
@@ -577,7 +577,7 @@ class Supervisor:
         self._store_error(
             entry,
             WorkerCrashedError(
-                f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
+                reason=f"task {entry.task_name!r} ({entry.task_id}) was delivered {entry.failures} "
                 f"times and each time its worker died or did not acknowledge it ({reason})"
             ),
         )
