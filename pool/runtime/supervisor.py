@@ -1,7 +1,22 @@
 """The supervisor: spawns and watches the worker processes, scales and recycles them.
 
-Task routing (``routing``) and the result store (``results``) of the embedded broker sit
-beside it. It never blocks on one worker: every wait has a deadline and ends in SIGKILL.
+The path of a ``PoolBroker`` task::
+
+    producer  kiq ──Kick──▶  control socket (control.py, HMAC handshake)
+                               │
+                               ▼
+                           TaskRouter (routing.py): queue, in-flight, redelivery
+                               │ Task, over the worker's pipe
+                               ▼
+    worker (worker.py)   PoolBroker.listen() ──▶ taskiq Receiver.callback ──▶ the task
+                               │ Done: the acknowledgement, the result, the outcome
+                               ▼
+                           ResultStore (results.py) ──Result──▶ the producer's wait_result
+
+With any other broker, each worker consumes from it directly and tells the supervisor only
+what finished (``Finished``), for stats and metrics. The supervisor's own job is the
+workers: start them, watch their heartbeats, scale, recycle, drain and reap them. It never
+blocks on one worker: every wait has a deadline and ends in SIGKILL.
 """
 
 from __future__ import annotations
