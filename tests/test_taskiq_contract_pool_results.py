@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import taskiq
 from pydantic import BaseModel
+from taskiq.depends.progress_tracker import TaskProgress, TaskState
 
 import pool
 from pool import (
@@ -300,3 +301,38 @@ def test_a_task_not_found_error_from_a_result_keeps_its_task_name(broker: PoolBr
     back = backend.decode(backend.encode(failed)).error
     assert isinstance(back, pool.TaskNotFoundError)
     assert back.task_name == "gone"
+
+
+# ------------------------------------------------------------------ progress
+async def test_in_a_worker_progress_is_kept_here_and_sent_down_the_pipe(
+    broker: PoolBroker,
+) -> None:
+    link = FakeLink()
+    broker.worker_link = link
+    backend = broker.result_backend
+    await backend.set_progress("t-1", TaskProgress(state=TaskState.STARTED, meta={"done": 3}))
+    progress = await backend.get_progress("t-1")
+    assert progress is not None
+    assert (progress.state, progress.meta) == (TaskState.STARTED, {"done": 3})
+    ((task_id, payload),) = link.progress
+    assert task_id == "t-1"
+    assert broker.serializer.loadb(payload)["meta"] == {"done": 3}
+
+
+async def test_in_a_producer_progress_is_set_by_the_workers_only(broker: PoolBroker) -> None:
+    with pytest.raises(RuntimeError):
+        await broker.result_backend.set_progress("t-1", TaskProgress(state="x", meta=None))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pool/extensions/pool_broker.py PoolResultBackend.get_progress: a call that fails "
+    "(no pool) leaves its waiter in _progress_waiters, so the next call sends no request and "
+    "waits 5 s for an answer that never comes",
+)
+async def test_asking_for_progress_again_after_a_failure_asks_the_pool_again(
+    broker: PoolBroker,
+) -> None:
+    for _ in range(2):
+        with pytest.raises(SendTaskError):
+            await asyncio.wait_for(broker.result_backend.get_progress("t-1"), 2)
