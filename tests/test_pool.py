@@ -303,3 +303,30 @@ async def test_full_queue_makes_kiq_wait(tmp_path: Path) -> None:
         await blocker.wait_result(timeout=30)
         await handles[-1].wait_result(timeout=60)
         await broker.shutdown()
+
+
+def test_a_producer_that_exits_right_after_kiq_loses_nothing() -> None:
+    """kiq returns once the task is in the kernel, so exiting at once loses no task."""
+    import subprocess
+    import sys
+
+    # a small queue: the supervisor stops reading while it is full, so the producer's
+    # writes back up into its own buffers
+    with RunningPool(workers=1, extra=["--queue-size", "20", "--max-async-tasks", "1"]) as running:
+        producer = (
+            "import asyncio\n"
+            "from pool import PoolBroker\n"
+            "from pool.extensions.handles import PoolKicker\n"
+            f"broker = PoolBroker(run_dir={running.run_dir!r})\n"
+            "async def main():\n"
+            "    kick = PoolKicker('pool_test_app:count_run', broker, {})\n"
+            "    for i in range(3000):\n"
+            "        await kick.kiq('x' * 2000 + str(i))\n"
+            "asyncio.run(main())\n"  # no shutdown: the process just ends
+        )
+        done = subprocess.run([sys.executable, "-c", producer], timeout=60, cwd=running.run_dir)
+        assert done.returncode == 0
+        stats = wait_for(
+            lambda: (s := running.stats())["totals"]["tasks_done"] >= 3000 and s, 60, "3000 runs"
+        )
+        assert stats["totals"]["tasks_done"] == 3000

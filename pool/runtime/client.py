@@ -110,6 +110,10 @@ async def _connect_once(
         max(timeout, 0.05),
     )
     await asyncio.wait_for(client.ready, max(timeout, 0.05))
+    # Nothing may wait in this process's buffer: ``drain()`` returns once every byte is in
+    # the kernel, whence it reaches the supervisor even if this process exits right away.
+    assert client.transport is not None
+    client.transport.set_write_buffer_limits(high=0)
     return client
 
 
