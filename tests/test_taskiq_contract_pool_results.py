@@ -289,11 +289,6 @@ def test_pools_errors_come_back_from_a_result_as_their_class_with_their_reason(
     assert isinstance(back, taskiq.TaskiqError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pool/extensions/errors.py TaskNotFoundError: taskiq rebuilds a serialized error from "
-    "its args, which hold the reason only, so task_name comes back as its default ''",
-)
 def test_a_task_not_found_error_from_a_result_keeps_its_task_name(broker: PoolBroker) -> None:
     backend = broker.pool_results
     error = pool.TaskNotFoundError(reason="task 'gone' is not registered", task_name="gone")
@@ -324,12 +319,6 @@ async def test_in_a_producer_progress_is_set_by_the_workers_only(broker: PoolBro
         await broker.result_backend.set_progress("t-1", TaskProgress(state="x", meta=None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pool/extensions/pool_broker.py PoolResultBackend.get_progress: a call that fails "
-    "(no pool) leaves its waiter in _progress_waiters, so the next call sends no request and "
-    "waits 5 s for an answer that never comes",
-)
 async def test_asking_for_progress_again_after_a_failure_asks_the_pool_again(
     broker: PoolBroker,
 ) -> None:

@@ -262,13 +262,6 @@ async def test_a_task_cancelled_otherwise_is_saved_as_its_error_and_acked(receiv
     assert saved.is_err and isinstance(saved.error, asyncio.CancelledError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pool/runtime/receiver.py PoolReceiver.run_task: taskiq's run_task runs the on_error "
-    "middlewares on the abandon's CancelledError, so SimpleRetryMiddleware sends a retry (and, "
-    "with no_result_on_retry, swaps the error for NoResultError, so the delivery is also "
-    "acked and reported finished)",
-)
 @pytest.mark.parametrize("no_result_on_retry", [True, False])
 async def test_an_abandoned_task_is_not_retried_by_a_retry_middleware(
     no_result_on_retry: bool,

@@ -33,7 +33,19 @@ class PoolUnavailableError(_WithReason, SendTaskError):
 
 
 class TaskNotFoundError(_WithReason, UnknownTaskError):
-    """The pool has no task of that name: the result a producer waiting for it gets."""
+    """The pool has no task of that name: the result a producer waiting for it gets.
+
+    Its args are ``(reason, task_name)``, so a copy rebuilt from a saved result keeps both.
+    """
 
     reason: str = "no task of that name is registered"
     task_name: str = ""
+
+    def __init__(self, reason: str | None = None, task_name: str | None = None, **kwargs: Any):
+        if task_name is not None:
+            kwargs["task_name"] = task_name
+        super().__init__(reason, **kwargs)
+        self.args = (self.reason, self.task_name)
+
+    def __str__(self) -> str:
+        return self.reason

@@ -56,10 +56,21 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self._pinned: dict[str, bytes] = {}
         self._progress_waiters: dict[str, list[asyncio.Future[bytes]]] = {}
         self._local_progress: dict[str, bytes] = {}
+        # Tasks sent on the current connection: the supervisor pushes their results to it
+        # unasked, so waiting for one needs no Subscribe (oldest forgotten past the bound).
+        self._pushed: dict[str, None] = {}
+
+    def expect(self, task_id: str) -> None:
+        """``task_id`` was sent on the current connection; its result will come unasked."""
+        pushed = self._pushed
+        pushed[task_id] = None
+        if len(pushed) > self.max_stored_results:
+            del pushed[next(iter(pushed))]
 
     # ----------------------------------------------------------------- pushed results
     def deliver(self, task_id: str, data: bytes) -> None:
         """Called for every result frame the supervisor pushes."""
+        self._pushed.pop(task_id, None)
         waiters = self._waiters.pop(task_id, None)
         if waiters:
             for waiter in waiters:
@@ -86,6 +97,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self._pinned.pop(task_id, None)
 
     def connection_lost(self) -> None:
+        self._pushed.clear()
         for table in (self._waiters, self._progress_waiters):
             for waiters in table.values():
                 for waiter in waiters:
@@ -181,10 +193,17 @@ class PoolResultBackend(AsyncResultBackend[Any]):
             waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             first = task_id not in self._progress_waiters
             self._progress_waiters.setdefault(task_id, []).append(waiter)
-            if first:
-                client = await self.broker.connection()
-                client.send(GetProgress(task_id))
-            data = await asyncio.wait_for(waiter, 5.0)
+            try:
+                if first:
+                    client = await self.broker.connection()
+                    client.send(GetProgress(task_id))
+                data = await asyncio.wait_for(waiter, 5.0)
+            finally:
+                waiters = self._progress_waiters.get(task_id)
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._progress_waiters[task_id]
         if not data:
             return None
         return TaskProgress[Any].model_validate(self.broker.serializer.loadb(data))
@@ -201,7 +220,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         first = task_id not in self._waiters
         self._waiters.setdefault(task_id, []).append(waiter)
         try:
-            if first:
+            if first and task_id not in self._pushed:
                 client = await self.broker.connection()
                 client.send(Subscribe(task_id))
             return await waiter
@@ -269,6 +288,7 @@ class PoolBroker(AsyncBroker):
     async def kick(self, message: BrokerMessage) -> None:
         client = await self.connection()
         client.send(Kick(message.task_id, message.task_name, message.message))
+        self.pool_results.expect(message.task_id)
         await client.drain()
 
     async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:

@@ -7,8 +7,9 @@
 2. ``shared_state.TaskiqState`` (pool's subclass) resolves to ``broker.state`` too, as
    ``taskiq.TaskiqState`` does.
 3. A task cancelled because the worker stops (its drain timeout passed) is neither saved
-   nor acknowledged, so the broker delivers it again; taskiq saves the cancellation as the
-   task's error and acknowledges it.
+   nor acknowledged, and middlewares' ``on_error`` does not hear of it, so the broker
+   delivers it again (and a retry middleware does not retry it as well); taskiq saves the
+   cancellation as the task's error and acknowledges it.
 4. Each finished task is reported (name, failed or not, duration) for the pool's stats,
    and the running ones are known, so that a drain can cancel what outlived its timeout.
 """
@@ -59,14 +60,32 @@ class PoolReceiver(Receiver):
         self.on_finished = on_finished
         # the callbacks running now: counted in heartbeats, cancelled after a drain timeout
         self.running: set[asyncio.Task[Any]] = set()
-        self.abandoning = False
+        self.abandoned: set[asyncio.Task[Any]] = set()
         super().__init__(*args, **kwargs)
+
+    def _guard_middlewares(self) -> None:
+        """Make each middleware's ``on_error`` deaf to abandoned tasks (a retry middleware
+        would otherwise retry a task that the broker delivers again). Middlewares may be
+        added after the receiver is made, so this runs before each task; it is a no-op for
+        a middleware already guarded."""
+        for middleware in self.broker.middlewares:
+            if "_pool_on_error" in middleware.__dict__:
+                continue
+            on_error = middleware.on_error
+            middleware.__dict__["_pool_on_error"] = on_error
+
+            def guarded(*args: Any, _on_error: Any = on_error, **kwargs: Any) -> Any:
+                if asyncio.current_task() in self.abandoned:
+                    return None
+                return _on_error(*args, **kwargs)
+
+            middleware.on_error = guarded  # type: ignore[method-assign]
 
     def abandon(self) -> None:
         """Cancel the running tasks without saving or acknowledging them: they are
         delivered again (taskiq would save the cancellation as the task's error result)."""
-        self.abandoning = True
-        for task in self.running:
+        self.abandoned = set(self.running)
+        for task in self.abandoned:
             task.cancel()
 
     async def callback(self, message: bytes | AckableMessage, raise_err: bool = False) -> None:
@@ -90,9 +109,10 @@ class PoolReceiver(Receiver):
         message: TaskiqMessage,
         ack_controller: AckController | None = None,
     ) -> TaskiqResult[Any]:
+        self._guard_middlewares()
         started = time.perf_counter()
         result = await super().run_task(target, message, ack_controller)
-        if self.abandoning and isinstance(result.error, asyncio.CancelledError):
+        if asyncio.current_task() in self.abandoned:
             raise asyncio.CancelledError
         if self.on_finished is not None:
             self.on_finished(message, result, time.perf_counter() - started)

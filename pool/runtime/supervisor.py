@@ -613,6 +613,9 @@ class Supervisor:
             handle.idle_since = time.monotonic()
         if frame.result:
             self.results.store(frame.task_id, frame.result, entry.producer if entry else None)
+        elif entry is not None and entry.producer is not None:
+            # acknowledged before its result (--ack-type when_received): it follows later
+            self.results.subscribe(frame.task_id, entry.producer)
         if frame.outcome:
             name = entry.task_name if entry is not None else "unknown"
             self.count_finished(handle, name, frame.outcome == 2, frame.duration)
