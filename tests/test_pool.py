@@ -330,3 +330,23 @@ def test_a_producer_that_exits_right_after_kiq_loses_nothing() -> None:
             lambda: (s := running.stats())["totals"]["tasks_done"] >= 3000 and s, 60, "3000 runs"
         )
         assert stats["totals"]["tasks_done"] == 3000
+
+
+async def test_tasks_that_shared_a_worker_with_a_poison_task_are_not_blamed() -> None:
+    """5 worker-killing tasks among 600: exactly those 5 fail; every other task succeeds."""
+    with RunningPool(workers=2, extra=["--max-async-tasks", "20"]) as running:
+        broker = running.broker()
+        handles = []
+        for i in range(600):
+            if i % 120 == 60:
+                handles.append(("poison", await kicker(broker, "poison").kiq()))
+            else:
+                handles.append(("ok", await kicker(broker, "count_run").kiq(f"p{i}")))
+        results = [(kind, await h.wait_result(timeout=90)) for kind, h in handles]
+        poisoned = [r for kind, r in results if kind == "poison"]
+        innocent = [r for kind, r in results if kind == "ok"]
+        assert all(isinstance(r.error, WorkerCrashedError) for r in poisoned)
+        blamed = [r for r in innocent if r.is_err]
+        assert blamed == [], f"{len(blamed)} innocent task(s) failed: {blamed[:3]}"
+        assert len(innocent) == 595
+        await broker.shutdown()

@@ -68,9 +68,16 @@ class TaskRouter:
         self.queue.put_front(entry)
 
     def take_back(self, handle: WorkerHandle, crashed: bool) -> None:
-        """The worker is gone: what it held goes back (charged to the task if it crashed)."""
+        """The worker is gone: what it held goes back to the front of the queue.
+
+        A death is charged to a task only when the task was alone on that worker; a worker
+        that died with several tasks in flight makes each of them a suspect, which runs
+        alone from then on, so that the task that kills workers is found and the others
+        are not blamed.
+        """
         lost = list(handle.in_flight.values())
         handle.in_flight.clear()
+        handle.exclusive = False
         if lost and crashed:
             logger.warning(
                 "worker %d (pid %d) died with %d task(s) in flight; delivering them again: %s",
@@ -80,33 +87,52 @@ class TaskRouter:
                 ", ".join(f"{e.task_name} ({e.task_id})" for e in lost[:5])
                 + (", ..." if len(lost) > 5 else ""),
             )
+        alone = len(lost) == 1
         for entry in reversed(lost):
-            if crashed:
+            if not crashed:
+                self.queue.put_front(entry)  # handed out but never started
+            elif alone:
+                entry.suspect = True
                 self.redeliver(entry, f"worker {handle.slot} (pid {handle.pid}) died", log=False)
             else:
-                self.queue.put_front(entry)  # handed out but never started
+                entry.suspect = True
+                self.queue.put_front(entry)
 
     def acknowledge(self, handle: WorkerHandle, delivery: int) -> Entry | None:
-        return handle.in_flight.pop(delivery, None)
+        entry = handle.in_flight.pop(delivery, None)
+        if not handle.in_flight:
+            handle.exclusive = False
+        return entry
 
     def dispatch(self, ready: Iterable[WorkerHandle]) -> None:
-        """Hand queued tasks to ready workers, least busy first, up to their capacity."""
+        """Hand queued tasks to ready workers, least busy first, up to their capacity.
+
+        A suspect task waits at the head of the queue for an idle worker, which then takes
+        nothing else until it is done.
+        """
         queue = self.queue
         if not queue:
             self._resume_producers()
             return
-        workers = list(ready)
+        workers = [h for h in ready if not h.exclusive]
         if not workers:
             return
         self.rotation = (self.rotation + 1) % len(workers)  # ties go round-robin
         workers = workers[self.rotation :] + workers[: self.rotation]
         capacity = self.capacity
         frames: dict[WorkerHandle, list[bytes]] = {}
-        while queue:
+        while queue and workers:
             handle = min(workers, key=lambda h: len(h.in_flight))
-            if len(handle.in_flight) >= capacity:
+            busy = len(handle.in_flight)
+            if busy >= capacity:
                 break
-            entry = queue.pop()
+            entry = queue.items[0]
+            if entry.suspect:
+                if busy:
+                    break  # no idle worker now; one will be, as its tasks finish
+                handle.exclusive = True
+                workers.remove(handle)
+            queue.pop()
             self.next_delivery += 1
             handle.in_flight[self.next_delivery] = entry
             frames.setdefault(handle, []).append(

@@ -16,7 +16,7 @@ logger = logging.getLogger("pool.runtime.spool")
 class Entry:
     """One task the pool owes a result for."""
 
-    __slots__ = ("failures", "payload", "producer", "task_id", "task_name")
+    __slots__ = ("failures", "payload", "producer", "suspect", "task_id", "task_name")
 
     def __init__(
         self, task_id: str, task_name: str, payload: bytes, failures: int = 0, producer: Any = None
@@ -24,8 +24,11 @@ class Entry:
         self.task_id = task_id
         self.task_name = task_name
         self.payload = payload
+        # Deaths of a worker this task was alone on: the poison rule counts only those.
         self.failures = failures
         self.producer = producer
+        # It was in flight on a worker that died with others: it runs alone from now on.
+        self.suspect = False
 
 
 class TaskQueue:

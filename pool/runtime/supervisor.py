@@ -100,6 +100,8 @@ class WorkerHandle:
         self.recycling: str | None = None
         self.started_at = time.monotonic()
         self.in_flight: dict[int, Entry] = {}
+        # Running a suspect task alone (see routing): it takes no other task meanwhile.
+        self.exclusive = False
         self.tasks_done = 0
         self.tasks_failed = 0
         self.last_heartbeat = time.monotonic()
