@@ -36,6 +36,7 @@ from pool.runtime.protocol import (
     StartupFailed,
     Task,
 )
+from shared_state import TaskiqState
 
 logger = logging.getLogger("pool.runtime.worker")
 
@@ -63,19 +64,31 @@ def worker_main(config: WorkerConfig, conn: Any) -> None:
     _leave_parent_context(config)
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     conn.close()
-    options = config.pool
-    if options.configure_logging:
-        logging.basicConfig(
-            level=options.log_level.upper(),
-            format=options.log_format
-            or f"%(asctime)s [worker {config.worker_id} %(process)d] %(levelname)s %(name)s: "
-            "%(message)s",
-            force=True,  # a forked worker inherits the supervisor's logging setup
-        )
+    _worker_logging(config.pool, config.worker_id)
     worker = Worker(config, sock)
     code = _run(worker.run())
     logging.shutdown()
     os._exit(code)
+
+
+def _worker_logging(options: PoolConfig, worker_id: int) -> None:
+    """The supervisor's log format, naming this worker; the app's own handlers untouched.
+
+    A forked worker inherits the supervisor's handler (``runner.POOL_HANDLER``): only its
+    format changes. With ``--no-configure-logging`` nothing changes at all.
+    """
+    from pool.runtime.runner import POOL_HANDLER, log_format
+
+    if not options.configure_logging:
+        return
+    formatter = logging.Formatter(log_format(options, f"worker {worker_id}"))
+    ours = [h for h in logging.getLogger().handlers if h.get_name() == POOL_HANDLER]
+    for handler in ours:
+        handler.setFormatter(formatter)
+    if not ours and not logging.getLogger().handlers:  # spawned: a fresh interpreter
+        from pool.runtime.runner import configure_logging
+
+        configure_logging(options, f"worker {worker_id}")
 
 
 def _run(coro: Any) -> int:
@@ -198,13 +211,14 @@ class Worker:
         from taskiq.acks import parse_acknowledge_type
 
         from pool.extensions.pool_broker import PoolBroker
-        from pool.runtime.app import load_broker
-        from pool.runtime.receiver import PoolReceiver
+        from pool.runtime.app import load_app, load_receiver
         from pool.runtime.rundir import RunDir
         from pool.runtime.state import open_state
 
         options = self.config.pool
-        broker = load_broker(options.app, options.task_modules)
+        broker = load_app(options)
+        if options.start_method == "fork":
+            _renew_fork_copies(broker)
         broker.is_worker_process = True
         broker.state = open_state(
             options.state_url,
@@ -215,18 +229,23 @@ class Worker:
         if isinstance(broker, PoolBroker):
             broker.run_dir = self.config.run_dir
             broker.worker_link = self
+        _plugins_write_locally(broker)
+        _bound_shutdown(broker, options.shutdown_timeout)
         self.broker = broker
-        self.receiver = PoolReceiver(
+        receiver_class = load_receiver(options)
+        self.receiver = receiver_class(
             broker,
             executor=ThreadPoolExecutor(options.sync_threads, thread_name_prefix="pool-sync"),
             validate_params=options.validate_params,
             max_async_tasks=options.max_async_tasks,
+            max_async_tasks_jitter=options.max_async_tasks_jitter,
             max_prefetch=options.max_prefetch,
             propagate_exceptions=options.propagate_errors,
             run_startup=False,
             ack_type=parse_acknowledge_type(options.ack_type),
-            wait_tasks_timeout=options.shutdown_timeout,
+            wait_tasks_timeout=options.wait_tasks_timeout,
             on_finished=self._finished,
+            **options.receiver_args,
         )
         await broker.startup()
 
@@ -332,3 +351,92 @@ class Worker:
             and time.monotonic() < deadline
         ):
             await asyncio.sleep(0.01)
+
+
+# ----------------------------------------------------------------- set-up of _start
+def _renew_fork_copies(broker: Any) -> None:
+    """Renew what a forked worker must not share with its siblings.
+
+    The supervisor imported the app, so objects the app made at import are copies in every
+    worker. A NATS client draws its reply inboxes from a random generator made with it:
+    copied, every worker would subscribe to the same inboxes and receive its siblings'
+    replies (each JetStream message would run in every worker).
+    """
+    client_module = sys.modules.get("nats.aio.client")
+    if client_module is None:
+        return
+    from nats.nuid import NUID
+
+    owners = [broker, broker.result_backend, *broker.middlewares]
+    for owner in owners:
+        for value in list(vars(owner).values()):
+            if isinstance(value, client_module.Client):
+                value._nuid = NUID()
+
+
+class _PluginView(TaskiqState):
+    """``broker.state`` as an event handler of a plugin sees it: the same state (the very
+    same tiers), except that what the handler stores stays in this worker's local tier."""
+
+    def set_value(self, key: str, value: Any) -> None:
+        self.set_local(key, value)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        self.set_local(key, default)
+        return default
+
+
+def _plugin_view(state: TaskiqState) -> TaskiqState:
+    view = _PluginView.__new__(_PluginView)
+    object.__setattr__(view, "__dict__", state.__dict__)  # one state, two write policies
+    return view
+
+
+def _from_plugin(handler: Any) -> bool:
+    """True for a handler defined by an installed package other than pool (a plugin)."""
+    from pool.runtime.reload import is_user_module
+
+    name = getattr(handler, "__module__", None) or type(handler).__module__
+    module = sys.modules.get(name or "")
+    if module is None or name.split(".")[0] in ("pool", "shared_state", "taskiq"):
+        return False
+    return getattr(module, "__file__", None) is not None and not is_user_module(name, module)
+
+
+def _plugins_write_locally(broker: Any) -> None:
+    """WORKER_* handlers of plugins (taskiq-fastapi, ...) keep what they store in the worker.
+
+    Plugins are written for taskiq, whose state is one per process: taskiq-fastapi stores its
+    FastAPI app and the app's lifespan there. Shared, each worker would overwrite the other
+    workers' copies, and read back a copy of a sibling's lifespan at shutdown.
+    """
+    from taskiq import TaskiqEvents
+
+    def local(handler: Any) -> Any:
+        def run(state: Any) -> Any:
+            shared = isinstance(state, TaskiqState) and state.shared
+            return handler(_plugin_view(state) if shared else state)
+
+        return run
+
+    for event in (TaskiqEvents.WORKER_STARTUP, TaskiqEvents.WORKER_SHUTDOWN):
+        handlers = broker.event_handlers[event]
+        handlers[:] = [local(h) if _from_plugin(h) else h for h in handlers]
+
+
+def _bound_shutdown(broker: Any, timeout: float) -> None:
+    """``broker.shutdown()`` (WORKER_SHUTDOWN handlers included) takes at most ``timeout``
+    seconds, and its errors are logged, as in taskiq's worker (``--shutdown-timeout``)."""
+    shutdown = broker.shutdown
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(shutdown(), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("broker shutdown did not finish in %s s (--shutdown-timeout)", timeout)
+        except Exception:
+            logger.exception("broker shutdown failed")
+
+    broker.shutdown = bounded
