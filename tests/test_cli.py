@@ -28,7 +28,7 @@ def pool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                     "--max-tasks-per-child", "--max-memory-per-child", "--run-dir", "SIGHUP"]),
         (("stats",), ["--json", "--watch"]),
         (("scale",), ["N", "--timeout"]),
-        (("scheduler",), ["MODULE:ATTR", "Missed runs"]),
+        (("scheduler",), ["scheduler", "--claims", "--app-dir"]),
         (("demo",), ["--tasks"]),
     ],
 )  # fmt: skip
