@@ -350,3 +350,43 @@ async def test_tasks_that_shared_a_worker_with_a_poison_task_are_not_blamed() ->
         assert blamed == [], f"{len(blamed)} innocent task(s) failed: {blamed[:3]}"
         assert len(innocent) == 595
         await broker.shutdown()
+
+
+async def test_tasks_held_by_a_supervisor_killed_with_sigkill_run_in_the_next_pool() -> None:
+    """SIGKILL the supervisor with 2,000 tasks sent: the next pool on its run dir runs them all
+    and every waiting handle gets its result (at least once: some may run twice)."""
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    extra = ["--max-async-tasks", "2"]
+    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+    second: RunningPool | None = None
+    try:
+        broker = first.broker()
+        handles = [await kicker(broker, "count_run").kiq(f"k{i}") for i in range(2000)]
+        assert first.stats()["totals"]["queued"] > 0  # most are still waiting
+        first.signal(signal.SIGKILL)
+        first.proc.wait(10)  # type: ignore[union-attr]
+        first.close()  # its workers and state server exit on their own (checked)
+        second = RunningPool(workers=2, run_dir=run_dir).start()
+        results = [await h.wait_result(timeout=60) for h in handles]
+        lost = [r for r in results if r.is_err or r.return_value < 1]
+        assert lost == []
+        await broker.shutdown()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_a_waiting_producer_learns_when_the_pool_is_gone() -> None:
+    from pool import PoolUnavailableError
+
+    with RunningPool(workers=1) as running:
+        broker = PoolBroker(run_dir=running.run_dir, connect_timeout=1.0)
+        release = running.marks / "never"
+        handle = await kicker(broker, "block_until").kiq(str(release), "stuck")
+        running.wait_mark("running-stuck")
+        running.signal(signal.SIGKILL)
+        with pytest.raises(PoolUnavailableError, match=running.run_dir):
+            await asyncio.wait_for(handle.wait_result(), 20)  # no timeout of its own
+        await broker.shutdown()

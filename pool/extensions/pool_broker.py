@@ -7,8 +7,9 @@ pool's private run directory (producers) and over each worker's pipe (workers).
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,11 +19,14 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeoutError
 
 from pool.extensions.handles import PoolDecoratedTask
+from pool.runtime import protocol
 from pool.runtime.protocol import GetProgress, Kick, Subscribe
 from shared_state import TaskiqState
 
 if TYPE_CHECKING:
     from pool.runtime.client import ControlClient
+
+logger = logging.getLogger("pool.extensions.pool_broker")
 
 
 class WorkerLink(Protocol):
@@ -35,6 +39,10 @@ class WorkerLink(Protocol):
     def save_result(self, task_id: str, payload: bytes) -> None: ...
 
     def save_progress(self, task_id: str, payload: bytes) -> None: ...
+
+
+# Room in a frame for what goes with a result (op, field lengths, delivery, outcome, ...).
+_FRAME_HEADROOM = 1024
 
 
 class PoolResultBackend(AsyncResultBackend[Any]):
@@ -111,24 +119,36 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         return data if data is not None else self._pinned.get(task_id)
 
     # ----------------------------------------------------------------- serialization
-    def encode(self, result: TaskiqResult[Any]) -> bytes:
-        """The result as bytes; a value the serializer refuses becomes an error result."""
+    def encode(self, result: TaskiqResult[Any], task_id: str = "") -> bytes:
+        """The result as bytes; a value the serializer refuses, or one too big for a frame
+        (``POOL_MAX_FRAME``, with room for the frame's other fields and ``task_id``),
+        becomes an error result: the task is not run again and its worker lives on."""
         serializer = self.broker.serializer
+        error: Exception
         try:
-            return serializer.dumpb(result.model_dump(mode="json"))
+            payload = serializer.dumpb(result.model_dump(mode="json"))
         except Exception as exc:
             error = TypeError(
                 f"the result of the task could not be serialized with "
                 f"{type(serializer).__name__}: {type(exc).__name__}: {exc}"
             )
-            fallback: TaskiqResult[Any] = TaskiqResult(
-                is_err=True,
-                return_value=None,
-                execution_time=result.execution_time,
-                labels=result.labels,
-                error=error,
+        else:
+            limit = protocol.MAX_FRAME - _FRAME_HEADROOM - len(task_id.encode())
+            if len(payload) <= limit:
+                return payload
+            error = ValueError(
+                f"the result of the task is {len(payload)} bytes once serialized, over the "
+                f"limit of {limit} bytes for a result (frames of POOL_MAX_FRAME = "
+                f"{protocol.MAX_FRAME} bytes); return a smaller value (a path, a key, ...)"
             )
-            return serializer.dumpb(fallback.model_dump(mode="json"))
+        fallback: TaskiqResult[Any] = TaskiqResult(
+            is_err=True,
+            return_value=None,
+            execution_time=result.execution_time,
+            labels=result.labels,
+            error=error,
+        )
+        return serializer.dumpb(fallback.model_dump(mode="json"))
 
     def decode(self, data: bytes) -> TaskiqResult[Any]:
         return TaskiqResult[Any].model_validate(self.broker.serializer.loadb(data))
@@ -138,7 +158,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         link = self.broker.worker_link
         if link is None:
             raise RuntimeError("results of a PoolBroker are saved by the pool's workers")
-        link.save_result(task_id, self.encode(result))
+        link.save_result(task_id, self.encode(result, task_id))
 
     async def is_result_ready(self, task_id: str) -> bool:
         if self._stored(task_id) is not None:
@@ -159,7 +179,10 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         return self.decode(data)
 
     async def wait_ready(self, task_id: str, timeout: float | None) -> None:
-        """Return once the result is here (pushed by the supervisor, no polling)."""
+        """Return once the result is here (pushed by the supervisor, no polling).
+
+        Raises ``PoolUnavailableError`` when the pool is gone and none answers again within
+        the broker's ``connect_timeout``; a pool restarted in that time is not an error."""
         if self._stored(task_id) is not None:
             return
         loop = asyncio.get_running_loop()
@@ -172,8 +195,10 @@ class PoolResultBackend(AsyncResultBackend[Any]):
                 return
             except asyncio.TimeoutError:
                 raise TaskiqResultTimeoutError(timeout=timeout) from None
-            except (ConnectionError, SendTaskError):
-                # The pool restarted or is restarting: ask again once it is back.
+            except ConnectionError:
+                # The pool went away: ask again on a new connection. When no pool comes
+                # back within the broker's connect_timeout, connecting raises
+                # PoolUnavailableError, which the waiter gets (it does not wait for ever).
                 if deadline is not None and loop.time() + retry >= deadline:
                     raise TaskiqResultTimeoutError(timeout=timeout) from None
                 await asyncio.sleep(retry)
@@ -258,6 +283,10 @@ class PoolBroker(AsyncBroker):
         # Set in a worker process of the pool: where listen() reads and results go.
         self.worker_link: WorkerLink | None = None
         self._client: ControlClient | None = None
+        # (task id, Kick frame) sent and not yet confirmed on disk by the supervisor
+        self._unconfirmed: deque[tuple[str, bytes]] = deque()
+        self._confirmed = 0
+        self._all_confirmed: asyncio.Event | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -281,13 +310,32 @@ class PoolBroker(AsyncBroker):
                 self.run_dir, results.deliver, results.deliver_progress, self.connect_timeout
             )
             client.lost_callbacks.append(results.connection_lost)
+            client.on_accepted = self._accepted
             self._client = client
             self._client_loop = loop
+            self._confirmed = 0
+            for task_id, frame in self._unconfirmed:  # sent before, never confirmed
+                client.send_raw(frame)
+                results.expect(task_id)
+            await client.drain()
             return client
 
+    def _accepted(self, count: int) -> None:
+        """The supervisor has the first ``count`` tasks sent on this connection on disk."""
+        window = self._unconfirmed
+        for _ in range(min(count - self._confirmed, len(window))):
+            window.popleft()
+        self._confirmed = count
+        if not window and self._all_confirmed is not None:
+            self._all_confirmed.set()
+
     async def kick(self, message: BrokerMessage) -> None:
+        """Send the task; it is kept here until the supervisor confirms it has it on disk,
+        and sent again on the next connection if this one is lost before that."""
         client = await self.connection()
-        client.send(Kick(message.task_id, message.task_name, message.message))
+        frame = Kick(message.task_id, message.task_name, message.message).encode()
+        client.send_raw(frame)
+        self._unconfirmed.append((message.task_id, frame))
         self.pool_results.expect(message.task_id)
         await client.drain()
 
@@ -306,9 +354,31 @@ class PoolBroker(AsyncBroker):
 
     async def shutdown(self) -> None:
         await super().shutdown()
+        await self._wait_confirmed()
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    async def _wait_confirmed(self) -> None:
+        """Before closing: every task sent is on the supervisor's disk, or a warning says
+        how many may be lost (the pool stayed away for ``connect_timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        while self._unconfirmed and loop.time() < deadline:
+            self._all_confirmed = asyncio.Event()
+            try:
+                await self.connection()  # a new connection sends them again
+                await asyncio.wait_for(self._all_confirmed.wait(), deadline - loop.time())
+            except (asyncio.TimeoutError, ConnectionError, SendTaskError):
+                await asyncio.sleep(0.05)
+            finally:
+                self._all_confirmed = None
+        if self._unconfirmed:
+            logger.warning(
+                "%d task(s) sent to the pool in %s were never confirmed by it",
+                len(self._unconfirmed),
+                self.run_dir or "the default run directory",
+            )
 
     async def request(self, payload: dict[str, Any], timeout: float | None = 30.0) -> Any:
         """Send a control command (``{"cmd": "stats"}``) to the supervisor."""

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from pool.extensions.errors import PoolUnavailableError
-from pool.runtime.protocol import Frame, FrameError, FrameProtocol, Progress, Reply, Request, Result
+from pool.runtime.protocol import (
+    Accepted,
+    Frame,
+    FrameError,
+    FrameProtocol,
+    Progress,
+    Reply,
+    Request,
+    Result,
+)
 from pool.runtime.rundir import RunDir
 
 logger = logging.getLogger("pool.runtime.client")
@@ -33,6 +42,8 @@ class ControlClient(FrameProtocol):
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._next_request = 0
         self.lost_callbacks: list[Callable[[], None]] = []
+        # told how many of this connection's Kick frames the supervisor has in its journal
+        self.on_accepted: Callable[[int], None] | None = None
 
     @property
     def peer(self) -> str:
@@ -42,6 +53,9 @@ class ControlClient(FrameProtocol):
         if isinstance(frame, Result):
             if self.on_result is not None:
                 self.on_result(frame.task_id, frame.result)
+        elif isinstance(frame, Accepted):
+            if self.on_accepted is not None:
+                self.on_accepted(frame.count)
         elif isinstance(frame, Progress):
             if self.on_progress is not None:
                 self.on_progress(frame.task_id, frame.progress)

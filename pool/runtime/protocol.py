@@ -25,6 +25,11 @@ from typing import Any, ClassVar, TypeVar
 logger = logging.getLogger("pool.runtime.protocol")
 
 MAX_FRAME = int(os.environ.get("POOL_MAX_FRAME", 64 * 1024 * 1024))
+# Before authentication a peer may send only small frames (the AUTH frame is 41 bytes),
+# buffer at most this much, and must answer the challenge within HANDSHAKE_TIMEOUT s.
+UNAUTH_MAX_FRAME = 1024
+UNAUTH_MAX_BUFFER = 1024
+HANDSHAKE_TIMEOUT = float(os.environ.get("POOL_HANDSHAKE_TIMEOUT", 5.0))
 _HEAD = struct.Struct("!IB")
 _LEN = struct.Struct("!I")
 NONCE_BYTES = 32
@@ -45,6 +50,7 @@ class Op(enum.IntEnum):
     PROGRESS = 15
     REQUEST = 20
     REPLY = 21
+    ACCEPTED = 22
     # supervisor <-> worker (pipe)
     TASK = 30
     DONE = 31
@@ -56,8 +62,9 @@ class Op(enum.IntEnum):
     FINISHED = 37
     LATE_RESULT = 38
     SAVE_PROGRESS = 39
-    # spool file records
+    # journal file records
     SPOOLED = 50
+    SETTLED = 51
 
 
 class FrameError(ValueError):
@@ -324,16 +331,38 @@ class Bye(Frame):
     """The worker drained and is exiting: what it still holds was not started."""
 
 
-# spool file -----------------------------------------------------------------------------
+# supervisor -> producer, acceptance ----------------------------------------------------
+@frame(Op.ACCEPTED)
+@dataclass(slots=True)
+class Accepted(Frame):
+    """The first ``count`` Kick frames of this connection are in the supervisor's journal:
+    the producer may forget them (until then it sends them again after a reconnection)."""
+
+    count: int
+
+
+# journal file ---------------------------------------------------------------------------
 @frame(Op.SPOOLED)
 @dataclass(slots=True)
 class Spooled(Frame):
-    """A task kept on disk for the next run."""
+    """A task accepted by the supervisor, kept on disk until it is settled."""
 
     task_id: str
     task_name: str
     message: bytes
     failures: int
+
+
+@frame(Op.SETTLED)
+@dataclass(slots=True)
+class Settled(Frame):
+    """A task acknowledged by its worker (or answered with an error): no longer owed.
+
+    ``result`` (may be empty) is kept so that a result a producer did not fetch yet
+    survives the supervisor's death too."""
+
+    task_id: str
+    result: bytes
 
 
 def decode_frame(op: int, body: memoryview) -> Frame:
@@ -376,7 +405,9 @@ class FrameProtocol(asyncio.Protocol):
     """An asyncio protocol speaking frames, with optional HMAC challenge authentication.
 
     The server side sends a random nonce; the client answers HMAC-SHA256(authkey, nonce).
-    Until that answer checks out, any other frame closes the connection.
+    Until that answer checks out, any other frame closes the connection, and so do a frame
+    over ``UNAUTH_MAX_FRAME`` bytes, more than ``UNAUTH_MAX_BUFFER`` bytes buffered, and no
+    answer within ``HANDSHAKE_TIMEOUT`` seconds.
     """
 
     coalesce_writes = False
@@ -385,13 +416,15 @@ class FrameProtocol(asyncio.Protocol):
         self.authkey = authkey
         self.server_side = server_side
         self.transport: asyncio.Transport | None = None
-        self.reader = FrameReader()
         self.authenticated = authkey is None
+        self.reader = FrameReader(MAX_FRAME if self.authenticated else UNAUTH_MAX_FRAME)
         self._nonce = b""
+        self._handshake_timer: asyncio.TimerHandle | None = None
         loop = asyncio.get_event_loop()
         self._loop = loop
         # Frames sent during one turn of the event loop leave in one write (one syscall).
         self._outbox: list[bytes] = []
+        self._outbox_size = 0
         self._flush_scheduled = False
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -403,11 +436,16 @@ class FrameProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         if self.authenticated:
             self._set_ready()
-        elif self.server_side:
+            return
+        self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        if self.server_side:
             self._nonce = os.urandom(NONCE_BYTES)
             self.send(Challenge(self._nonce))
 
     def data_received(self, data: bytes) -> None:
+        if not self.authenticated and len(self.reader.buffer) + len(data) > UNAUTH_MAX_BUFFER:
+            self.handshake_failed(f"over {UNAUTH_MAX_BUFFER} bytes sent before authenticating")
+            return
         try:
             for op, body in self.reader.feed(data):
                 if not self.authenticated:
@@ -422,10 +460,18 @@ class FrameProtocol(asyncio.Protocol):
                 except Exception:
                     logger.exception("%s: error while handling op %s", self.peer, op)
         except FrameError as exc:
+            if not self.authenticated:
+                self.handshake_failed(f"a bad frame before authenticating ({exc})")
+                return
             logger.warning("%s: closing connection: %s", self.peer, exc)
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._outbox.clear()
+        self._outbox_size = 0
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("connection closed before it was ready"))
             self.ready.exception()  # mark retrieved
@@ -459,6 +505,14 @@ class FrameProtocol(asyncio.Protocol):
     def connection_closed(self, exc: Exception | None) -> None:
         """Called once when the connection is gone."""
 
+    def handshake_done(self) -> None:
+        """Called once when the peer has authenticated."""
+
+    def handshake_failed(self, reason: str) -> None:
+        """The peer did not authenticate (``reason`` says why): log it and close at once."""
+        logger.warning("%s: closing connection: %s", self.peer, reason)
+        self.abort()
+
     # ----------------------------------------------------------------- helpers
     @property
     def peer(self) -> str:
@@ -467,6 +521,12 @@ class FrameProtocol(asyncio.Protocol):
     @property
     def is_open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes written and not yet taken by the kernel (this turn's frames included)."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self._outbox_size + buffered
 
     def send(self, frame: Frame) -> None:
         self.send_raw(frame.encode())
@@ -481,6 +541,7 @@ class FrameProtocol(asyncio.Protocol):
             self.transport.write(frame)
             return
         self._outbox.append(frame)
+        self._outbox_size += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -491,6 +552,7 @@ class FrameProtocol(asyncio.Protocol):
         if not self._outbox:
             return
         frames, self._outbox = self._outbox, []
+        self._outbox_size = 0
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
@@ -505,9 +567,32 @@ class FrameProtocol(asyncio.Protocol):
         await waiter
 
     def close(self) -> None:
+        """Close once what was written has left (a peer that never reads keeps it open:
+        see :meth:`abort`)."""
         if self.transport is not None:
             self.flush()
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping whatever the peer has not read yet."""
+        self._outbox.clear()
+        self._outbox_size = 0
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.authenticated and self.transport is not None:
+            self.handshake_failed(f"no authentication within {HANDSHAKE_TIMEOUT:g} s")
+
+    def _authenticated(self) -> None:
+        self.authenticated = True
+        self.reader.max_frame = MAX_FRAME
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._set_ready()
+        self.handshake_done()
 
     def _set_ready(self) -> None:
         if not self.ready.done():
@@ -522,19 +607,15 @@ class FrameProtocol(asyncio.Protocol):
         if self.server_side:
             expected = hmac.new(self.authkey, self._nonce, hashlib.sha256).digest()
             if isinstance(frame, Auth) and hmac.compare_digest(frame.digest, expected):
-                self.authenticated = True
                 self.send(Welcome())
-                self._set_ready()
+                self._authenticated()
                 return
-            logger.warning("%s: authentication failed; closing", self.peer)
-            self.close()
+            self.handshake_failed("authentication failed")
             return
         if isinstance(frame, Challenge) and len(frame.nonce) == NONCE_BYTES:
             self.send(Auth(hmac.new(self.authkey, frame.nonce, hashlib.sha256).digest()))
             self._nonce = frame.nonce
         elif isinstance(frame, Welcome) and self._nonce:
-            self.authenticated = True
-            self._set_ready()
+            self._authenticated()
         else:
-            logger.warning("%s: unexpected handshake frame %s; closing", self.peer, op)
-            self.close()
+            self.handshake_failed(f"unexpected handshake frame (op {op})")

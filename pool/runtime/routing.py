@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pool.runtime.protocol import Task
-from pool.runtime.spool import Entry, TaskQueue
+from pool.runtime.taskqueue import Entry, TaskQueue
 
 if TYPE_CHECKING:
     from pool.runtime.control import ControlConnection
@@ -33,17 +33,22 @@ class TaskRouter:
         self.max_failures = max_failures
         self.give_up = give_up
         self.held_back: set[ControlConnection] = set()
+        # every task held here, queued or in flight, by id
+        self.live: dict[str, Entry] = {}
         self.next_delivery = 0
+        self.frozen = False  # no producer is read while set (the journal cannot be written)
         self.rotation = 0
 
     def __len__(self) -> int:
         return len(self.queue)
 
     def enqueue(self, entry: Entry) -> None:
+        self.live[entry.task_id] = entry
         self.queue.put(entry)
 
     def hold_back(self, conn: ControlConnection) -> None:
-        """Stop reading from a producer while the queue is full: its ``kiq`` waits."""
+        """Stop reading from a producer while the queue is full (or the journal cannot be
+        written): its ``kiq`` waits."""
         if conn not in self.held_back:
             self.held_back.add(conn)
             conn.pause()
@@ -61,6 +66,7 @@ class TaskRouter:
                 entry.failures,
                 reason,
             )
+            self.live.pop(entry.task_id, None)
             self.give_up(entry, reason)
             return
         if log:
@@ -102,6 +108,8 @@ class TaskRouter:
         entry = handle.in_flight.pop(delivery, None)
         if not handle.in_flight:
             handle.exclusive = False
+        if entry is not None:
+            self.live.pop(entry.task_id, None)
         return entry
 
     def dispatch(self, ready: Iterable[WorkerHandle]) -> None:
@@ -144,7 +152,7 @@ class TaskRouter:
         self._resume_producers()
 
     def _resume_producers(self) -> None:
-        if self.held_back and len(self.queue) < self.queue.limit * 0.9:
+        if self.held_back and len(self.queue) < self.queue.limit * 0.9 and not self.frozen:
             for conn in self.held_back:
                 conn.resume()
             self.held_back.clear()

@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 
-from pool.runtime import spool
 from pool.runtime.config import PoolConfig
 from pool.runtime.control import ControlConnection
 from pool.runtime.health import HealthMonitor
+from pool.runtime.journal import Journal
 from pool.runtime.protocol import (
+    Accepted,
     Bye,
     Done,
     Drain,
@@ -54,7 +55,7 @@ from pool.runtime.protocol import (
 from pool.runtime.results import ResultStore
 from pool.runtime.routing import TaskRouter
 from pool.runtime.rundir import RunDir
-from pool.runtime.spool import Entry
+from pool.runtime.taskqueue import Entry
 from pool.runtime.worker import WorkerConfig, worker_main
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class SupervisorPipe(FrameProtocol):
             handle.last_heartbeat = time.monotonic()
             handle.reported_in_flight = frame.in_flight
         elif isinstance(frame, LateResult):
-            sup.results.store(frame.task_id, frame.result, None)
+            sup.on_late_result(frame)
         elif isinstance(frame, SaveProgress):
             sup.results.save_progress(frame.task_id, frame.progress)
         elif isinstance(frame, Ready):
@@ -214,6 +215,11 @@ class Supervisor:
             config.queue_size, config.max_async_tasks, config.max_task_failures, self._give_up
         )
         self.connections: set[ControlConnection] = set()
+        self.journal = Journal(run_dir.spool_file)
+        # Kick frames taken from each producer connection, and those not yet confirmed
+        self.accepted: dict[ControlConnection, int] = {}
+        self.unconfirmed: set[ControlConnection] = set()
+        self._commit_scheduled = False
         self._dispatch_scheduled = False
         self.slot_restarts: dict[int, int] = {}
         self.retired = {"tasks_done": 0, "tasks_failed": 0}
@@ -261,12 +267,14 @@ class Supervisor:
             port = self.metrics.serve(self.config.metrics_port, addr, token)
             self.metrics_url = f"http://{self.config.metrics_addr}:{port}/metrics"
             logger.info("metrics on %s", self.metrics_url)
-        spooled = spool.load(self.run_dir.spool_file)
-        if spooled:
-            logger.info("resuming %d task(s) left by the previous run", len(spooled))
-            for entry in spooled:
+        owed, results = self.journal.replay()
+        for task_id, payload in results.items():
+            self.results.store(task_id, payload, None)
+        if owed:
+            logger.info("resuming %d task(s) the previous run accepted", len(owed))
+            for entry in owed:
                 self.router.enqueue(entry)
-            spool.save(self.run_dir.spool_file, [])
+        self.journal.open(owed, self.results.results)
         logger.info(
             "pool started: %d worker(s), app %s, run dir %s (pid %d)",
             self.target,
@@ -557,6 +565,21 @@ class Supervisor:
 
     # ----------------------------------------------------------------- tasks
     def enqueue(self, entry: Entry) -> None:
+        """A producer's task: into the journal and the queue (once: a task a producer sends
+        again after a reconnection is already here, or already done)."""
+        conn = entry.producer
+        if conn is not None:
+            self.accepted[conn] = self.accepted.get(conn, 0) + 1
+            self.unconfirmed.add(conn)
+            self._schedule_commit()
+        known = self.router.live.get(entry.task_id)
+        if known is not None:
+            known.producer = conn or known.producer
+            return
+        if entry.task_id in self.results.results:
+            if conn is not None:
+                self.results.subscribe(entry.task_id, conn)
+            return
         if self.broker.find_task(entry.task_name) is None:
             from pool.extensions.errors import TaskNotFoundError
 
@@ -564,12 +587,38 @@ class Supervisor:
             reason = f"task {entry.task_name!r} is not registered in {self.config.app}"
             self._store_error(entry, TaskNotFoundError(reason=reason, task_name=entry.task_name))
             return
+        self.journal.accept(entry)
         was_empty = not self.router.queue
         self.router.enqueue(entry)
         if was_empty and not self._dispatch_scheduled:
             self._dispatch_now()  # a lone task leaves at once; a burst waits for the turn's end
         else:
             self.dispatch()
+
+    def _schedule_commit(self) -> None:
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            asyncio.get_running_loop().call_soon(self.commit)
+
+    def commit(self) -> None:
+        """End of a turn: write the journal, then tell producers what is now safe with us.
+
+        While the journal cannot be written, no producer is read and none is told: each
+        keeps its tasks and sends them again once it reconnects."""
+        self._commit_scheduled = False
+        if not self.journal.flush():
+            self.router.frozen = True
+            for conn in list(self.connections):
+                self.router.hold_back(conn)
+            return
+        if self.router.frozen:
+            self.router.frozen = False
+            self.dispatch()
+        for conn in self.unconfirmed:
+            conn.send(Accepted(self.accepted.get(conn, 0)))
+        self.unconfirmed.clear()
+        if self.journal.wants_rewrite:
+            self.journal.rewrite(self.router.live.values(), self.results.results)
 
     def hold_back(self, conn: ControlConnection) -> None:
         self.router.hold_back(conn)
@@ -607,10 +656,15 @@ class Supervisor:
         )
         payload = self.broker.serializer.dumpb(result.model_dump(mode="json"))
         self.results.store(entry.task_id, payload, entry.producer)
+        self.journal.settle(entry.task_id, payload)
+        self._schedule_commit()
 
     def on_done(self, handle: WorkerHandle, frame: Done) -> None:
         """A worker acknowledged a delivery, with the task's result when it had one."""
         entry = self.router.acknowledge(handle, frame.delivery)
+        if entry is not None:
+            self.journal.settle(entry.task_id, frame.result)
+            self._schedule_commit()
         if not handle.in_flight:
             handle.idle_since = time.monotonic()
         if frame.result:
@@ -622,6 +676,12 @@ class Supervisor:
             name = entry.task_name if entry is not None else "unknown"
             self.count_finished(handle, name, frame.outcome == 2, frame.duration)
         self.dispatch()
+
+    def on_late_result(self, frame: LateResult) -> None:
+        """A result saved after its message was acknowledged (``--ack-type when_received``)."""
+        self.results.store(frame.task_id, frame.result, None)
+        self.journal.settle(frame.task_id, frame.result)
+        self._schedule_commit()
 
     def on_finished(self, handle: WorkerHandle, frame: Finished) -> None:
         """A task ran to its end in a worker (one from an external broker, or acknowledged
@@ -647,6 +707,8 @@ class Supervisor:
     def forget(self, conn: ControlConnection) -> None:
         self.connections.discard(conn)
         self.router.forget(conn)
+        self.accepted.pop(conn, None)
+        self.unconfirmed.discard(conn)
 
     # ----------------------------------------------------------------- control
     def stats(self) -> dict[str, Any]:
@@ -672,8 +734,11 @@ class Supervisor:
         pending = [h.exited.wait() for h in list(self.workers.values())]
         if pending:
             await asyncio.wait_for(asyncio.gather(*pending), self.config.kill_grace + 10)
+        self.journal.flush()
         leftovers = self.router.drain_queue()
-        spool.save(self.run_dir.spool_file, leftovers)
+        if not self.journal.rewrite(leftovers, self.results.results):
+            self.forced = True  # exit non-zero: the log says which tasks stay where
+        self.journal.close()
         if leftovers:
             logger.info(
                 "%d unstarted task(s) kept in %s for the next run",

@@ -1,16 +1,9 @@
-"""Tasks that wait in the supervisor's memory, and their spool file across restarts."""
+"""The tasks the supervisor holds: one entry each, and the queue of those not yet handed out."""
 
 from __future__ import annotations
 
-import logging
-import os
 from collections import deque
-from pathlib import Path
 from typing import Any
-
-from pool.runtime.protocol import FrameError, FrameReader, Spooled, decode_frame
-
-logger = logging.getLogger("pool.runtime.spool")
 
 
 class Entry:
@@ -53,48 +46,3 @@ class TaskQueue:
 
     def pop(self) -> Entry:
         return self.items.popleft()
-
-
-def save(path: Path, entries: list[Entry]) -> None:
-    """Write entries atomically (mode 0600); no file when there is nothing to keep."""
-    if not entries:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        return
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        for entry in entries:
-            record = Spooled(entry.task_id, entry.task_name, entry.payload, entry.failures)
-            handle.write(record.encode())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load(path: Path) -> list[Entry]:
-    """Read a spool file; unreadable records are logged and skipped."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    entries: list[Entry] = []
-    reader = FrameReader()
-    try:
-        for op, body in reader.feed(data):
-            try:
-                record = decode_frame(op, body)
-                if not isinstance(record, Spooled):
-                    raise FrameError(f"unexpected record {type(record).__name__}")
-                entries.append(
-                    Entry(record.task_id, record.task_name, record.message, record.failures)
-                )
-            except FrameError as exc:
-                logger.warning("skipping an unreadable spooled task: %s", exc)
-    except FrameError as exc:
-        logger.warning("spool file %s is damaged after %d task(s): %s", path, len(entries), exc)
-    if reader.buffer:
-        logger.warning("spool file %s ends with a truncated record", path)
-    return entries

@@ -1,0 +1,161 @@
+"""The journal: every task the supervisor accepted, on disk until it is settled.
+
+An append-only file in the run directory (the spool file) with two kinds of records: a
+``Spooled`` record when a producer's task is accepted, a ``Settled`` one when a worker
+acknowledged it (or it got its error result). A supervisor killed with SIGKILL leaves the
+file behind; the next ``pool run`` on that run directory replays it and runs every task that
+was accepted and not settled. A graceful shutdown rewrites it to the tasks not yet started.
+
+Records are written with one ``write`` per turn of the event loop, without fsync: they
+survive the death of the process (the kernel has them), not the loss of the machine.
+A write that fails (a full disk) is logged loudly, and the pool stops accepting tasks
+until a write succeeds again, so that nothing is accepted that is not on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from pool.runtime.protocol import FrameError, FrameReader, Settled, Spooled, decode_frame
+from pool.runtime.taskqueue import Entry
+
+logger = logging.getLogger("pool.runtime.journal")
+
+COMPACT_AT = 32 * 1024 * 1024  # bytes written since the last rewrite, at least
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending: list[bytes] = []
+        self.fd: int | None = None
+        self.written = 0
+        self.healthy = True
+
+    # ----------------------------------------------------------------- start
+    def replay(self) -> tuple[list[Entry], dict[str, bytes]]:
+        """The tasks accepted and not settled, in the order they were accepted, and the
+        results of the settled ones."""
+        results: dict[str, bytes] = {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return [], results
+        live: dict[str, Entry] = {}
+        reader = FrameReader()
+        try:
+            for op, body in reader.feed(data):
+                try:
+                    record = decode_frame(op, body)
+                except FrameError as exc:
+                    logger.warning("skipping an unreadable journal record: %s", exc)
+                    continue
+                if isinstance(record, Spooled):
+                    live[record.task_id] = Entry(
+                        record.task_id, record.task_name, record.message, record.failures
+                    )
+                elif isinstance(record, Settled):
+                    live.pop(record.task_id, None)
+                    if record.result:
+                        results[record.task_id] = record.result
+        except FrameError as exc:
+            logger.warning("journal %s is damaged after %d task(s): %s", self.path, len(live), exc)
+        if reader.buffer:
+            logger.warning("journal %s ends with a truncated record (ignored)", self.path)
+        return list(live.values()), results
+
+    def open(self, live: Iterable[Entry], results: Mapping[str, bytes]) -> None:
+        """Start a fresh journal holding what replay found, then append to it."""
+        self.rewrite(live, results)
+
+    # ----------------------------------------------------------------- records
+    def accept(self, entry: Entry) -> None:
+        self.pending.append(
+            Spooled(entry.task_id, entry.task_name, entry.payload, entry.failures).encode()
+        )
+
+    def settle(self, task_id: str, result: bytes = b"") -> None:
+        self.pending.append(Settled(task_id, result).encode())
+
+    def flush(self) -> bool:
+        """Write what was recorded this turn; False (logged) when the write failed."""
+        if not self.pending:
+            return self.healthy
+        if self.fd is None:  # closed at shutdown: what arrives now is not accepted
+            return False
+        data = b"".join(self.pending)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            if self.healthy:
+                logger.critical(
+                    "cannot write the task journal %s (%s): accepting no more tasks until "
+                    "it can be written; tasks already accepted still run",
+                    self.path,
+                    exc,
+                )
+            self.healthy = False
+            return False
+        if not self.healthy:
+            logger.warning("the task journal %s can be written again", self.path)
+        self.healthy = True
+        self.pending.clear()
+        self.written += len(data)
+        return True
+
+    @property
+    def wants_rewrite(self) -> bool:
+        return self.written > COMPACT_AT
+
+    def rewrite(self, live: Iterable[Entry], results: Mapping[str, bytes]) -> bool:
+        """Replace the file by one holding only ``live`` and ``results`` (atomic: a new
+        file, then rename). On failure the old file and its appends stay, and the error is
+        logged loudly."""
+        entries = list(live)
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                data = b"".join(
+                    [
+                        *(Settled(task_id, result).encode() for task_id, result in results.items()),
+                        *(
+                            Spooled(e.task_id, e.task_name, e.payload, e.failures).encode()
+                            for e in entries
+                        ),
+                    ]
+                )
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.critical(
+                "cannot rewrite the task journal %s (%s); %d task(s) stay in the old one",
+                self.path,
+                exc,
+                len(entries),
+            )
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            return False
+        self.close()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.pending.clear()
+        self.written = 0
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
