@@ -2,6 +2,8 @@
 
 Results and progress stay opaque bytes (the broker's serializer made them in a worker);
 the supervisor never decodes them. Both tables are bounded, oldest dropped first.
+A result is pushed with ``ControlConnection.push_result``: to a peer that does not read, it
+waits as these very bytes (no copy), and it stays here when such a peer is dropped.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from pool.runtime.protocol import Progress, Result
+from pool.runtime.protocol import Progress
 
 if TYPE_CHECKING:
     from pool.runtime.control import ControlConnection
@@ -32,17 +34,15 @@ class ResultStore:
         targets = self.subscribers.pop(task_id, set())
         if producer is not None:
             targets.add(producer)
-        if targets:
-            frame = Result(task_id, payload).encode()
-            for conn in targets:
-                conn.subscriptions.discard(task_id)
-                conn.send_raw(frame)
+        for conn in targets:
+            conn.subscriptions.discard(task_id)
+            conn.push_result(task_id, payload)
 
     def subscribe(self, task_id: str, conn: ControlConnection) -> None:
         """Send ``conn`` the result of ``task_id`` now if it is here, else when it arrives."""
         payload = self.results.get(task_id)
         if payload is not None:
-            conn.send(Result(task_id, payload))
+            conn.push_result(task_id, payload)
             return
         self.subscribers.setdefault(task_id, set()).add(conn)
         conn.subscriptions.add(task_id)
