@@ -390,3 +390,30 @@ async def test_a_waiting_producer_learns_when_the_pool_is_gone() -> None:
         with pytest.raises(PoolUnavailableError, match=running.run_dir):
             await asyncio.wait_for(handle.wait_result(), 20)  # no timeout of its own
         await broker.shutdown()
+
+
+async def test_tasks_sent_while_the_pool_stops_run_in_the_next_pool() -> None:
+    """A producer keeps sending while the pool shuts down gracefully: every task it sent
+    runs, in this pool or (confirmed or sent again) in the next one on the same run dir."""
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    first = RunningPool(workers=1, extra=["--max-async-tasks", "2"], run_dir=run_dir).start()
+    second: RunningPool | None = None
+    try:
+        broker = PoolBroker(run_dir=run_dir, connect_timeout=20)
+        handles = [await kicker(broker, "count_run").kiq(f"s{i}") for i in range(200)]
+        first.signal(signal.SIGTERM)
+        # go on sending while it stops (kiq waits, or its tasks wait to be sent again)
+        sending = asyncio.ensure_future(
+            asyncio.gather(*(kicker(broker, "count_run").kiq(f"t{i}") for i in range(300)))
+        )
+        assert first.proc.wait(30) == 0  # type: ignore[union-attr]
+        second = RunningPool(workers=2, run_dir=run_dir).start()
+        handles += await asyncio.wait_for(sending, 30)
+        results = [await h.wait_result(timeout=60) for h in handles]
+        assert [r for r in results if r.is_err or r.return_value < 1] == []
+        await broker.shutdown()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
