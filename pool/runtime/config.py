@@ -66,6 +66,8 @@ class PoolConfig:
     max_stored_results: int = 10_000
     max_task_failures: int = 3
     startup_attempts: int = 3
+    # a worker whose WORKER_STARTUP handlers did not finish in this time is a failed start
+    startup_timeout: float = 60.0
     kill_grace: float = 5.0
     # how long the check that the broker answers, before any worker starts, may take
     probe_timeout: float = 20.0

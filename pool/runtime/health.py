@@ -45,8 +45,18 @@ class HealthMonitor:
             await asyncio.sleep(sup.config.monitor_interval)
 
     def check(self, handle: WorkerHandle, now: float) -> None:
-        """Recycle a worker grown past its memory limit; kill one whose loop is stuck."""
+        """Recycle a worker grown past its memory limit; kill one whose loop is stuck or
+        whose start-up never ends."""
         sup = self.supervisor
+        limit = sup.config.startup_timeout
+        if handle.state == "starting" and now - handle.started_at > limit:
+            handle.startup_error = f"WORKER_STARTUP did not finish in {limit:g} s"
+            logger.error(
+                "worker %d (pid %d): %s; killing it", handle.slot, handle.pid, handle.startup_error
+            )
+            handle.started_at = now  # once: the kill below ends it
+            handle.process.kill()
+            return
         limit_mb = sup.config.max_memory_per_child
         if limit_mb and handle.state == "ready" and handle.rss > limit_mb * 1024 * 1024:
             sup.recycle(handle, f"RSS {handle.rss / 2**20:.0f} MiB > {limit_mb:g} MiB")

@@ -730,6 +730,11 @@ class Supervisor:
             except asyncio.TimeoutError:
                 pass
         if self.workers:
+            logger.error(
+                "%d worker(s) did not stop in time; killing them (exit status 1)",
+                len(self.workers),
+            )
+            self.forced = True
             self.kill_all()
         pending = [h.exited.wait() for h in list(self.workers.values())]
         if pending:

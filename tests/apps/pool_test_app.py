@@ -24,6 +24,8 @@ def mark(name: str, text: str = "") -> None:
 
 @broker.on_event(TaskiqEvents.WORKER_STARTUP)
 async def on_startup(state: TaskiqState) -> None:
+    if os.environ.get("POOL_TEST_HANG_STARTUP"):
+        await asyncio.Event().wait()  # a handler that never returns
     if os.environ.get("POOL_TEST_FAIL_STARTUP"):
         raise RuntimeError("database unreachable (test)")
     switch = os.environ.get("POOL_TEST_FAIL_STARTUP_IF")
