@@ -10,7 +10,7 @@ import asyncio
 import logging
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -215,20 +215,9 @@ class PoolResultBackend(AsyncResultBackend[Any]):
     async def get_progress(self, task_id: str) -> TaskProgress[Any] | None:
         data = self._local_progress.get(task_id)
         if data is None:
-            waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            first = task_id not in self._progress_waiters
-            self._progress_waiters.setdefault(task_id, []).append(waiter)
-            try:
-                if first:
-                    client = await self.broker.connection()
-                    client.send(GetProgress(task_id))
-                data = await asyncio.wait_for(waiter, 5.0)
-            finally:
-                waiters = self._progress_waiters.get(task_id)
-                if waiters and waiter in waiters:
-                    waiters.remove(waiter)
-                    if not waiters:
-                        del self._progress_waiters[task_id]
+            data = await asyncio.wait_for(
+                _ask(self._progress_waiters, task_id, self._ask_progress), 5.0
+            )
         if not data:
             return None
         return TaskProgress[Any].model_validate(self.broker.serializer.loadb(data))
@@ -241,20 +230,37 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         data = self._stored(task_id)
         if data is not None:
             return data
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        first = task_id not in self._waiters
-        self._waiters.setdefault(task_id, []).append(waiter)
-        try:
-            if first and task_id not in self._pushed:
-                client = await self.broker.connection()
-                client.send(Subscribe(task_id))
-            return await waiter
-        finally:
-            waiters = self._waiters.get(task_id)
-            if waiters and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[task_id]
+        return await _ask(self._waiters, task_id, self._subscribe)
+
+    async def _subscribe(self, task_id: str) -> None:
+        if task_id not in self._pushed:  # else it comes unasked
+            client = await self.broker.connection()
+            client.send(Subscribe(task_id))
+
+    async def _ask_progress(self, task_id: str) -> None:
+        client = await self.broker.connection()
+        client.send(GetProgress(task_id))
+
+
+async def _ask(
+    table: dict[str, list[asyncio.Future[bytes]]],
+    task_id: str,
+    request: Callable[[str], Awaitable[None]],
+) -> bytes:
+    """Wait for the supervisor's answer about ``task_id``; the first waiter asks for it."""
+    waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    first = task_id not in table
+    table.setdefault(task_id, []).append(waiter)
+    try:
+        if first:
+            await request(task_id)
+        return await waiter
+    finally:
+        waiters = table.get(task_id)
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del table[task_id]
 
 
 class PoolBroker(AsyncBroker):
