@@ -32,8 +32,12 @@ from pool.redis.result_backend import (
 from pool.redis.schedule import RedisRunClaim, RedisScheduleSource
 from pool.redis.state import RedisState, RedisStateBackend
 
+# taskiq-redis's name for the result backend, so that an import line can stay as it is
+RedisAsyncResultBackend = RedisResultBackend
+
 __all__ = [
     "PoolRedisError",
+    "RedisAsyncResultBackend",
     "RedisListenError",
     "RedisResultBackend",
     "RedisResultGetError",
