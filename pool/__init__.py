@@ -23,6 +23,7 @@ _OWN: dict[str, str] = {
     "WorkerCrashedError": "pool.extensions.errors",
     "PoolUnavailableError": "pool.extensions.errors",
     "TaskNotFoundError": "pool.extensions.errors",
+    "MessageTooLargeError": "pool.extensions.errors",
 }
 
 # taskiq's public names beyond ``taskiq.__all__``, by the module that defines them
@@ -172,6 +173,7 @@ if TYPE_CHECKING:
     from taskiq.serializers import JSONSerializer, PickleSerializer
 
     from pool.extensions.errors import (
+        MessageTooLargeError,
         PoolUnavailableError,
         TaskNotFoundError,
         WorkerCrashedError,

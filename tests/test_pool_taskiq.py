@@ -95,3 +95,19 @@ async def test_many_producers_tasks_at_once(broker) -> None:  # type: ignore[no-
     handles = await asyncio.gather(*(features_app.receipt.kiq(order, tip=i) for i in range(200)))
     results = await asyncio.gather(*(h.wait_result(timeout=60) for h in handles))
     assert [r.return_value.total for r in results] == [1.0 + i for i in range(200)]
+
+
+async def test_a_message_over_the_frame_limit_is_refused_at_kiq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pool import MessageTooLargeError, PoolBroker
+    from pool.runtime import protocol
+
+    monkeypatch.setattr(protocol, "MAX_FRAME", 4096)
+    broker = PoolBroker(run_dir=tmp_path)  # no pool needed: refused before connecting
+
+    @broker.task(task_name="features:big")
+    async def big(blob: str) -> None: ...
+
+    with pytest.raises(MessageTooLargeError, match="POOL_MAX_FRAME"):
+        await big.kiq("x" * 10_000)

@@ -32,6 +32,12 @@ class PoolUnavailableError(_WithReason, SendTaskError):
     reason: str = "no pool is running"
 
 
+class MessageTooLargeError(_WithReason, SendTaskError):
+    """A task's message is bigger than a frame of the pool (``POOL_MAX_FRAME``)."""
+
+    reason: str = "the task's message is too large"
+
+
 class TaskNotFoundError(_WithReason, UnknownTaskError):
     """The pool has no task of that name: the result a producer waiting for it gets.
 

@@ -18,6 +18,7 @@ from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, BrokerMessag
 from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeoutError
 
+from pool.extensions.errors import MessageTooLargeError
 from pool.extensions.handles import PoolDecoratedTask
 from pool.runtime import protocol
 from pool.runtime.protocol import GetProgress, Kick, Subscribe
@@ -206,6 +207,11 @@ class PoolResultBackend(AsyncResultBackend[Any]):
 
     async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
         data = self.broker.serializer.dumpb(progress.model_dump(mode="json"))
+        if len(data) + len(task_id) + 1024 > protocol.MAX_FRAME:
+            raise ValueError(
+                f"the progress of task {task_id} is {len(data)} bytes, over the pool's frame "
+                f"limit of {protocol.MAX_FRAME} (POOL_MAX_FRAME)"
+            )
         link = self.broker.worker_link
         if link is None:
             raise RuntimeError("progress of a PoolBroker task is set by the pool's workers")
@@ -338,8 +344,13 @@ class PoolBroker(AsyncBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Send the task; it is kept here until the supervisor confirms it has it on disk,
         and sent again on the next connection if this one is lost before that."""
-        client = await self.connection()
         frame = Kick(message.task_id, message.task_name, message.message).encode()
+        if len(frame) > protocol.MAX_FRAME:
+            raise MessageTooLargeError(
+                reason=f"the message of task {message.task_name!r} is {len(frame)} bytes, over "
+                f"the pool's frame limit of {protocol.MAX_FRAME} (POOL_MAX_FRAME)"
+            )
+        client = await self.connection()
         client.send_raw(frame)
         self._unconfirmed.append((message.task_id, frame))
         self.pool_results.expect(message.task_id)
