@@ -229,6 +229,8 @@ class Worker:
         if isinstance(broker, PoolBroker):
             broker.run_dir = self.config.run_dir
             broker.worker_link = self
+        else:
+            _cancel_safe_listen(broker)
         _plugins_write_locally(broker)
         _bound_shutdown(broker, options.shutdown_timeout)
         self.broker = broker
@@ -424,6 +426,60 @@ def _plugins_write_locally(broker: Any) -> None:
     for event in (TaskiqEvents.WORKER_STARTUP, TaskiqEvents.WORKER_SHUTDOWN):
         handlers = broker.event_handlers[event]
         handlers[:] = [local(h) if _from_plugin(h) else h for h in handlers]
+
+
+LISTEN_CANCEL_GRACE = 2.0
+
+
+def _cancel_safe_listen(broker: Any) -> None:
+    """``broker.listen()`` that stops when taskiq's receiver cancels it, even if the broker's
+    client loses the cancellation.
+
+    The receiver stops reading by cancelling the pending ``anext()`` of ``listen()``. A
+    cancellation that arrives just as a blocking read returns can be lost in redis-py
+    (redis/redis-py#2028): the broker's loop goes on reading and the worker never stops. Here
+    the pending read runs in a task of its own; once cancelled, it is cancelled again until
+    it ends (a message it got meanwhile is handed over, as taskiq does with a late delivery),
+    and after ``LISTEN_CANCEL_GRACE`` seconds it is left behind.
+    """
+    listen = broker.listen
+
+    async def cancel_safe() -> Any:
+        inner = listen()
+        step: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(inner.__anext__())
+                try:
+                    message = await asyncio.shield(step)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not await _stop_reading(step):
+                        raise
+                    message = step.result()
+                step = None
+                yield message
+        finally:
+            if step is None or step.done():
+                await inner.aclose()
+
+    broker.listen = cancel_safe
+
+
+async def _stop_reading(step: asyncio.Future[Any]) -> bool:
+    """Cancel ``step`` until it ends; True if it ended with a message."""
+    deadline = time.monotonic() + LISTEN_CANCEL_GRACE
+    while not step.done() and time.monotonic() < deadline:
+        step.cancel()
+        await asyncio.wait([step], timeout=0.05)
+    if not step.done():
+        logger.warning(
+            "the broker's listen() ignored its cancellation for %.0f s; leaving it behind",
+            LISTEN_CANCEL_GRACE,
+        )
+        return False
+    return not step.cancelled() and step.exception() is None
 
 
 def _bound_shutdown(broker: Any, timeout: float) -> None:
