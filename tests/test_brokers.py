@@ -67,7 +67,7 @@ class Ecosystem:
 
     async def producer(self) -> Any:
         """The app's broker, built here as the workers build it, started as a client."""
-        from tests.apps.ecosystem_app import make_broker
+        from tests.apps.eco_brokers import make_broker
 
         broker = make_broker(self.kind, self.name)
         if self.kind == "pool":
