@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import pytest
 from taskiq.kicker import AsyncKicker
 
@@ -25,6 +26,12 @@ from tests.pool_support import RunningPool, run_sync, wait_for
 from tests.service_support import AMQP_URL, NATS_URL, REDIS_URL, require
 
 pytestmark = pytest.mark.timeout(90)
+
+
+def by_name(name: str, broker: Any) -> AsyncKicker[Any, Any]:
+    """The task ``name`` of ``broker``, by name (the test does not import the app)."""
+    return AsyncKicker(name, broker, {})
+
 
 APP = "ecosystem_app:broker"
 # the services each broker of the app needs (results of RabbitMQ and core NATS go to Redis)
@@ -71,7 +78,7 @@ class Ecosystem:
 
         broker = make_broker(self.kind, self.name)
         if self.kind == "pool":
-            broker.run_dir = self.run_dir
+            broker.run_dir = self.run_dir  # type: ignore[attr-defined]
         await broker.startup()
         self.producers.append(broker)
         return broker
@@ -145,7 +152,7 @@ async def eco(request: pytest.FixtureRequest) -> AsyncIterator[Ecosystem]:
 
 
 async def send(broker: Any, task: str, *args: Any, **kwargs: Any) -> Any:
-    return await AsyncKicker(task, broker, {}).kiq(*args, **kwargs)
+    return await by_name(task, broker).kiq(*args, **kwargs)
 
 
 async def result_of(handle: Any, timeout: float = 20) -> Any:
@@ -195,6 +202,9 @@ async def test_a_taskiq_app_runs_unchanged_with_results_stats_state_scaling_and_
         broker = await eco.producer()
         sent = await warm_up(broker)
         first = set(running.worker_pids())
+        assert running.proc is not None
+        supervisor = psutil.Process(running.proc.pid)
+        assert not supervisor.net_connections(kind="inet"), "only workers talk to the broker"
 
         handles = [await send(broker, "eco.add", i, i) for i in range(30)]
         assert [await result_of(h) for h in handles] == [2 * i for i in range(30)]

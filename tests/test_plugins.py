@@ -21,6 +21,12 @@ from tests.service_support import REDIS_URL, require
 
 pytestmark = pytest.mark.timeout(90)
 
+
+def by_name(name: str, broker: Any) -> AsyncKicker[Any, Any]:
+    """The task ``name`` of ``broker``, by name (the test does not import the app)."""
+    return AsyncKicker(name, broker, {})
+
+
 KINDS = ["pool", "redis-stream"]
 
 
@@ -74,7 +80,7 @@ async def plugged(request: pytest.FixtureRequest) -> AsyncIterator[Plugged]:
 
 
 async def run(broker: Any, task: str, *args: Any) -> Any:
-    handle = await AsyncKicker(task, broker, {}).kiq(*args)
+    handle = await by_name(task, broker).kiq(*args)
     return (await handle.wait_result(timeout=20)).raise_for_error().return_value
 
 
@@ -113,9 +119,9 @@ async def test_taskiq_pipelines_runs_a_three_step_pipeline_across_workers(
 
     with plugged.pool("pipeline_app", workers=2) as running:
         broker = await plugged.started(make_broker(plugged.kind, plugged.name))
-        steps = [AsyncKicker(name, broker, {}) for name in ("pl.add_one", "pl.repeat")]
-        pipe = (
-            Pipeline(broker, steps[0]).call_next(steps[1]).map(AsyncKicker("pl.square", broker, {}))
+        steps = [by_name(name, broker) for name in ("pl.add_one", "pl.repeat")]
+        pipe: Pipeline[Any, Any] = (
+            Pipeline(broker, steps[0]).call_next(steps[1]).map(by_name("pl.square", broker))
         )
         handles = [await pipe.kiq(value) for value in (2, 3, 4)]
         results = [(await h.wait_result(timeout=30)).raise_for_error() for h in handles]

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,12 @@ from pool import AsyncKicker
 from tests.pool_support import RunningPool, wait_for
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def by_name(name: str, broker: Any) -> AsyncKicker[Any, Any]:
+    """The task ``name`` of ``broker``, by name (the test does not import the app)."""
+    return AsyncKicker(name, broker, {})
+
 
 APP = """
 from pool import PoolBroker
@@ -51,7 +58,7 @@ def reloading_pool(project: Path, *extra: str) -> RunningPool:
 async def version_of(running: RunningPool) -> str:
     broker = running.broker()
     try:
-        handle = await AsyncKicker("reloaded.version", broker, {}).kiq()
+        handle = await by_name("reloaded.version", broker).kiq()
         return str((await handle.wait_result(timeout=20)).raise_for_error().return_value)
     finally:
         await broker.shutdown()

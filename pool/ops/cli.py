@@ -76,7 +76,7 @@ NOT_APPLIED = {
 }
 
 
-def _add_run_parser(commands: Any) -> None:
+def _add_run_parser(commands: Any) -> argparse.ArgumentParser:
     from pool.runtime.config import TASKIQ_RECEIVER, TASKIQ_TASKS_PATTERN
     from pool.runtime.config import default_of as default
 
@@ -96,6 +96,7 @@ def _add_run_parser(commands: Any) -> None:
     run.add_argument(
         "task_modules",
         nargs="*",
+        default=[],
         metavar="TASK_MODULE",
         help="modules to import in every worker, where the tasks are defined",
     )
@@ -278,6 +279,7 @@ def _add_run_parser(commands: Any) -> None:
     ignored.add_argument("--max-fails", type=_any_int, default=-1, metavar="N")
     ignored.add_argument("--hardkill-count", type=_any_int, default=3, metavar="N")
     _add_pool_options(run.add_argument_group("pool's options"), default)
+    return run
 
 
 def _add_pool_options(group: Any, default: Any) -> None:
@@ -380,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_run_parser(commands)
+    parser.set_defaults(run_parser=_add_run_parser(commands))
 
     stats = commands.add_parser(
         "stats",
@@ -433,7 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(scheduler_main(argv[1:]))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["run"]:  # task modules may come after options: `run app:broker -w 2 tasks`
+        run_parser = parser.get_default("run_parser")
+        args = run_parser.parse_intermixed_args(argv[1:], argparse.Namespace(command="run"))
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

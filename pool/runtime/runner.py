@@ -216,8 +216,11 @@ def probe(config: PoolConfig, broker: Any) -> str | None:
 
 def _probe_main(config: PoolConfig, conn: Any) -> None:
     """Child process: answer ``None`` or the reason the services cannot be reached."""
+    errors = _ErrorRecords()
+    root = logging.getLogger()
+    root.handlers[:] = [errors]  # the check's logs would only repeat what it answers
     try:
-        answer = run_event_loop(_check_services(config))
+        answer = run_event_loop(_check_services(config, errors))
     except BaseException as exc:
         answer = f"the broker check failed: {type(exc).__name__}: {exc}"
     conn.send(answer)
@@ -225,20 +228,43 @@ def _probe_main(config: PoolConfig, conn: Any) -> None:
     os._exit(0)
 
 
-async def _check_services(config: PoolConfig) -> str | None:
+class _ErrorRecords(logging.Handler):
+    """Keeps the first error a library logs while it retries a connection."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.first: logging.LogRecord | None = None
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first is None:
+            self.first = record
+            self.seen.set()
+
+    def describe(self) -> str:
+        record = self.first
+        if record is None:
+            return ""
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            return f"{type(exc).__name__}: {exc} (logged by {record.name})"
+        return f"{record.getMessage()} (logged by {record.name})"
+
+
+# How long a broker whose client logged an error may still take to connect after all.
+RETRY_GRACE = 3.0
+
+
+async def _check_services(config: PoolConfig, errors: _ErrorRecords) -> str | None:
     from taskiq import InMemoryBroker
 
     from pool.extensions.pool_broker import PoolBroker
 
     broker = load_app(config)  # forked: the supervisor's, already imported
     if not isinstance(broker, (PoolBroker, InMemoryBroker)):
-        name = type(broker).__name__
-        try:
-            await asyncio.wait_for(_open_broker(broker), config.probe_timeout)
-        except asyncio.TimeoutError:
-            return f"cannot reach the broker ({name}): no answer in {config.probe_timeout:g} s"
-        except Exception as exc:
-            return f"cannot reach the broker ({name}): {type(exc).__name__}: {exc}"
+        problem = await _reach_broker(broker, config.probe_timeout, errors)
+        if problem is not None:
+            return f"cannot reach the broker ({type(broker).__name__}{_address(broker)}): {problem}"
     if config.state_url:
         from pool.runtime.state import open_state
 
@@ -249,6 +275,48 @@ async def _check_services(config: PoolConfig) -> str | None:
         except Exception as exc:
             return f"cannot reach the shared state at {config.state_url}: {exc}"
     return None
+
+
+async def _reach_broker(broker: Any, timeout: float, errors: _ErrorRecords) -> str | None:
+    """None once the broker started, else why not: its error, or the first error its client
+    logged while it kept retrying (NATS retries for minutes, aio-pika for ever)."""
+    opening = asyncio.ensure_future(_open_broker(broker))
+    logged = asyncio.ensure_future(errors.seen.wait())
+    try:
+        done, _ = await asyncio.wait(
+            [opening, logged], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if logged in done and opening not in done:
+            done, _ = await asyncio.wait([opening], timeout=RETRY_GRACE)
+        if opening in done:
+            exc = opening.exception()
+            return None if exc is None else f"{type(exc).__name__}: {exc}"
+        if errors.first is not None:
+            return errors.describe()
+        return f"no answer in {timeout:g} s"
+    finally:
+        logged.cancel()
+        opening.cancel()
+
+
+def _address(broker: Any) -> str:
+    """`` at URL`` of the broker, its password masked, when it keeps one where taskiq's
+    brokers do (``url``, ``servers``)."""
+    from urllib.parse import urlsplit
+
+    for name in ("url", "servers"):
+        value = getattr(broker, name, None)
+        urls = [value] if isinstance(value, str) else value
+        if isinstance(urls, (list, tuple)) and urls and all(isinstance(u, str) for u in urls):
+            shown = []
+            for url in urls:
+                parts = urlsplit(url)
+                if parts.password:
+                    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+                    url = parts._replace(netloc=netloc).geturl()
+                shown.append(url)
+            return f" at {', '.join(shown)}"
+    return ""
 
 
 async def _open_broker(broker: Any) -> None:

@@ -77,8 +77,12 @@ def _worker_logging(options: PoolConfig, worker_id: int) -> None:
     A forked worker inherits the supervisor's handler (``runner.POOL_HANDLER``): only its
     format changes. With ``--no-configure-logging`` nothing changes at all.
     """
+    import multiprocessing
+
     from pool.runtime.runner import POOL_HANDLER, log_format
 
+    # what %(processName)s shows (logging asks the standard library's multiprocessing)
+    multiprocessing.current_process().name = f"pool-worker-{worker_id}"
     if not options.configure_logging:
         return
     formatter = logging.Formatter(log_format(options, f"worker {worker_id}"))

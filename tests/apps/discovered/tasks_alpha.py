@@ -1,0 +1,8 @@
+"""Found by `--fs-discover --tasks-pattern 'discovered/**/tasks_*.py'`."""
+
+from cli_app import broker
+
+
+@broker.task(task_name="discovered.alpha")
+async def alpha() -> str:
+    return "alpha"
