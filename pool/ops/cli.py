@@ -347,9 +347,11 @@ def _add_pool_options(group: Any, default: Any) -> None:
     )
     group.add_argument(
         "--start-method",
-        choices=("fork", "spawn", "forkserver"),
+        # not forkserver: a worker's parent must be the supervisor (it dies with it)
+        choices=("fork", "spawn"),
         default=default("start_method"),
-        help="how worker processes are created (default: %(default)s)",
+        help="how worker processes are created: fork (fast; the app is imported once, in the "
+        "supervisor) or spawn (each worker imports the app afresh) (default: %(default)s)",
     )
     group.add_argument(
         "--queue-size",

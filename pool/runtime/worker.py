@@ -235,7 +235,7 @@ class Worker:
             broker.worker_link = self
         else:
             _cancel_safe_listen(broker)
-        _plugins_write_locally(broker)
+        _plugins_write_locally(broker, options)
         _bound_shutdown(broker, options.shutdown_timeout)
         self.broker = broker
         receiver_class = load_receiver(options)
@@ -400,18 +400,21 @@ def _plugin_view(state: TaskiqState) -> TaskiqState:
     return view
 
 
-def _from_plugin(handler: Any) -> bool:
-    """True for a handler defined by an installed package other than pool (a plugin)."""
+def _from_plugin(handler: Any, app_packages: set[str]) -> bool:
+    """True for a handler defined by an installed package (a plugin): not pool, taskiq or the
+    app itself (whose packages count as the app's wherever they are installed)."""
     from pool.runtime.reload import is_user_module
 
     name = getattr(handler, "__module__", None) or type(handler).__module__
     module = sys.modules.get(name or "")
     if module is None or name.split(".")[0] in ("pool", "shared_state", "taskiq"):
         return False
-    return getattr(module, "__file__", None) is not None and not is_user_module(name, module)
+    if getattr(module, "__file__", None) is None:
+        return False
+    return not is_user_module(name, module, app_packages)
 
 
-def _plugins_write_locally(broker: Any) -> None:
+def _plugins_write_locally(broker: Any, options: PoolConfig) -> None:
     """WORKER_* handlers of plugins (taskiq-fastapi, ...) keep what they store in the worker.
 
     Plugins are written for taskiq, whose state is one per process: taskiq-fastapi stores its
@@ -419,6 +422,10 @@ def _plugins_write_locally(broker: Any) -> None:
     workers' copies, and read back a copy of a sibling's lifespan at shutdown.
     """
     from taskiq import TaskiqEvents
+
+    from pool.runtime.reload import app_packages
+
+    ours = app_packages(options.app, options.task_modules)
 
     def local(handler: Any) -> Any:
         def run(state: Any) -> Any:
@@ -429,7 +436,7 @@ def _plugins_write_locally(broker: Any) -> None:
 
     for event in (TaskiqEvents.WORKER_STARTUP, TaskiqEvents.WORKER_SHUTDOWN):
         handlers = broker.event_handlers[event]
-        handlers[:] = [local(h) if _from_plugin(h) else h for h in handlers]
+        handlers[:] = [local(h) if _from_plugin(h, ours) else h for h in handlers]
 
 
 LISTEN_CANCEL_GRACE = 2.0
