@@ -303,3 +303,23 @@ async def test_a_worker_stops_reading_even_if_the_broker_loses_the_cancellation(
         await reading
     assert loop.time() - started < stops_within
     await asyncio.sleep(seconds)  # the broker's own loop ends with the test
+
+
+# (RedisStreamBroker reads in batches: what a stopping worker read and did not start stays
+# pending for its idle_timeout, in taskiq's worker as here; ListQueueBroker pops one at a time)
+@pytest.mark.parametrize("eco", ["redis-list"], indirect=True)
+async def test_max_tasks_per_child_recycles_workers_of_an_external_broker(eco: Ecosystem) -> None:
+    """taskiq's --max-tasks-per-child: a worker takes no more than N tasks, then another
+    replaces it."""
+    with eco.pool(workers=1, extra=["--max-tasks-per-child", "5"]) as running:
+        broker = await eco.producer()
+        first = running.worker_pids()
+        handles = [await send(broker, "eco.whoami") for _ in range(12)]
+        ran_in = [await result_of(h) for h in handles]
+        assert max(ran_in.count(pid) for pid in ran_in) <= 5, "no worker ran more than 5"
+        assert first[0] in ran_in and len(set(ran_in)) >= 3
+        running.wait_mark(f"shutdown-{first[0]}", 10)
+        stats = wait_for(
+            lambda: (s := running.stats())["totals"]["tasks_done"] == 12 and s, 10, "12 counted"
+        )
+        assert stats["totals"]["restarts"] == 0, "a recycled worker did not crash"

@@ -250,6 +250,9 @@ class Worker:
             run_startup=False,
             ack_type=parse_acknowledge_type(options.ack_type),
             wait_tasks_timeout=options.wait_tasks_timeout,
+            # taskiq's --max-tasks-per-child: the receiver takes no more; the supervisor
+            # (which counts them too) starts the replacement
+            max_tasks_to_execute=options.max_tasks_per_child,
             on_finished=self._finished,
             **options.receiver_args,
         )
