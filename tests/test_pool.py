@@ -168,6 +168,33 @@ def test_failing_startup_handler_stops_the_pool_with_its_error() -> None:
         running.close()
 
 
+def test_a_startup_handler_that_never_returns_is_a_failed_start() -> None:
+    running = RunningPool(
+        workers=1, env={"POOL_TEST_HANG_STARTUP": "1"}, extra=["--startup-timeout", "0.5"]
+    ).start(wait_ready=False)
+    try:
+        code = running.wait(60)
+        assert code == 3
+        log = running.log()
+        assert "WORKER_STARTUP did not finish in 0.5 s" in log
+        assert "no worker could start" in log
+    finally:
+        running.close()
+
+
+async def test_a_worker_stuck_at_shutdown_is_killed_and_the_exit_status_says_so() -> None:
+    running = RunningPool(workers=1, extra=["--wait-tasks-timeout", "0.5"]).start()
+    try:
+        broker = PoolBroker(run_dir=running.run_dir, connect_timeout=0.5)
+        await kicker(broker, "block_loop_once").kiq("stuck", 30.0)
+        running.wait_mark("blocked-stuck")  # its worker's event loop is blocked from now on
+        running.signal(signal.SIGTERM)
+        assert running.wait(60) == 1
+        assert "did not stop in time" in running.log()
+    finally:
+        running.close()
+
+
 async def test_graceful_shutdown_drains_in_flight_tasks_and_fires_worker_shutdown() -> None:
     running = RunningPool(workers=2).start()
     try:
@@ -202,7 +229,7 @@ async def test_a_second_stop_signal_stops_at_once() -> None:
 
 async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
     run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    extra = ["--max-async-tasks", "1", "--shutdown-timeout", "1"]
+    extra = ["--max-async-tasks", "1", "--wait-tasks-timeout", "1"]
     first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
     release = Path(run_dir) / "release"  # outlives the first pool's marks
     try:

@@ -314,6 +314,14 @@ def _add_pool_options(group: Any, default: Any) -> None:
         "(default: %(default)s)",
     )
     group.add_argument(
+        "--startup-timeout",
+        type=_positive_float,
+        default=default("startup_timeout"),
+        metavar="SECONDS",
+        help="a worker whose WORKER_STARTUP handlers did not finish in this time is killed "
+        "and counts as a failed start (default: %(default)s)",
+    )
+    group.add_argument(
         "--metrics-port",
         type=_port,
         default=default("metrics_port"),
@@ -487,6 +495,7 @@ def run_config(args: argparse.Namespace) -> Any:
         autoscale=args.autoscale,
         autoscale_idle=args.autoscale_idle,
         worker_timeout=args.worker_timeout,
+        startup_timeout=args.startup_timeout,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
         state_url=args.state,

@@ -518,7 +518,7 @@ class Supervisor:
 
     def _send_drain(self, handle: WorkerHandle) -> None:
         if handle.pipe is not None:
-            handle.pipe.send(Drain(self.config.shutdown_timeout))
+            handle.pipe.send(Drain(self.config.wait_tasks_timeout))
 
     def kill_all(self) -> None:
         for handle in list(self.workers.values()):
@@ -722,7 +722,13 @@ class Supervisor:
         self.stopping = True
         for handle in list(self.workers.values()):
             self.retire(handle, "the pool is stopping")
-        deadline = time.monotonic() + self.config.shutdown_timeout + self.config.kill_grace
+        config = self.config
+        deadline = (
+            time.monotonic()
+            + config.wait_tasks_timeout
+            + config.shutdown_timeout
+            + config.kill_grace
+        )
         while self.workers and not self.forced and time.monotonic() < deadline:
             self.changed.clear()
             try:
