@@ -323,3 +323,21 @@ async def test_max_tasks_per_child_recycles_workers_of_an_external_broker(eco: E
             lambda: (s := running.stats())["totals"]["tasks_done"] == 12 and s, 10, "12 counted"
         )
         assert stats["totals"]["restarts"] == 0, "a recycled worker did not crash"
+
+
+async def test_autoscale_grows_on_a_broker_that_cannot_say_how_much_waits() -> None:
+    """taskiq-redis's list queue has no queue length for the supervisor: the pool grows
+    while every worker runs as many tasks as it may."""
+    require("redis")
+    ecosystem = Ecosystem("redis-list", f"pooltest-autoscale-{uuid.uuid4().hex[:10]}")
+    extra = ["--autoscale", "1,3", "--max-async-tasks", "2"]
+    try:
+        with ecosystem.pool(workers=1, extra=extra) as running:
+            broker = await ecosystem.producer()
+            handles = [await send(broker, "eco.whoami", 0.3) for _ in range(120)]
+            await off_loop(running.wait_ready, 3, 30)
+            pids = {await result_of(h, 60) for h in handles}
+            assert len(pids) >= 2
+            assert "every worker full" in running.log_path.read_text(errors="replace")
+    finally:
+        await ecosystem.close()

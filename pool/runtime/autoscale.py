@@ -2,7 +2,9 @@
 
 Kept apart from the supervisor so the policy reads in one place: grow while tasks wait and
 every worker is busy, shrink after a worker has been idle for a while, and never change
-twice within the cooldown, so the pool does not flap.
+twice within the cooldown, so the pool does not flap. With a broker that cannot say how
+many tasks wait (every broker but the embedded one), the pool grows while every worker is
+full: running as many tasks as it may (``--max-async-tasks``) or using a whole CPU.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from dataclasses import dataclass
 class Observation:
     now: float
     target: int
-    queued: int
+    queued: int | None  # None: the broker cannot say
     busy_workers: int
     ready_workers: int
     longest_idle_s: float
+    full_workers: int = 0  # at their task limit, or using a whole CPU
 
 
 class Autoscaler:
@@ -40,13 +43,18 @@ class Autoscaler:
             return self._change(seen, self.maximum, "above the autoscale maximum")
         if seen.now - self.last_change < self.cooldown_s:
             return None
-        saturated = seen.ready_workers > 0 and seen.busy_workers >= seen.ready_workers
-        if seen.queued > 0 and saturated and seen.target < self.maximum:
+        growing = seen.target < self.maximum and seen.ready_workers > 0
+        if seen.queued is None:
+            if growing and seen.full_workers >= seen.ready_workers:
+                return self._change(
+                    seen, seen.target + 1, "every worker full (its task limit or a whole CPU)"
+                )
+        elif growing and seen.queued > 0 and seen.busy_workers >= seen.ready_workers:
             return self._change(
                 seen, seen.target + 1, f"{seen.queued} task(s) waiting, every worker busy"
             )
         if (
-            seen.queued == 0
+            not seen.queued
             and seen.target > self.minimum
             and seen.longest_idle_s >= self.idle_s
             and seen.now - self.last_change >= self.idle_s

@@ -81,14 +81,20 @@ class HealthMonitor:
         sup = self.supervisor
         ready = [h for h in sup.workers.values() if h.counts_toward_target and h.state == "ready"]
         idle = [now - h.idle_since for h in ready if not h.busy]
+        capacity = sup.config.max_async_tasks
         decision = self.autoscaler.decide(
             Observation(
                 now=now,
                 target=sup.target,
-                queued=len(sup.queue),
+                queued=len(sup.queue) if sup.embedded else None,
                 busy_workers=sum(1 for h in ready if h.busy),
                 ready_workers=len(ready),
                 longest_idle_s=max(idle, default=0.0),
+                full_workers=sum(
+                    1
+                    for h in ready
+                    if max(h.busy, h.heartbeat_in_flight) >= capacity or h.cpu >= 90.0
+                ),
             )
         )
         if decision is not None:

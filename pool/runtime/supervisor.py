@@ -114,6 +114,8 @@ class WorkerHandle:
         self.idle_since = time.monotonic()
         # What the worker itself says it runs (it counts tasks from every broker).
         self.reported_in_flight = 0
+        # ... as of its last heartbeat (not lowered as tasks finish: autoscale's view)
+        self.heartbeat_in_flight = 0
 
     @property
     def state(self) -> str:
@@ -173,7 +175,7 @@ class SupervisorPipe(FrameProtocol):
             sup.on_finished(handle, frame)
         elif isinstance(frame, Heartbeat):
             handle.last_heartbeat = time.monotonic()
-            handle.reported_in_flight = frame.in_flight
+            handle.reported_in_flight = handle.heartbeat_in_flight = frame.in_flight
         elif isinstance(frame, LateResult):
             sup.on_late_result(frame)
         elif isinstance(frame, SaveProgress):
@@ -236,6 +238,10 @@ class Supervisor:
         self.background: set[asyncio.Task[Any]] = set()
         self.server: asyncio.AbstractServer | None = None
         self.health = HealthMonitor(self)
+        from pool.extensions.pool_broker import PoolBroker
+
+        # the embedded broker: tasks queue here, so the queue's length is known
+        self.embedded = isinstance(broker, PoolBroker)
         if config.autoscale is not None:
             low, high = config.autoscale
             self.target = min(max(self.target, low), high)
