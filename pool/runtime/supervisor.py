@@ -540,6 +540,11 @@ class Supervisor:
             return
         if log:
             logger.info("scaling from %d to %d worker(s)", self.target, count)
+            if count == 0:
+                logger.warning(
+                    "0 workers: no task runs until the pool is scaled up again "
+                    "(`python -m pool scale N` or SIGTTIN); tasks sent meanwhile wait"
+                )
         self.target = count
         self.reconcile()
         self.changed.set()
