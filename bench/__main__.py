@@ -33,6 +33,7 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
         ("pool + PoolBroker", "pool"),
         ("pool + RedisStreamBroker", "pool_redis"),
         ("taskiq 0.13 + taskiq-redis", "taskiq"),
+        ("taskiq-redis's RedisStreamBroker under `pool run`", "taskiq_on_pool"),
     ) if results.get(key)]  # fmt: skip
     peer = results.get("taskiq")
     rows: list[tuple[str, ...]] = [
@@ -220,6 +221,9 @@ def main() -> None:
     except ImportError:
         results["pool_redis"] = None
     results["taskiq"] = asyncio.run(taskiq_peer.measure(2, args.tasks, args.calls))
+    results["taskiq_on_pool"] = asyncio.run(
+        taskiq_peer.measure(2, args.tasks, args.calls, runtime="pool")
+    )
     results["release"] = release_peer.measure(args.tasks, args.calls)
     results["state"] = state_bench.run()
     if not args.quick:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,23 @@ async def _cleanup(prefix: str) -> None:
         await client.aclose()
 
 
-async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> dict[str, Any]:
+def _runtime(name: str, workers: int, run_dir: str) -> list[str]:
+    """The same app and broker under ``taskiq worker`` or under ``python -m pool run``."""
+    app = "bench.taskiq_app:broker"
+    if name == "pool":
+        return [sys.executable, "-m", "pool", "run", app, "--workers", str(workers),
+                "--log-level", "WARNING", "--run-dir", run_dir]  # fmt: skip
+    return [sys.executable, "-m", "taskiq", "worker", app, "--workers", str(workers),
+            "--log-level", "WARNING"]  # fmt: skip
+
+
+async def measure(
+    workers: int = 2, total: int = 10_000, calls: int = 1000, runtime: str = "taskiq"
+) -> dict[str, Any]:
+    """taskiq + taskiq-redis, run by ``taskiq worker`` (or, ``runtime="pool"``, by pool)."""
+    import tempfile
+
+    run_dir = tempfile.mkdtemp(prefix="pt-", dir="/tmp")
     queue = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -40,11 +57,7 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
     sys.modules.pop("bench.taskiq_app", None)
     from bench import taskiq_app
 
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "taskiq", "worker", "bench.taskiq_app:broker",
-         "--workers", str(workers), "--log-level", "WARNING"],
-        cwd=str(ROOT), env=env,
-    )  # fmt: skip
+    worker = subprocess.Popen(_runtime(runtime, workers, run_dir), cwd=str(ROOT), env=env)
     broker = taskiq_app.broker
     await broker.startup()
     try:
@@ -63,6 +76,7 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
             worker.kill()
             worker.wait(10)
         await _cleanup(queue)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "workers": workers,
         "tasks": total,
