@@ -341,3 +341,41 @@ async def test_autoscale_grows_on_a_broker_that_cannot_say_how_much_waits() -> N
             assert "every worker full" in running.log_path.read_text(errors="replace")
     finally:
         await ecosystem.close()
+
+
+async def test_hung_worker_detection_and_metrics_on_an_external_broker() -> None:
+    """A worker of taskiq-redis whose event loop is blocked is replaced; the metrics endpoint
+    counts tasks of every worker, the replaced one included."""
+    import urllib.request
+
+    require("redis")
+    ecosystem = Ecosystem("redis-list", f"pooltest-hung-{uuid.uuid4().hex[:10]}")
+    extra = ["--worker-timeout", "1", "--metrics-port", "0"]
+    try:
+        with ecosystem.pool(workers=1, extra=extra) as running:
+            broker = await ecosystem.producer()
+            await warm_up(broker)
+            first = running.worker_pids()[0]
+            await send(broker, "eco.block_loop_once", "h", 30.0)
+            running.wait_mark("blocked-h", 10)
+            stats = await off_loop(
+                wait_for,
+                lambda: (s := running.stats())["totals"]["restarts"] >= 1 and s,
+                20,
+                "the hung worker replaced",
+            )
+            assert first not in [w["pid"] for w in stats["workers"]]
+            assert "sent no heartbeat" in running.log_path.read_text(errors="replace")
+            # taskiq-redis's list queue does not redeliver; the next tasks run elsewhere
+            handles = [await send(broker, "eco.add", i, i) for i in range(5)]
+            assert [await result_of(h) for h in handles] == [2 * i for i in range(5)]
+            url = running.stats()["metrics_url"]
+            body = await off_loop(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            done = [
+                float(line.rsplit(" ", 1)[1])
+                for line in body.splitlines()
+                if line.startswith("pool_tasks_total{") and 'task_name="eco.add"' in line
+            ]
+            assert sum(done) >= 6  # the warm-up's and these five
+    finally:
+        await ecosystem.close()

@@ -68,3 +68,14 @@ async def slow(seconds: float, context: Context = TaskiqDepends()) -> str:
     mark(f"running-{context.message.task_id}")
     await asyncio.sleep(seconds)
     return "finished"
+
+
+@broker.task(task_name="eco.block_loop_once")
+async def block_loop_once(tag: str, seconds: float) -> int:
+    """The first run blocks its worker's event loop (a bug users make); later runs do not."""
+    if MARKS and not (Path(MARKS) / f"blocked-{tag}").exists():
+        mark(f"blocked-{tag}")
+        import time
+
+        time.sleep(seconds)
+    return os.getpid()
