@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench.pool_run import ROOT
+from bench.pool_run import ROOT, stop
 
 RELEASE = "c42bd18"  # "Review: drop dead code ...", the last release of the old API
 
@@ -74,12 +73,7 @@ def memory_mib(tree: Path, workers: int = 2) -> dict[str, float]:
             "supervisor_rss_mib": supervisor.memory_info().rss / 2**20,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -6,14 +6,13 @@ import asyncio
 import importlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
 from typing import Any
 
 from bench.pool_bench import round_trips, throughput
-from bench.pool_run import ROOT
+from bench.pool_run import ROOT, stop
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -83,12 +82,7 @@ async def measure(
         fast = await round_trips(taskiq_app.noop, calls, check_interval=0.01)
     finally:
         await broker.shutdown()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
+        stop(worker)
         await _cleanup(queue)
         shutil.rmtree(run_dir, ignore_errors=True)
     return {
