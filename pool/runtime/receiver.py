@@ -61,13 +61,17 @@ class PoolReceiver(Receiver):
         # the callbacks running now: counted in heartbeats, cancelled after a drain timeout
         self.running: set[asyncio.Task[Any]] = set()
         self.abandoned: set[asyncio.Task[Any]] = set()
+        self._guarded = 0  # middlewares whose on_error is guarded (they are only added)
         super().__init__(*args, **kwargs)
 
     def _guard_middlewares(self) -> None:
         """Make each middleware's ``on_error`` deaf to abandoned tasks (a retry middleware
         would otherwise retry a task that the broker delivers again). Middlewares may be
-        added after the receiver is made, so this runs before each task; it is a no-op for
-        a middleware already guarded."""
+        added after the receiver is made, so this runs before each task; it does nothing
+        unless middlewares were added since."""
+        if len(self.broker.middlewares) == self._guarded:
+            return
+        self._guarded = len(self.broker.middlewares)
         for middleware in self.broker.middlewares:
             if "_pool_on_error" in middleware.__dict__:
                 continue
