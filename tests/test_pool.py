@@ -227,9 +227,10 @@ async def test_a_second_stop_signal_stops_at_once() -> None:
         await broker.shutdown()
 
 
-async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]], ids=["journal", "no-journal"])
+async def test_unstarted_tasks_survive_a_graceful_restart(journal: list[str]) -> None:
     run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    extra = ["--max-async-tasks", "1", "--wait-tasks-timeout", "1"]
+    extra = ["--max-async-tasks", "1", "--wait-tasks-timeout", "1", *journal]
     first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
     release = Path(run_dir) / "release"  # outlives the first pool's marks
     try:
@@ -238,6 +239,8 @@ async def test_unstarted_tasks_survive_a_graceful_restart() -> None:
         first.wait_mark("running-held")
         waiting = [await kicker(broker, "add").kiq(i, i) for i in range(5)]
         wait_for(lambda: first.stats()["totals"]["queued"] == 5, 10, "5 queued tasks")
+        # with --no-journal nothing is written while the pool runs
+        assert RunDir.at(run_dir).spool_file.exists() == (not journal)
         assert first.stop() == 0
         await broker.shutdown()
     finally:

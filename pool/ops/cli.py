@@ -369,6 +369,13 @@ def _add_pool_options(group: Any, default: Any) -> None:
         help="PoolBroker tasks waiting in the supervisor before producers are slowed down "
         "(default: %(default)s)",
     )
+    group.add_argument(
+        "--no-journal",
+        dest="journal",
+        action="store_false",
+        help="PoolBroker: keep accepted tasks in memory only, not in the run directory's "
+        "journal (faster; a supervisor killed with SIGKILL then loses the tasks it held)",
+    )
 
 
 def _version() -> str:
@@ -503,6 +510,7 @@ def run_config(args: argparse.Namespace) -> Any:
         run_dir=args.run_dir,
         start_method=args.start_method,
         queue_size=args.queue_size,
+        journal=args.journal,
     )
 
 

@@ -63,6 +63,8 @@ class PoolConfig:
     state_prefix: str = "pool:state"
     start_method: str = "fork"
     queue_size: int = 10_000
+    # PoolBroker: accepted tasks are journaled in the run directory before kiq returns
+    journal: bool = True
     max_stored_results: int = 10_000
     max_task_failures: int = 3
     startup_attempts: int = 3

@@ -36,7 +36,7 @@ import psutil
 from pool.runtime.config import PoolConfig
 from pool.runtime.control import ControlConnection
 from pool.runtime.health import HealthMonitor
-from pool.runtime.journal import Journal
+from pool.runtime.journal import Journal, NullJournal
 from pool.runtime.protocol import (
     Accepted,
     Bye,
@@ -217,7 +217,7 @@ class Supervisor:
             config.queue_size, config.max_async_tasks, config.max_task_failures, self._give_up
         )
         self.connections: set[ControlConnection] = set()
-        self.journal = Journal(run_dir.spool_file)
+        self.journal = (Journal if config.journal else NullJournal)(run_dir.spool_file)
         # Kick frames taken from each producer connection, and those not yet confirmed
         self.accepted: dict[ControlConnection, int] = {}
         self.unconfirmed: set[ControlConnection] = set()
