@@ -134,6 +134,16 @@ class StateServer:
     def is_alive(self) -> bool:
         return bool(self._manager._process.is_alive())
 
+    @property
+    def sentinel(self) -> int:
+        """A file descriptor that becomes readable when the server process ends."""
+        return int(self._manager._process.sentinel)
+
+    def exit_status(self, timeout: float = 1.0) -> int | None:
+        """The ended server's exit code (negative: the signal), reaping it."""
+        self._manager._process.join(timeout)
+        return self._manager._process.exitcode
+
     def shutdown(self) -> None:
         """Stop the server (idempotent); it is killed if it does not stop in time."""
         self._manager.shutdown()

@@ -447,3 +447,56 @@ async def test_tasks_sent_while_the_pool_stops_run_in_the_next_pool() -> None:
         if second is not None:
             second.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_the_death_of_the_state_server_stops_the_pool_loudly_and_keeps_its_tasks() -> None:
+    """SIGKILL of the state server: the pool says so and exits 5 at once (no worker starts
+    one by one against a dead server), and its queued tasks run in the next pool."""
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    extra = ["--max-async-tasks", "1", "--wait-tasks-timeout", "1"]
+    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+    second: RunningPool | None = None
+    release = Path(run_dir) / "release"
+    try:
+        broker = first.broker()
+        blocker = await kicker(broker, "block_until").kiq(str(release), "held")
+        first.wait_mark("running-held")
+        queued = [await kicker(broker, "add").kiq(i, 1) for i in range(5)]
+        wait_for(lambda: first.stats()["totals"]["queued"] == 5, 10, "5 queued tasks")
+        workers = set(first.worker_pids())
+        supervisor = psutil.Process(first.proc.pid)  # type: ignore[union-attr]
+        (state_server,) = [c for c in supervisor.children() if c.pid not in workers]
+        state_server.kill()
+        assert first.wait(30) == 5
+        log = first.log()
+        assert "shared state server" in log and "killed by signal 9" in log
+        assert "failed to start" not in log
+        release.touch()
+        second = RunningPool(workers=1, run_dir=run_dir).start()
+        for i, handle in enumerate(queued):
+            handle.result_backend = broker.result_backend
+            assert (await handle.wait_result(timeout=30)).return_value == i + 1
+        blocker.result_backend = broker.result_backend
+        assert (await blocker.wait_result(timeout=30)).return_value[0] == "held"
+        await broker.shutdown()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_stats_answer_while_the_state_server_is_frozen() -> None:
+    """The state's key count is read off the supervisor's loop: a stopped state server
+    does not freeze ``pool stats`` (it shows the last count)."""
+    with RunningPool(workers=1) as running:
+        workers = set(running.worker_pids())
+        supervisor = psutil.Process(running.proc.pid)  # type: ignore[union-attr]
+        (state_server,) = [c for c in supervisor.children() if c.pid not in workers]
+        wait_for(lambda: running.stats()["state"]["keys"] >= 0, 10, "a first key count")
+        state_server.suspend()
+        try:
+            for _ in range(3):  # spans health rounds; each request times out after 10 s
+                assert running.stats()["workers"]
+        finally:
+            state_server.resume()

@@ -33,10 +33,6 @@ def collect_stats(sup: Supervisor) -> dict[str, Any]:
                 "recycling": handle.recycling,
             }
         )
-    try:
-        state_keys = len(sup.broker.state)
-    except Exception:
-        state_keys = -1
     return {
         "pid": os.getpid(),
         "uptime_s": round(now - sup.started_at, 3),
@@ -50,7 +46,7 @@ def collect_stats(sup: Supervisor) -> dict[str, Any]:
             "queued": len(sup.queue),
             "restarts": sum(sup.slot_restarts.values()),
         },
-        "state": {"keys": state_keys},
+        "state": {"keys": sup.health.state_keys},
         "throughput": {
             "last_10s": sup.health.throughput(10),
             "last_1m": sup.health.throughput(60),

@@ -24,6 +24,9 @@ class HealthMonitor:
         config = supervisor.config
         self.done_history: deque[tuple[float, int]] = deque(maxlen=130)
         self.autoscaler: Autoscaler | None = None
+        # the shared state's key count for stats, read off the loop (-1: not known yet)
+        self.state_keys = -1
+        self._counting: asyncio.Future[int] | None = None
         if config.autoscale is not None:
             low, high = config.autoscale
             self.autoscaler = Autoscaler(
@@ -40,6 +43,7 @@ class HealthMonitor:
                 handle.sample_usage()
                 self.check(handle, now)
             self.done_history.append((now, self.total_done()))
+            self.count_state_keys()
             if self.autoscaler is not None:
                 self.autoscale(now)
             await asyncio.sleep(sup.config.monitor_interval)
@@ -75,6 +79,21 @@ class HealthMonitor:
             )
             handle.last_heartbeat = now  # once: the kill below ends it
             handle.process.kill()
+
+    def count_state_keys(self) -> None:
+        """Ask the state store for its size in a thread, so that a slow or dead state
+        server never freezes the supervisor's loop (``pool stats`` shows the last count)."""
+        if self._counting is not None and not self._counting.done():
+            return
+        state = self.supervisor.broker.state
+        self._counting = asyncio.get_running_loop().run_in_executor(None, len, state)
+        self._counting.add_done_callback(self._counted)
+
+    def _counted(self, future: asyncio.Future[int]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.state_keys = -1
+        else:
+            self.state_keys = future.result()
 
     def autoscale(self, now: float) -> None:
         assert self.autoscaler is not None

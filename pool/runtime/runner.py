@@ -112,8 +112,11 @@ def _supervise(config: PoolConfig, broker: Any, run_dir: RunDir) -> int:
     try:
         broker.state = open_state(config.state_url, run_dir, authkey, config.state_prefix)
         supervisor = Supervisor(config, broker, run_dir, authkey, context)
+        supervisor.state_server = server
         code = int(run_event_loop(_run_supervisor(supervisor, config, run_dir)))
-        if supervisor.fatal_error:
+        if supervisor.state_lost:
+            print(f"pool: {supervisor.state_lost}", file=sys.stderr)
+        elif supervisor.fatal_error:
             print(f"pool: no worker could start: {supervisor.fatal_error}", file=sys.stderr)
         logger.info("pool stopped (exit status %d)", code)
         return code

@@ -60,12 +60,14 @@ from pool.runtime.worker import WorkerConfig, worker_main
 
 if TYPE_CHECKING:
     from pool.ops.metrics import PoolMetrics
+    from shared_state import StateServer
 
 logger = logging.getLogger("pool.runtime.supervisor")
 
 EXIT_OK = 0
 EXIT_FORCED = 1
 EXIT_STARTUP_FAILED = 3
+EXIT_STATE_LOST = 5
 
 
 def _is_loopback(addr: str) -> bool:
@@ -231,6 +233,9 @@ class Supervisor:
         self.backoff_until = 0.0
         self.reconcile_timer: asyncio.TimerHandle | None = None
         self.fatal_error: str | None = None
+        # the embedded state server (None with --state): its death stops the pool
+        self.state_server: StateServer | None = None
+        self.state_lost: str | None = None
         self.stopping = False
         self.forced = False
         self.stop_requested = asyncio.Event()
@@ -264,6 +269,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTTIN, self.scale_by, 1)
         loop.add_signal_handler(signal.SIGTTOU, self.scale_by, -1)
         loop.add_signal_handler(signal.SIGHUP, self.rolling_restart)
+        if self.state_server is not None:
+            loop.add_reader(self.state_server.sentinel, self._state_server_ended)
         if self.config.metrics_port is not None:
             from pool.ops.metrics import PoolMetrics
 
@@ -292,6 +299,24 @@ class Supervisor:
         self.spawn_task(self.health.run())
         await self.stop_requested.wait()
         return await self.shutdown()
+
+    def _state_server_ended(self) -> None:
+        """The shared state is gone with its server: no worker can start or share state
+        any more, so the pool stops loudly (a supervisor above it restarts it whole)."""
+        assert self.state_server is not None
+        asyncio.get_running_loop().remove_reader(self.state_server.sentinel)
+        if self.stopping:
+            return
+        code = self.state_server.exit_status()
+        killed = code is not None and code < 0
+        how = f"was killed by signal {-code}" if killed else f"exited ({code})"  # type: ignore[operator]
+        self.state_lost = (
+            f"the shared state server (pid {self.state_server.pid}) {how}: the shared state "
+            f"is lost; stopping the pool (exit status {EXIT_STATE_LOST}); tasks not yet run "
+            "stay in the journal for the next run"
+        )
+        logger.critical("%s", self.state_lost)
+        self.request_stop()
 
     def request_stop(self, sig: int | None = None) -> None:
         if self.stopping:
@@ -773,6 +798,8 @@ class Supervisor:
             conn.close()
         for task in list(self.background):
             task.cancel()
+        if self.state_lost is not None:
+            return EXIT_STATE_LOST
         if self.fatal_error is not None:
             return EXIT_STARTUP_FAILED
         return EXIT_FORCED if self.forced else EXIT_OK
