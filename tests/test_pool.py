@@ -500,3 +500,32 @@ def test_stats_answer_while_the_state_server_is_frozen() -> None:
                 assert running.stats()["workers"]
         finally:
             state_server.resume()
+
+
+async def test_a_task_that_outlives_every_stop_is_not_run_again_without_bound() -> None:
+    """A task still running when each stop's wait runs out is delivered again, up to
+    --max-task-failures (3) times in all; then its producer gets an error result."""
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    extra = ["--wait-tasks-timeout", "0.3"]
+    never = os.path.join(run_dir, "never")
+    pools: list[RunningPool] = []
+    try:
+        broker = PoolBroker(run_dir=run_dir)
+        for run in range(3):
+            pools.append(RunningPool(workers=1, extra=extra, run_dir=run_dir).start())
+            if run == 0:
+                handle = await kicker(broker, "block_until").kiq(never, "forever", 600)
+            pools[-1].wait_mark("running-forever")
+            assert pools[-1].stop() == 0
+        assert "giving up" in pools[-1].log()
+        last = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+        pools.append(last)
+        result = await handle.wait_result(timeout=30)
+        assert isinstance(result.error, WorkerCrashedError)
+        assert "still running when its worker's stop timed out" in str(result.error)
+        assert not last.mark_path("running-forever").exists(), "not run a fourth time"
+        await broker.shutdown()
+    finally:
+        for running in pools:
+            running.close()
+        shutil.rmtree(run_dir, ignore_errors=True)

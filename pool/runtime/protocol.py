@@ -328,7 +328,11 @@ class Finished(Frame):
 @frame(Op.BYE)
 @dataclass(slots=True)
 class Bye(Frame):
-    """The worker drained and is exiting: what it still holds was not started."""
+    """The worker drained and is exiting. Of what it still holds, the deliveries in
+    ``interrupted`` were running when the drain's timeout cancelled them; the rest never
+    started."""
+
+    interrupted: list[int]
 
 
 # supervisor -> producer, acceptance ----------------------------------------------------

@@ -81,7 +81,7 @@ class TaskRouter:
         alone from then on, so that the task that kills workers is found and the others
         are not blamed.
         """
-        lost = list(handle.in_flight.values())
+        lost = list(handle.in_flight.items())
         handle.in_flight.clear()
         handle.exclusive = False
         if lost and crashed:
@@ -90,12 +90,16 @@ class TaskRouter:
                 handle.slot,
                 handle.pid,
                 len(lost),
-                ", ".join(f"{e.task_name} ({e.task_id})" for e in lost[:5])
+                ", ".join(f"{e.task_name} ({e.task_id})" for _, e in lost[:5])
                 + (", ..." if len(lost) > 5 else ""),
             )
         alone = len(lost) == 1
-        for entry in reversed(lost):
-            if not crashed:
+        for delivery, entry in reversed(lost):
+            if not crashed and delivery in handle.interrupted:
+                # still running when a stop's wait ran out: a task that never ends is not
+                # run again on every restart without bound
+                self.redeliver(entry, "it was still running when its worker's stop timed out")
+            elif not crashed:
                 self.queue.put_front(entry)  # handed out but never started
             elif alone:
                 entry.suspect = True

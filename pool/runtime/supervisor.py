@@ -105,6 +105,8 @@ class WorkerHandle:
         self.in_flight: dict[int, Entry] = {}
         # Running a suspect task alone (see routing): it takes no other task meanwhile.
         self.exclusive = False
+        # deliveries the worker said it cancelled at its drain timeout (see ``Bye``)
+        self.interrupted: set[int] = set()
         self.tasks_done = 0
         self.tasks_failed = 0
         self.last_heartbeat = time.monotonic()
@@ -188,6 +190,7 @@ class SupervisorPipe(FrameProtocol):
             handle.startup_error = frame.error
         elif isinstance(frame, Bye):
             handle.phase = Phase.EXITED
+            handle.interrupted = set(frame.interrupted)
         else:
             raise FrameError(f"unexpected {type(frame).__name__} frame")
 
@@ -673,7 +676,8 @@ class Supervisor:
         self.router.dispatch(h for h in self.workers.values() if h.takes_tasks and not h.recycling)
 
     def _give_up(self, entry: Entry, reason: str) -> None:
-        """A task that killed too many workers gets an error result instead of a delivery."""
+        """A task that killed (or outlived the stop of) too many workers gets an error
+        result instead of another delivery."""
         from pool.extensions.errors import WorkerCrashedError
 
         self._store_error(

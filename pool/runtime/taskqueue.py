@@ -17,7 +17,8 @@ class Entry:
         self.task_id = task_id
         self.task_name = task_name
         self.payload = payload
-        # Deaths of a worker this task was alone on: the poison rule counts only those.
+        # Deaths of a worker this task was alone on, and stops whose wait it outlived:
+        # the poison rule counts only those.
         self.failures = failures
         self.producer = producer
         # It was in flight on a worker that died with others: it runs alone from now on.

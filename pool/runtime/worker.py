@@ -205,7 +205,7 @@ class Worker:
             await self.broker.shutdown()
         except Exception:
             logger.exception("worker shutdown failed")
-        self.pipe.send(Bye())
+        self.pipe.send(Bye(self._interrupted()))
         await self._flush()
         return EXIT_OK
 
@@ -335,6 +335,14 @@ class Worker:
         )
         self.receiver.abandon()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    def _interrupted(self) -> list[int]:
+        """Deliveries that started and were cancelled by the drain timeout: the ones not
+        acknowledged and no longer waiting in the inbox (PoolBroker only)."""
+        waiting = set()
+        while not self.inbox.empty():
+            waiting.add(self.inbox.get_nowait()[0])
+        return [d for d in self._unacked.values() if d not in waiting]
 
     def supervisor_lost(self) -> None:
         if self.stop.is_set() and not (self.receiver and self.receiver.running):
