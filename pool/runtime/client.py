@@ -102,6 +102,8 @@ async def connect(
     while True:
         try:
             return await _connect_once(rd, on_result, on_progress, deadline - loop.time())
+        except PermissionError as exc:  # not worth retrying: a directory of another user
+            raise PoolUnavailableError(reason=str(exc)) from exc
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             # A pool that restarts is gone for a moment: retry until the timeout.
             if loop.time() + 0.1 >= deadline:

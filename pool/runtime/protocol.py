@@ -176,13 +176,19 @@ class Challenge(Frame):
 @frame(Op.AUTH)
 @dataclass(slots=True)
 class Auth(Frame):
+    """The client's proof (HMAC of the server's nonce) and a nonce of its own."""
+
     digest: bytes
+    nonce: bytes
 
 
 @frame(Op.WELCOME)
 @dataclass(slots=True)
 class Welcome(Frame):
-    pass
+    """The server's proof that it holds the authkey too (HMAC of the client's nonce): a
+    producer never hands its tasks to a socket someone else put in the run directory."""
+
+    digest: bytes
 
 
 # producer -> supervisor -----------------------------------------------------------------
@@ -609,17 +615,33 @@ class FrameProtocol(asyncio.Protocol):
         except FrameError:
             frame = None
         if self.server_side:
-            expected = hmac.new(self.authkey, self._nonce, hashlib.sha256).digest()
-            if isinstance(frame, Auth) and hmac.compare_digest(frame.digest, expected):
-                self.send(Welcome())
+            expected = _proof(self.authkey, b"client", self._nonce)
+            if (
+                isinstance(frame, Auth)
+                and hmac.compare_digest(frame.digest, expected)
+                and len(frame.nonce) == NONCE_BYTES
+            ):
+                self.send(Welcome(_proof(self.authkey, b"server", frame.nonce)))
                 self._authenticated()
                 return
             self.handshake_failed("authentication failed")
             return
-        if isinstance(frame, Challenge) and len(frame.nonce) == NONCE_BYTES:
-            self.send(Auth(hmac.new(self.authkey, frame.nonce, hashlib.sha256).digest()))
-            self._nonce = frame.nonce
+        if isinstance(frame, Challenge) and len(frame.nonce) == NONCE_BYTES and not self._nonce:
+            self._nonce = os.urandom(NONCE_BYTES)
+            self.send(Auth(_proof(self.authkey, b"client", frame.nonce), self._nonce))
         elif isinstance(frame, Welcome) and self._nonce:
+            if not hmac.compare_digest(frame.digest, _proof(self.authkey, b"server", self._nonce)):
+                self.handshake_failed(
+                    "the server does not hold this run directory's authkey: not the pool's "
+                    "supervisor"
+                )
+                return
             self._authenticated()
         else:
             self.handshake_failed(f"unexpected handshake frame (op {op})")
+
+
+def _proof(authkey: bytes, role: bytes, nonce: bytes) -> bytes:
+    """HMAC-SHA256 of the other side's nonce; the role keeps a proof from being replayed
+    to its sender."""
+    return hmac.new(authkey, role + nonce, hashlib.sha256).digest()

@@ -55,6 +55,7 @@ class RunDir:
     def create(self) -> None:
         """Create the directory with mode 0700 (tightening it if it already existed)."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.check_owner()
         os.chmod(self.path, 0o700)
         if len(str(self.control_socket)) > 100:
             raise ValueError(
@@ -84,7 +85,18 @@ class RunDir:
         os.replace(tmp, self.authkey_file)
         return key
 
+    def check_owner(self) -> None:
+        """Refuse a directory another user owns: its owner could read the authkey or put
+        a socket of their own in it (root included: root would otherwise accept any)."""
+        owner = self.path.stat().st_uid
+        if owner != os.geteuid():
+            raise PermissionError(
+                f"run directory {self.path} belongs to uid {owner}, not to this user "
+                f"(uid {os.geteuid()}); use a directory of your own (--run-dir)"
+            )
+
     def read_authkey(self) -> bytes:
+        self.check_owner()
         return self.authkey_file.read_bytes()
 
     def running_pid(self) -> int | None:
