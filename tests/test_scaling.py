@@ -295,3 +295,19 @@ def test_stats_watch_refreshes_until_interrupted() -> None:
             if watcher.poll() is None:
                 watcher.kill()
                 watcher.wait(10)
+
+
+async def test_a_worker_whose_memory_runs_away_is_stopped_far_below_where_it_would_go() -> None:
+    """A task adds 20 MB every 20 ms up to 1.2 GB under a 150 MB limit: the worker is
+    replaced past the limit and killed past twice the limit, long before 1.2 GB."""
+    extra = ["--max-memory-per-child", "150", "--wait-tasks-timeout", "30"]
+    with RunningPool(workers=1, extra=extra) as running:
+        broker = running.broker()
+        first = running.worker_pids()[0]
+        await kicker(broker, "balloon").kiq(20, 60)
+        wait_for(lambda: first not in running.worker_pids(), 30, "the ballooning worker gone")
+        log = running.log()
+        assert "times the limit; killing it" in log
+        reached = int(running.wait_mark("balloon-rss"))
+        assert reached < 600 * 2**20, f"it reached {reached / 2**20:.0f} MiB"
+        await broker.shutdown()

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pool.runtime.supervisor")
 
+# --max-memory-per-child is checked this often (a reading costs a few µs per worker): a
+# worker can allocate hundreds of MB in a second, so the once-a-second round is too slow.
+MEMORY_CHECK_INTERVAL = 0.05
+# a worker past this many times its limit is killed rather than let drain
+MEMORY_KILL_FACTOR = 2.0
+
 
 class HealthMonitor:
     def __init__(self, supervisor: Supervisor) -> None:
@@ -35,6 +41,8 @@ class HealthMonitor:
 
     async def run(self) -> None:
         sup = self.supervisor
+        if sup.config.max_memory_per_child:
+            sup.spawn_task(self.watch_memory(sup.config.max_memory_per_child * 2**20))
         while not sup.stopping:
             now = time.monotonic()
             for handle in list(sup.workers.values()):
@@ -61,9 +69,6 @@ class HealthMonitor:
             handle.started_at = now  # once: the kill below ends it
             handle.process.kill()
             return
-        limit_mb = sup.config.max_memory_per_child
-        if limit_mb and handle.state == "ready" and handle.rss > limit_mb * 1024 * 1024:
-            sup.recycle(handle, f"RSS {handle.rss / 2**20:.0f} MiB > {limit_mb:g} MiB")
         silent = now - handle.last_heartbeat
         if handle.state in ("ready", "draining") and silent > sup.config.worker_timeout:
             running = (
@@ -79,6 +84,30 @@ class HealthMonitor:
             )
             handle.last_heartbeat = now  # once: the kill below ends it
             handle.process.kill()
+
+    async def watch_memory(self, limit: float) -> None:
+        """Past its limit a worker is replaced gracefully (its tasks finish); past twice
+        the limit it is killed, as a task that grows without bound would never finish."""
+        sup = self.supervisor
+        while not sup.stopping:
+            for handle in list(sup.workers.values()):
+                if handle.gone or handle.state == "starting":
+                    continue
+                rss = handle.read_rss()
+                why = f"RSS {rss / 2**20:.0f} MiB > {limit / 2**20:g} MiB"
+                if rss > limit * MEMORY_KILL_FACTOR and not handle.killed:
+                    logger.error(
+                        "worker %d (pid %d): %s, %g times the limit; killing it",
+                        handle.slot,
+                        handle.pid,
+                        why,
+                        MEMORY_KILL_FACTOR,
+                    )
+                    handle.killed = True
+                    handle.process.kill()
+                elif rss > limit and handle.state == "ready":
+                    sup.recycle(handle, why)
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
 
     def count_state_keys(self) -> None:
         """Ask the state store for its size in a thread, so that a slow or dead state

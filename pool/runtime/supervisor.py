@@ -105,6 +105,7 @@ class WorkerHandle:
         self.in_flight: dict[int, Entry] = {}
         # Running a suspect task alone (see routing): it takes no other task meanwhile.
         self.exclusive = False
+        self.killed = False  # by the memory watch: once
         # deliveries the worker said it cancelled at its drain timeout (see ``Bye``)
         self.interrupted: set[int] = set()
         self.tasks_done = 0
@@ -136,14 +137,23 @@ class WorkerHandle:
     def takes_tasks(self) -> bool:
         return self.phase is Phase.READY
 
-    def sample_usage(self) -> None:
-        """Refresh RSS and CPU percent (since the previous sample) with psutil."""
+    def read_rss(self) -> int:
+        """The worker's resident memory now (0 when it cannot be read)."""
         try:
             if self.ps is None:
                 self.ps = psutil.Process(self.pid)
                 self.ps.cpu_percent(None)
             self.rss = self.ps.memory_info().rss
-            self.cpu = self.ps.cpu_percent(None)
+        except (psutil.Error, OSError):
+            pass
+        return self.rss
+
+    def sample_usage(self) -> None:
+        """Refresh RSS and CPU percent (since the previous sample) with psutil."""
+        self.read_rss()
+        try:
+            if self.ps is not None:
+                self.cpu = self.ps.cpu_percent(None)
         except (psutil.Error, OSError):
             pass
 

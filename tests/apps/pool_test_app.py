@@ -135,3 +135,18 @@ async def block_loop_once(tag: str, seconds: float) -> int:
         mark(f"blocked-{tag}")
         time.sleep(seconds)
     return os.getpid()
+
+
+@broker.task
+async def balloon(step_mb: int, steps: int) -> int:
+    """Grow by ``step_mb`` every 20 ms, writing the RSS reached to a mark each time: a
+    task whose memory grows without bound."""
+    import psutil
+
+    me = psutil.Process()
+    held = []
+    for _ in range(steps):
+        held.append(os.urandom(step_mb * 1024 * 1024))
+        mark("balloon-rss", str(me.memory_info().rss))
+        await asyncio.sleep(0.02)
+    return len(held)
