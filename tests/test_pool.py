@@ -326,6 +326,9 @@ async def test_full_queue_makes_kiq_wait(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         await asyncio.wait({sender}, timeout=1.0)
         assert not sender.done(), "kiq should wait while the queue is full"
+        # the producer's own commands do not wait behind its tasks
+        reply = await broker.request({"cmd": "stats"}, timeout=10)
+        assert reply["stats"]["totals"]["queued"] >= 10
         queued = running.stats()["totals"]["queued"]
         assert queued < total
         release.touch()

@@ -398,9 +398,13 @@ class PoolBroker(AsyncBroker):
             )
 
     async def request(self, payload: dict[str, Any], timeout: float | None = 30.0) -> Any:
-        """Send a control command (``{"cmd": "stats"}``) to the supervisor."""
-        client = await self.connection()
-        return await client.request(payload, timeout)
+        """Send a control command (``{"cmd": "stats"}``) to the supervisor.
+
+        On a connection of its own: the tasks' connection is not read while the pool's
+        queue is full, and a command must not wait behind them."""
+        from pool.runtime.client import request
+
+        return await request(payload, self.run_dir, timeout, self.connect_timeout)
 
 
 class _Ack:
