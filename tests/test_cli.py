@@ -122,6 +122,7 @@ def test_version_names_pool_and_taskiq() -> None:
         (["--receiver_arg", "novalue"], "--receiver_arg"),
         (["--ack-type", "sometimes"], "--ack-type"),
         (["--log-level", "LOUD"], "--log-level"),
+        (["--start-method", "forkserver"], "--start-method"),
     ],
 )
 def test_argument_errors_name_the_option_and_what_it_takes(args: list[str], option: str) -> None:
