@@ -532,3 +532,40 @@ async def test_a_task_that_outlives_every_stop_is_not_run_again_without_bound() 
         for running in pools:
             running.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_requests_through_a_pool_restart_all_succeed() -> None:
+    """A web app's pattern: each request sends a task and waits for its result. A stop
+    and start of the pool on the same run directory in the middle fails none of them
+    (kiq and wait_result reconnect within the broker's connect_timeout)."""
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    pools = [RunningPool(workers=2, run_dir=run_dir).start()]
+    broker = PoolBroker(run_dir=run_dir, connect_timeout=20)
+    failures: list[str] = []
+
+    async def web_request(i: int) -> None:
+        try:
+            handle = await kicker(broker, "add").kiq(i, 1)
+            result = await handle.wait_result(timeout=30)
+            if result.is_err or result.return_value != i + 1:
+                failures.append(f"{i}: {result.error or result.return_value}")
+        except Exception as exc:  # what a web handler would turn into a 500
+            failures.append(f"{i}: {type(exc).__name__}: {exc}")
+
+    try:
+        requests = []
+        for i in range(600):
+            requests.append(asyncio.ensure_future(web_request(i)))
+            if i == 200:
+                pools[0].signal(signal.SIGTERM)
+            if i == 300:
+                await asyncio.get_running_loop().run_in_executor(None, pools[0].wait, 30)
+                pools.append(RunningPool(workers=2, run_dir=run_dir).start(wait_ready=False))
+            await asyncio.sleep(0.002)  # requests keep arriving while the pool restarts
+        await asyncio.wait_for(asyncio.gather(*requests), 60)
+        assert failures == []
+        await broker.shutdown()
+    finally:
+        for running in pools:
+            running.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
