@@ -22,6 +22,7 @@ blocks on one worker: every wait has a deadline and ends in SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import gc
 import enum
 import logging
 import os
@@ -422,6 +423,10 @@ class Supervisor:
         process = self.context.Process(
             target=worker_main, args=(config, child_conn), name=f"pool-worker-{slot}"
         )
+        # A forked worker shares the supervisor's memory until it writes to it; the
+        # collector writes to every object it tracks, so what exists now is kept out of
+        # its sight (gc.freeze), in both processes.
+        gc.freeze()
         process.start()
         child_conn.close()
         sock = socket.socket(fileno=os.dup(parent_conn.fileno()))
