@@ -21,7 +21,8 @@ from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeout
 from pool.extensions.errors import MessageTooLargeError
 from pool.extensions.handles import PoolDecoratedTask
 from pool.runtime import protocol
-from pool.runtime.protocol import GetProgress, Kick, Subscribe
+from pool.runtime.protocol import GetProgress, Kick, KickWith, Subscribe
+from pool.runtime.taskcontrol import Limit, control_of
 from shared_state import TaskiqState
 
 if TYPE_CHECKING:
@@ -284,6 +285,8 @@ class PoolBroker(AsyncBroker):
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__()
+        # Limits declared with limit(), by task name (the supervisor enforces them).
+        self.limits: dict[str, list[Limit]] = {}
         # Outside a pool the state is this process's own, with pool's API; a worker of the
         # pool replaces it with the shared one before WORKER_STARTUP.
         self.state = TaskiqState()
@@ -344,7 +347,11 @@ class PoolBroker(AsyncBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Send the task; it is kept here until the supervisor confirms it has it on disk,
         and sent again on the next connection if this one is lost before that."""
-        frame = Kick(message.task_id, message.task_name, message.message).encode()
+        control = control_of(self, message)
+        if control is None:
+            frame = Kick(message.task_id, message.task_name, message.message).encode()
+        else:
+            frame = KickWith(message.task_id, message.task_name, message.message, control).encode()
         if len(frame) > protocol.MAX_FRAME:
             raise MessageTooLargeError(
                 reason=f"the message of task {message.task_name!r} is {len(frame)} bytes, over "
@@ -396,6 +403,23 @@ class PoolBroker(AsyncBroker):
                 len(self._unconfirmed),
                 self.run_dir or "the default run directory",
             )
+
+    def limit(
+        self,
+        task: Any,
+        concurrency: int | None = None,
+        rate: str | float | None = None,
+        key: str | None = None,
+        scope: str | None = None,
+    ) -> Limit:
+        """Limit ``task`` (a task or its name) pool-wide: at most ``concurrency`` at once,
+        at most ``rate`` starts (``"10/s"``); with ``key`` (a label or argument), per value
+        of it; ``scope`` names a limit several tasks share. Declare it in the app's module:
+        producers read it when they send. See ``taskcontrol.Limit``."""
+        name = task if isinstance(task, str) else task.task_name
+        declared = Limit(concurrency, rate, key, scope)
+        self.limits.setdefault(name, []).append(declared)
+        return declared
 
     async def request(self, payload: dict[str, Any], timeout: float | None = 30.0) -> Any:
         """Send a control command (``{"cmd": "stats"}``) to the supervisor."""

@@ -8,10 +8,12 @@ it, and goes back to the front of the queue when the worker holding it dies.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pool.runtime.protocol import Task
+from pool.runtime.taskcontrol import DelayHeap
 from pool.runtime.taskqueue import Entry, TaskQueue
 
 if TYPE_CHECKING:
@@ -33,18 +35,58 @@ class TaskRouter:
         self.max_failures = max_failures
         self.give_up = give_up
         self.held_back: set[ControlConnection] = set()
-        # every task held here, queued or in flight, by id
+        # every task held here, queued or in flight, by id; and by dedup key (taskcontrol)
         self.live: dict[str, Entry] = {}
+        self.keys: dict[str, Entry] = {}
         self.next_delivery = 0
         self.frozen = False  # no producer is read while set (the journal cannot be written)
         self.rotation = 0
+        # tasks whose eta is to come (taskcontrol); wake() once some are queued
+        self.delayed = DelayHeap(self._due)
+        self.wake: Callable[[], None] = lambda: None
+        # called for each delivery of a task with a control (steering arms its timeout)
+        self.dispatched: Callable[[WorkerHandle, int, Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self.queue)
 
     def enqueue(self, entry: Entry) -> None:
         self.live[entry.task_id] = entry
-        self.queue.put(entry)
+        if entry.control is None:
+            self.queue.put(entry)
+            return
+        key = entry.control.get("dedup")
+        if key is not None:
+            self.keys[key] = entry
+        if entry.get("eta", 0) > time.time():
+            self.delayed.hold(entry, entry.control["eta"])
+        else:
+            self.queue.put(entry)
+
+    def duplicate_of(self, entry: Entry) -> Entry | None:
+        """The task queued or running with the dedup key of ``entry``, if there is one."""
+        key = entry.get("dedup")
+        return None if key is None else self.keys.get(key)
+
+    def release(self, entry: Entry) -> None:
+        """``entry`` is no longer held here (done, given up, cancelled)."""
+        if self.live.get(entry.task_id) is entry:
+            del self.live[entry.task_id]
+        if entry.control is not None:
+            key = entry.control.get("dedup")
+            if key is not None and self.keys.get(key) is entry:
+                del self.keys[key]
+
+    def withdraw(self, entry: Entry) -> None:
+        """Take a task that was not handed out yet away (it was cancelled)."""
+        if not self.queue.remove(entry):
+            self.delayed.remove(entry)
+        self.release(entry)
+
+    def _due(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.queue.put(entry)
+        self.wake()
 
     def hold_back(self, conn: ControlConnection) -> None:
         """Stop reading from a producer while the queue is full (or the journal cannot be
@@ -66,7 +108,7 @@ class TaskRouter:
                 entry.failures,
                 reason,
             )
-            self.live.pop(entry.task_id, None)
+            self.release(entry)
             self.give_up(entry, reason)
             return
         if log:
@@ -109,7 +151,7 @@ class TaskRouter:
         if not handle.in_flight:
             handle.exclusive = False
         if entry is not None:
-            self.live.pop(entry.task_id, None)
+            self.release(entry)
         return entry
 
     def dispatch(self, ready: Iterable[WorkerHandle]) -> None:
@@ -134,7 +176,7 @@ class TaskRouter:
             busy = len(handle.in_flight)
             if busy >= capacity:
                 break
-            entry = queue.items[0]
+            entry = queue.peek()
             if entry.suspect:
                 if busy:
                     break  # no idle worker now; one will be, as its tasks finish
@@ -143,6 +185,8 @@ class TaskRouter:
             queue.pop()
             self.next_delivery += 1
             handle.in_flight[self.next_delivery] = entry
+            if entry.control is not None and self.dispatched is not None:
+                self.dispatched(handle, self.next_delivery, entry)
             frames.setdefault(handle, []).append(
                 Task(self.next_delivery, entry.task_id, entry.payload).encode()
             )
@@ -158,7 +202,7 @@ class TaskRouter:
             self.held_back.clear()
 
     def drain_queue(self) -> list[Entry]:
-        leftovers: list[Entry] = []
+        leftovers: list[Entry] = self.delayed.clear()
         while self.queue:
             leftovers.append(self.queue.pop())
         return leftovers

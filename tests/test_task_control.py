@@ -1,0 +1,132 @@
+"""Task control on the embedded broker: delay and eta, priority, deduplication, cancel, hard
+time limits, pool-wide concurrency and rate limits (README "Task control")."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.pool_support import RunningPool, kicker
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = "control_app:broker"
+TOLERANCE = 0.05  # s: how late a delayed task may start
+
+
+def control_pool(workers: int = 2, extra: list[str] | None = None, **kw: Any) -> RunningPool:
+    return RunningPool(workers, extra, app=APP, **kw)
+
+
+def task(broker: Any, name: str) -> Any:
+    return kicker(broker, name).__class__(f"control_app:{name}", broker, {})
+
+
+def starts(pool: RunningPool, log: str = "starts") -> list[list[Any]]:
+    path = pool.mark_path(log)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+async def with_broker(pool: RunningPool, body: Any) -> Any:
+    broker = pool.broker()
+    await broker.startup()
+    try:
+        return await body(broker)
+    finally:
+        await broker.shutdown()
+
+
+# ------------------------------------------------------------------ delay and eta
+def test_a_delayed_task_starts_at_its_due_time_never_before() -> None:
+    async def body(broker: Any) -> list[tuple[float, float]]:
+        pairs = []
+        for delay in (0.3, 0.6, 1.0):
+            sent = time.time()
+            handle = await task(broker, "started_at").with_labels(delay=delay).kiq("d")
+            ran = (await handle.wait_result(timeout=10)).return_value
+            pairs.append((sent + delay, ran))
+        return pairs
+
+    with control_pool() as pool:
+        for due, ran in asyncio.run(with_broker(pool, body)):
+            assert due <= ran <= due + TOLERANCE, (due, ran)
+
+
+def test_an_eta_as_epoch_seconds_or_iso_time_is_when_the_task_starts() -> None:
+    from datetime import datetime, timezone
+
+    async def body(broker: Any) -> list[tuple[float, float]]:
+        epoch = time.time() + 0.5
+        iso = datetime.fromtimestamp(time.time() + 0.8, timezone.utc).isoformat()
+        first = await task(broker, "started_at").with_labels(eta=epoch).kiq("epoch")
+        second = await task(broker, "sync_started_at").with_labels(eta=iso).kiq("iso")
+        return [
+            (epoch, (await first.wait_result(timeout=10)).return_value),
+            (
+                datetime.fromisoformat(iso).timestamp(),
+                (await second.wait_result(timeout=10)).return_value,
+            ),
+        ]
+
+    with control_pool() as pool:
+        for due, ran in asyncio.run(with_broker(pool, body)):
+            assert due <= ran <= due + TOLERANCE, (due, ran)
+
+
+def test_delayed_tasks_do_not_hold_back_the_others() -> None:
+    async def body(broker: Any) -> tuple[float, float]:
+        late = await task(broker, "started_at").with_labels(delay=2).kiq("late")
+        sent = time.time()
+        now = await task(broker, "started_at").kiq("now")
+        ran_now = (await now.wait_result(timeout=10)).return_value
+        await late.wait_result(timeout=10)
+        return sent, ran_now
+
+    with control_pool(1) as pool:
+        sent, ran_now = asyncio.run(with_broker(pool, body))
+        assert ran_now < sent + 1
+        assert [tag for tag, _ in starts(pool)] == ["now", "late"]
+
+
+def test_a_delayed_task_survives_a_restart_and_still_waits_for_its_due_time() -> None:
+    import signal
+
+    async def send(broker: Any) -> tuple[str, float]:
+        due = time.time() + 3
+        handle = await task(broker, "started_at").with_labels(eta=due).kiq("durable")
+        return handle.task_id, due
+
+    async def result(broker: Any, task_id: str) -> Any:
+        from pool.extensions.handles import PoolTask
+
+        return await PoolTask(task_id, broker.result_backend).wait_result(timeout=20)
+
+    with control_pool(1) as first:
+        task_id, due = asyncio.run(with_broker(first, send))
+        first.signal(signal.SIGKILL)
+        first.wait()
+        with control_pool(1, run_dir=first.run_dir) as second:
+            ran = asyncio.run(with_broker(second, lambda b: result(b, task_id))).return_value
+            assert due <= ran <= due + TOLERANCE
+            assert [tag for tag, _ in starts(first) + starts(second)] == ["durable"]
+
+
+def test_a_retry_with_a_delay_waits_for_it() -> None:
+    async def body(broker: Any) -> Any:
+        kick = task(broker, "fails_twice").with_labels(retry_on_error=True, max_retries=3)
+        handle = await kick.kiq("retry")
+        return (await handle.wait_result(timeout=20)).return_value
+
+    with control_pool() as pool:
+        assert asyncio.run(with_broker(pool, body)) == 3
+        times = [when for _, when in starts(pool)]
+        assert len(times) == 3
+        for before, after in itertools.pairwise(times):
+            assert after - before >= 0.4  # SmartRetryMiddleware's default_delay
