@@ -130,3 +130,39 @@ def test_a_retry_with_a_delay_waits_for_it() -> None:
         assert len(times) == 3
         for before, after in itertools.pairwise(times):
             assert after - before >= 0.4  # SmartRetryMiddleware's default_delay
+
+
+# ------------------------------------------------------------------ priority
+def test_a_higher_priority_starts_sooner() -> None:
+    async def body(broker: Any) -> None:
+        blocker = await task(broker, "sleep_then_mark").kiq("blocker", 0.5)
+        handles = [
+            await task(broker, "started_at").with_labels(priority=p).kiq(f"p{p}")
+            for p in (0, 3, 1, 5, 2)
+        ]
+        handles.append(await task(broker, "started_at").kiq("plain"))
+        await blocker.wait_result(timeout=10)
+        for handle in handles:
+            await handle.wait_result(timeout=10)
+
+    with control_pool(1, ["--max-async-tasks", "1"]) as pool:
+        asyncio.run(with_broker(pool, body))
+        assert [tag for tag, _ in starts(pool)] == ["p5", "p3", "p2", "p1", "p0", "plain"]
+
+
+def test_a_low_priority_task_catches_up_as_it_waits() -> None:
+    """Aging (control_app: 0.2 s per level): a priority-0 task that waited 0.7 s goes
+    before a priority-2 task sent then (0.4 s ahead), after a priority-5 one (1 s ahead)."""
+
+    async def body(broker: Any) -> None:
+        blocker = await task(broker, "sleep_then_mark").kiq("blocker", 1.5)
+        low = await task(broker, "started_at").kiq("low")
+        await asyncio.sleep(0.7)  # the wait being measured, not a synchronisation
+        two = await task(broker, "started_at").with_labels(priority=2).kiq("p2")
+        five = await task(broker, "started_at").with_labels(priority=5).kiq("p5")
+        for handle in (blocker, low, two, five):
+            await handle.wait_result(timeout=10)
+
+    with control_pool(1, ["--max-async-tasks", "1"]) as pool:
+        asyncio.run(with_broker(pool, body))
+        assert [tag for tag, _ in starts(pool)] == ["p5", "low", "p2"]

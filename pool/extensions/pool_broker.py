@@ -283,8 +283,11 @@ class PoolBroker(AsyncBroker):
         run_dir: str | Path | None = None,
         max_stored_results: int = 10_000,
         connect_timeout: float = 5.0,
+        priority_aging: float = 1.0,
     ) -> None:
         super().__init__()
+        # Seconds of waiting worth one level of the ``priority`` label (taskqueue's doc).
+        self.priority_aging = priority_aging
         # Limits declared with limit(), by task name (the supervisor enforces them).
         self.limits: dict[str, list[Limit]] = {}
         # Outside a pool the state is this process's own, with pool's API; a worker of the

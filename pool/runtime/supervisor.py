@@ -222,6 +222,7 @@ class Supervisor:
         self.router.wake = self.dispatch
         self.steering = Steering(self)
         self.router.dispatched = self.steering.dispatched
+        self.router.queue.aging = getattr(broker, "priority_aging", self.router.queue.aging)
         self.connections: set[ControlConnection] = set()
         self.journal = (Journal if config.journal else NullJournal)(run_dir.spool_file)
         # Kick frames taken from each producer connection, and those not yet confirmed

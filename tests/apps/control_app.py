@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pool import PoolBroker, SmartRetryMiddleware
 
-broker = PoolBroker()
+broker = PoolBroker(priority_aging=0.2)
 broker.add_middlewares(SmartRetryMiddleware(default_retry_count=3, default_delay=0.4))
 MARKS = Path(os.environ.get("POOL_TEST_MARKS", "/tmp"))
 
