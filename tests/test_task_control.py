@@ -166,3 +166,51 @@ def test_a_low_priority_task_catches_up_as_it_waits() -> None:
     with control_pool(1, ["--max-async-tasks", "1"]) as pool:
         asyncio.run(with_broker(pool, body))
         assert [tag for tag, _ in starts(pool)] == ["p5", "low", "p2"]
+
+
+# ------------------------------------------------------------------ deduplication
+def test_a_task_id_sent_again_while_queued_runs_once_and_each_handle_gets_its_result() -> None:
+    async def body(broker: Any) -> list[Any]:
+        blocker = await task(broker, "sleep_then_mark").kiq("blocker", 0.3)
+        kick = task(broker, "started_at").with_task_id("the-same-id")
+        handles = [await kick.kiq("once") for _ in range(3)]
+        await blocker.wait_result(timeout=10)
+        return [(await h.wait_result(timeout=10)).return_value for h in handles]
+
+    with control_pool(1, ["--max-async-tasks", "1"]) as pool:
+        results = asyncio.run(with_broker(pool, body))
+        assert len(set(results)) == 1
+        assert [tag for tag, _ in starts(pool)] == ["once"]
+
+
+def test_a_dedup_key_queued_or_running_is_not_queued_again() -> None:
+    async def body(broker: Any) -> tuple[list[Any], Any]:
+        kick = task(broker, "sleep_then_mark").with_labels(dedup_key="report-42")
+        first = await kick.kiq("first", 0.5)
+        second = await kick.kiq("second", 0.5)  # another task id, the same key
+        assert second.task_id != first.task_id
+        results = [(await h.wait_result(timeout=10)).return_value for h in (first, second)]
+        third = await kick.kiq("third", 0)  # the first one is done: this one runs
+        return results, (await third.wait_result(timeout=10)).return_value
+
+    with control_pool() as pool:
+        results, third = asyncio.run(with_broker(pool, body))
+        assert results == ["first", "first"]
+        assert third == "third"
+        assert not pool.mark_path("started-second").exists()
+
+
+def test_a_finished_task_id_sent_again_runs_again_with_dedup_off() -> None:
+    async def once(broker: Any, labels: dict[str, Any]) -> Any:
+        kick = task(broker, "started_at").with_task_id("again").with_labels(**labels)
+        return (await (await kick.kiq("x")).wait_result(timeout=10)).return_value
+
+    with control_pool() as pool:
+        # each from a producer of its own (a producer keeps the results it got)
+        first, same, rerun = (
+            asyncio.run(with_broker(pool, lambda b, labels=labels: once(b, labels)))
+            for labels in ({}, {}, {"dedup": False})
+        )
+        assert first == same  # the default: that task id's result
+        assert rerun > first
+        assert len(starts(pool)) == 2

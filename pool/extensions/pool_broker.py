@@ -77,6 +77,11 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         if len(pushed) > self.max_stored_results:
             del pushed[next(iter(pushed))]
 
+    def discard(self, task_id: str) -> None:
+        """Forget the result of ``task_id`` here (it is sent again, to run again)."""
+        self._results.pop(task_id, None)
+        self._pinned.pop(task_id, None)
+
     # ----------------------------------------------------------------- pushed results
     def deliver(self, task_id: str, data: bytes) -> None:
         """Called for every result frame the supervisor pushes."""
@@ -355,6 +360,8 @@ class PoolBroker(AsyncBroker):
             frame = Kick(message.task_id, message.task_name, message.message).encode()
         else:
             frame = KickWith(message.task_id, message.task_name, message.message, control).encode()
+            if "rerun" in control:
+                self.pool_results.discard(message.task_id)
         if len(frame) > protocol.MAX_FRAME:
             raise MessageTooLargeError(
                 reason=f"the message of task {message.task_name!r} is {len(frame)} bytes, over "
