@@ -214,3 +214,102 @@ def test_a_finished_task_id_sent_again_runs_again_with_dedup_off() -> None:
         assert first == same  # the default: that task id's result
         assert rerun > first
         assert len(starts(pool)) == 2
+
+
+# ------------------------------------------------------------------ cancel
+def test_a_cancelled_queued_task_never_starts_and_its_producer_is_told() -> None:
+    from pool import TaskCancelledError
+
+    async def body(broker: Any) -> tuple[Any, Any, Any]:
+        blocker = await task(broker, "sleep_then_mark").kiq("blocker", 0.5)
+        queued = await task(broker, "sleep_then_mark").kiq("queued", 0)
+        delayed = await task(broker, "sleep_then_mark").with_labels(delay=0.3).kiq("later", 0)
+        answers = (await queued.cancel(), await broker.cancel(delayed.task_id))
+        results = [await h.wait_result(timeout=10) for h in (queued, delayed)]
+        return answers, results, (await blocker.wait_result(timeout=10)).return_value
+
+    with control_pool(1, ["--max-async-tasks", "1"]) as pool:
+        answers, results, blocker = asyncio.run(with_broker(pool, body))
+        assert [(a.cancelled, a.state) for a in answers] == [(True, "queued")] * 2
+        for result in results:
+            assert result.is_err and isinstance(result.error, TaskCancelledError)
+        assert blocker == "blocker"
+        assert not pool.mark_path("started-queued").exists()
+        assert not pool.mark_path("started-later").exists()
+
+
+def test_a_running_async_task_gets_cancelled_error_and_its_worker_lives_on() -> None:
+    from pool import TaskCancelledError
+
+    async def body(broker: Any, pool: RunningPool) -> tuple[Any, Any]:
+        handle = await task(broker, "sleep_then_mark").kiq("running", 30)
+        await asyncio.to_thread(pool.wait_mark, "started-running")
+        answer = await handle.cancel()
+        return answer, await handle.wait_result(timeout=10)
+
+    with control_pool(1) as pool:
+        pids = pool.worker_pids()
+        answer, result = asyncio.run(with_broker(pool, lambda b: body(b, pool)))
+        assert (answer.cancelled, answer.state) == (True, "running")
+        assert isinstance(result.error, TaskCancelledError)
+        assert pool.wait_mark("cancelled-running") == str(pids[0])
+        assert pool.worker_pids() == pids
+        assert pool.stats()["totals"]["tasks_failed"] == 0
+
+
+@pytest.mark.parametrize("name", ["sync_sleep_then_mark", "block_loop"])
+def test_a_running_sync_task_or_blocked_loop_is_stopped_by_replacing_its_worker(
+    name: str,
+) -> None:
+    from pool import TaskCancelledError
+
+    async def body(broker: Any, pool: RunningPool) -> tuple[Any, Any, Any]:
+        stuck = await task(broker, name).kiq("stuck", 60)
+        await asyncio.to_thread(pool.wait_mark, "started-stuck")
+        other = await task(broker, "sleep_then_mark").kiq("other", 0.5)
+        if name == "sync_sleep_then_mark":  # the other task is running beside it
+            await asyncio.to_thread(pool.wait_mark, "started-other")
+        answer = await stuck.cancel()
+        return answer, await stuck.wait_result(timeout=20), await other.wait_result(timeout=20)
+
+    with control_pool(1, ["--max-async-tasks", "2"]) as pool:
+        first = pool.worker_pids()
+        answer, stuck, other = asyncio.run(with_broker(pool, lambda b: body(b, pool)))
+        assert answer.cancelled and isinstance(stuck.error, TaskCancelledError)
+        assert other.return_value == "other"  # ran again on the replacement, unblamed
+        stats = pool.wait_ready(1)
+        assert [w["pid"] for w in stats["workers"]] != first
+        assert stats["totals"]["restarts"] == 0
+        assert stats["totals"]["tasks_failed"] == 0
+        assert not pool.mark_path("finished-stuck").exists()
+
+
+def test_cancelling_a_finished_or_unknown_task_says_so() -> None:
+    async def body(broker: Any) -> list[Any]:
+        done = await task(broker, "started_at").kiq("done")
+        await done.wait_result(timeout=10)
+        return [await done.cancel(), await broker.cancel("no-such-task")]
+
+    with control_pool() as pool:
+        finished, unknown = asyncio.run(with_broker(pool, body))
+        assert (finished.cancelled, finished.state) == (False, "finished")
+        assert (unknown.cancelled, unknown.state) == (False, "unknown")
+        assert not finished and "already finished" in finished.detail
+
+
+def test_the_cli_cancels_a_task() -> None:
+    import subprocess
+    import sys
+
+    async def send(broker: Any) -> str:
+        return (await task(broker, "sleep_then_mark").with_labels(delay=30).kiq("cli", 0)).task_id
+
+    with control_pool() as pool:
+        task_id = asyncio.run(with_broker(pool, send))
+        command = [sys.executable, "-m", "pool", "cancel", task_id, "--run-dir", pool.run_dir]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, env=pool.env)
+        assert done.returncode == 0, done.stderr
+        assert "cancelled before it started" in done.stdout
+        again = subprocess.run(command, capture_output=True, text=True, timeout=30, env=pool.env)
+        assert again.returncode == 1
+        assert "already finished" in again.stdout

@@ -19,7 +19,7 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeoutError
 
 from pool.extensions.errors import MessageTooLargeError
-from pool.extensions.handles import PoolDecoratedTask
+from pool.extensions.handles import Cancellation, PoolDecoratedTask
 from pool.runtime import protocol
 from pool.runtime.protocol import GetProgress, Kick, KickWith, Subscribe
 from pool.runtime.taskcontrol import Limit, control_of
@@ -413,6 +413,16 @@ class PoolBroker(AsyncBroker):
                 len(self._unconfirmed),
                 self.run_dir or "the default run directory",
             )
+
+    async def cancel(self, task_id: str) -> Cancellation:
+        """Cancel a queued or running task: a queued one never starts; a running async one
+        gets ``CancelledError``; a running sync one is stopped by replacing its worker.
+        Its producer gets a ``TaskCancelledError`` result. The answer says what the task
+        was (``queued``, ``running``, ``finished``, ``unknown``)."""
+        reply = await self.request({"cmd": "cancel", "task_id": task_id})
+        if not reply.get("ok"):
+            raise ValueError(f"the pool refused to cancel {task_id}: {reply.get('error')}")
+        return Cancellation(reply["cancelled"], reply["state"], reply["detail"])
 
     def limit(
         self,
