@@ -313,3 +313,56 @@ def test_the_cli_cancels_a_task() -> None:
         again = subprocess.run(command, capture_output=True, text=True, timeout=30, env=pool.env)
         assert again.returncode == 1
         assert "already finished" in again.stdout
+
+
+# ------------------------------------------------------------------ hard time limits
+def test_a_sync_task_past_its_timeout_is_stopped_by_replacing_its_worker() -> None:
+    from pool import TaskiqError, TaskTimeLimitError
+
+    async def body(broker: Any, pool: RunningPool) -> tuple[Any, Any, float]:
+        sent = time.monotonic()
+        slow = await task(broker, "sync_sleep_then_mark").with_labels(timeout=0.5).kiq("slow", 60)
+        await asyncio.to_thread(pool.wait_mark, "started-slow")
+        other = await task(broker, "sleep_then_mark").kiq("other", 1)
+        result = await slow.wait_result(timeout=20)
+        took = time.monotonic() - sent
+        return result, await other.wait_result(timeout=20), took
+
+    with control_pool(1, ["--max-async-tasks", "2"]) as pool:
+        first = pool.worker_pids()
+        slow, other, took = asyncio.run(with_broker(pool, lambda b: body(b, pool)))
+        assert isinstance(slow.error, TaskTimeLimitError)
+        assert isinstance(slow.error, TaskiqError)
+        assert "timeout of 0.5 s" in str(slow.error)
+        assert took >= 0.5
+        assert other.return_value == "other"
+        stats = pool.wait_ready(1)
+        assert [w["pid"] for w in stats["workers"]] != first
+        assert stats["totals"]["restarts"] == 0
+        assert not pool.mark_path("finished-slow").exists()
+
+
+def test_an_async_task_past_its_timeout_gets_taskiqs_timeout_and_its_worker_lives_on() -> None:
+    async def body(broker: Any) -> Any:
+        handle = await task(broker, "sleep_then_mark").with_labels(timeout=0.3).kiq("slow", 30)
+        return await handle.wait_result(timeout=20)
+
+    with control_pool(1) as pool:
+        pids = pool.worker_pids()
+        result = asyncio.run(with_broker(pool, body))
+        assert isinstance(result.error, TimeoutError)
+        assert pool.worker_pids() == pids
+
+
+def test_an_async_task_blocking_its_loop_past_its_timeout_has_its_worker_replaced() -> None:
+    from pool import TaskTimeLimitError
+
+    async def body(broker: Any) -> Any:
+        handle = await task(broker, "block_loop").with_labels(timeout=0.3).kiq("blocked", 60)
+        return await handle.wait_result(timeout=20)
+
+    with control_pool(1) as pool:
+        pids = pool.worker_pids()
+        result = asyncio.run(with_broker(pool, body))
+        assert isinstance(result.error, TaskTimeLimitError)
+        assert [w["pid"] for w in pool.wait_ready(1)["workers"]] != pids
