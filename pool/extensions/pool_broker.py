@@ -355,7 +355,7 @@ class PoolBroker(AsyncBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Send the task; it is kept here until the supervisor confirms it has it on disk,
         and sent again on the next connection if this one is lost before that."""
-        control = control_of(self, message)
+        control = control_of(message, self)
         if control is None:
             frame = Kick(message.task_id, message.task_name, message.message).encode()
         else:
@@ -435,7 +435,7 @@ class PoolBroker(AsyncBroker):
         """Limit ``task`` (a task or its name) pool-wide: at most ``concurrency`` at once,
         at most ``rate`` starts (``"10/s"``); with ``key`` (a label or argument), per value
         of it; ``scope`` names a limit several tasks share. Declare it in the app's module:
-        producers read it when they send. See ``taskcontrol.Limit``."""
+        the supervisor (which imports it) enforces it. See ``taskcontrol.Limit``."""
         name = task if isinstance(task, str) else task.task_name
         declared = Limit(concurrency, rate, key, scope)
         self.limits.setdefault(name, []).append(declared)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from pool.runtime.limits import Limiter
 from pool.runtime.protocol import Task
 from pool.runtime.taskcontrol import DelayHeap
 from pool.runtime.taskqueue import Entry, TaskQueue
@@ -43,6 +44,9 @@ class TaskRouter:
         self.rotation = 0
         # tasks whose eta is to come (taskcontrol); wake() once some are queued
         self.delayed = DelayHeap(self._due)
+        # tasks over a concurrency or rate limit wait there (limits.py)
+        self.limits = Limiter(self._unparked)
+        self.queue.elsewhere = lambda: len(self.delayed) + self.limits.parked
         self.wake: Callable[[], None] = lambda: None
         # called for each delivery of a task with a control (steering arms its timeout)
         self.dispatched: Callable[[WorkerHandle, int, Entry], None] | None = None
@@ -79,9 +83,14 @@ class TaskRouter:
 
     def withdraw(self, entry: Entry) -> None:
         """Take a task that was not handed out yet away (it was cancelled)."""
-        if not self.queue.remove(entry):
-            self.delayed.remove(entry)
+        if not self.queue.remove(entry) and not self.delayed.remove(entry):
+            self.limits.withdraw(entry)
         self.release(entry)
+
+    def _unparked(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.queue.put_back(entry)
+        self.wake()
 
     def _due(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -125,6 +134,9 @@ class TaskRouter:
         """
         lost = list(handle.in_flight.values())
         handle.in_flight.clear()
+        for entry in lost:
+            if entry.control is not None:
+                self.limits.release(entry)
         handle.exclusive = False
         if lost and crashed:
             logger.warning(
@@ -152,6 +164,8 @@ class TaskRouter:
             handle.exclusive = False
         if entry is not None:
             self.release(entry)
+            if entry.control is not None:
+                self.limits.release(entry)
         return entry
 
     def dispatch(self, ready: Iterable[WorkerHandle]) -> None:
@@ -177,9 +191,13 @@ class TaskRouter:
             if busy >= capacity:
                 break
             entry = queue.peek()
+            if entry.suspect and busy:
+                break  # no idle worker now; one will be, as its tasks finish
+            limited = entry.control is not None and "limits" in entry.control
+            if limited and not self.limits.admit(entry):
+                queue.pop()  # parked until its limit has room
+                continue
             if entry.suspect:
-                if busy:
-                    break  # no idle worker now; one will be, as its tasks finish
                 handle.exclusive = True
                 workers.remove(handle)
             queue.pop()
@@ -196,13 +214,14 @@ class TaskRouter:
         self._resume_producers()
 
     def _resume_producers(self) -> None:
-        if self.held_back and len(self.queue) < self.queue.limit * 0.9 and not self.frozen:
+        queued = len(self.queue) + self.queue.elsewhere()
+        if self.held_back and queued < self.queue.limit * 0.9 and not self.frozen:
             for conn in self.held_back:
                 conn.resume()
             self.held_back.clear()
 
     def drain_queue(self) -> list[Entry]:
-        leftovers: list[Entry] = self.delayed.clear()
+        leftovers: list[Entry] = [*self.delayed.clear(), *self.limits.drain()]
         while self.queue:
             leftovers.append(self.queue.pop())
         return leftovers

@@ -17,6 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pool.runtime.protocol import Cancel
+from pool.runtime.taskcontrol import limits_of
 from pool.runtime.taskqueue import Entry
 
 if TYPE_CHECKING:
@@ -67,12 +68,29 @@ class Steering:
             return True
         return False
 
+    def declare(self, entry: Entry) -> None:
+        """Resolve the limits of ``entry``: its labels' and those the app's broker declares
+        for its task (``PoolBroker.limit``); a limit that cannot be resolved is logged."""
+        broker = self.sup.broker
+        declared = getattr(broker, "limits", None)
+        if not (entry.control and "limit" in entry.control) and not (
+            declared and entry.task_name in declared
+        ):
+            return
+        control = entry.control = dict(entry.control or {})
+        try:
+            control["limits"] = limits_of(broker, entry)
+        except (ValueError, TypeError) as exc:
+            logger.error("task %s (%s): no limit applied: %s", entry.task_id, entry.task_name, exc)
+        control.pop("limit", None)
+
     def followed(self, entry: Entry) -> None:
         """``entry``'s attempt ended: queue the retry sent meanwhile, if one was."""
         retry = entry.retry
         if retry is None or entry.cancelled:
             return
         entry.retry = None
+        self.declare(retry)
         self.sup.journal.accept(retry)
         self.sup.router.enqueue(retry)
 

@@ -599,6 +599,7 @@ class Supervisor:
             reason = f"task {entry.task_name!r} is not registered in {self.config.app}"
             self._store_error(entry, TaskNotFoundError(reason=reason, task_name=entry.task_name))
             return
+        self.steering.declare(entry)  # the limits the app declares for it
         self.journal.accept(entry)
         was_empty = not self.router.queue
         self.router.enqueue(entry)

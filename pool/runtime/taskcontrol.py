@@ -16,11 +16,14 @@ label                     meaning                                               
                           not queued: its handle gets the first one's result
 ``dedup``                 ``False``: a task id that already finished runs again  ``rerun``
 ``timeout``               seconds; a hard limit (the worker is replaced)         ``timeout``
-``concurrency``           at most N of this task at once, pool-wide              ``limits``
-``rate_limit``            at most N starts per period (``"10/s"``, ``"5/2m"``)   ``limits``
-``limit_key``             a label or argument: one limit per value of it         ``limits``
+``concurrency``           at most N of this task at once, pool-wide              ``limit``
+``rate_limit``            at most N starts per period (``"10/s"``, ``"5/2m"``)   ``limit``
+``limit_key``             a label or argument: one limit per value of it         ``limit``
 ``_retries``              taskiq's retry count (a retry is not a duplicate)      ``retry``
 ========================  =====================================================  ===========
+
+The supervisor turns ``limit`` and the limits declared on the app's broker into
+``limits`` (``limits_of``), once, before the task is journaled.
 """
 
 from __future__ import annotations
@@ -114,11 +117,10 @@ def _false(value: Any) -> bool:
     return str(value).strip().lower() in ("false", "0", "no", "off", "none")
 
 
-def control_of(broker: Any, message: BrokerMessage) -> dict[str, Any] | None:
+def control_of(message: BrokerMessage, broker: Any = None) -> dict[str, Any] | None:
     """What the supervisor must know of ``message`` (None: nothing, a plain task)."""
     labels = message.labels
-    declared: list[Limit] = broker.limits.get(message.task_name, []) if broker.limits else []
-    if not declared and (not labels or CONTROL_LABELS.isdisjoint(labels)):
+    if not labels or CONTROL_LABELS.isdisjoint(labels):
         return None
     control: dict[str, Any] = {}
     now = time.time()
@@ -137,53 +139,95 @@ def control_of(broker: Any, message: BrokerMessage) -> dict[str, Any] | None:
         control["timeout"] = float(labels["timeout"])
     if int(labels.get("_retries", 0) or 0):
         control["retry"] = int(labels["_retries"])
-    limits = _limits(broker, message, declared)
-    if limits:
-        control["limits"] = limits
+    if "concurrency" in labels or "rate_limit" in labels:
+        control["limit"] = _limit_label(message, broker)
     return control or None
 
 
-def _limits(broker: Any, message: BrokerMessage, declared: list[Limit]) -> list[list[Any]]:
-    """Each limit as ``[key, concurrency or 0, rate count or 0, rate period or 0]``."""
+def _limit_label(message: BrokerMessage, broker: Any) -> dict[str, Any]:
+    """The limit a task's labels declare (checked here; its key's value when it is a label
+    or a keyword argument, else the supervisor finds it)."""
     labels = message.labels
-    limits = list(declared)
-    if "concurrency" in labels or "rate_limit" in labels:
-        limits.append(
-            Limit(
-                concurrency=int(labels["concurrency"]) if "concurrency" in labels else None,
-                rate=labels.get("rate_limit"),
-                key=labels.get("limit_key") or None,
+    concurrency = labels.get("concurrency")
+    spec: dict[str, Any] = {
+        "concurrency": int(concurrency) if concurrency not in (None, "", "None") else None,
+        "rate": labels.get("rate_limit") or None,
+        "key": labels.get("limit_key") or None,
+    }
+    Limit(spec["concurrency"], spec["rate"], spec["key"])
+    if spec["key"]:
+        try:
+            spec["value"] = _Sent(message.message, labels).value_of(
+                spec["key"], message.task_name, broker
             )
-        )
-    wire = []
-    for limit in limits:
-        key = limit.scope or message.task_name
-        if limit.key:
-            key += f"[{limit.key}={_value_of(broker, message, limit.key)}]"
-        count, period = parse_rate(limit.rate) if limit.rate is not None else (0, 0.0)
-        wire.append([key, int(limit.concurrency or 0), count, period])
+        except ValueError:
+            pass
+    return spec
+
+
+def limits_of(broker: Any, entry: Entry) -> list[list[Any]]:
+    """In the supervisor: the limits of ``entry``, those of its labels and those declared on
+    ``broker`` (``PoolBroker.limit``), each ``[key, concurrency, rate count, period]``."""
+    declared = (
+        list(broker.limits.get(entry.task_name, ())) if getattr(broker, "limits", None) else []
+    )
+    spec = entry.get("limit")
+    sent = _Sent(entry.payload, None)
+    wire = [wire_limit(limit, entry.task_name, sent, broker) for limit in declared]
+    if spec:
+        limit = Limit(spec.get("concurrency"), spec.get("rate"), spec.get("key"))
+        wire.append(wire_limit(limit, entry.task_name, sent, broker, spec.get("value")))
     return wire
 
 
-def _value_of(broker: Any, message: BrokerMessage, name: str) -> Any:
-    """The value of the label or the argument ``name`` of the task in ``message``."""
-    if name in message.labels:
-        return message.labels[name]
-    sent = broker.formatter.loads(message.message)
-    if name in sent.kwargs:
-        return sent.kwargs[name]
-    task = broker.find_task(message.task_name)
-    if task is not None:
-        try:
-            bound = inspect.signature(task.original_func).bind_partial(*sent.args, **sent.kwargs)
-        except TypeError:
-            bound = None
-        if bound is not None and name in bound.arguments:
-            return bound.arguments[name]
-    raise ValueError(
-        f"task {message.task_name!r} is limited per {name!r}, but has no label or argument "
-        f"of that name"
-    )
+def wire_limit(
+    limit: Limit, task_name: str, sent: _Sent, broker: Any = None, value: Any = None
+) -> list[Any]:
+    """A limit as ``[key, concurrency or 0, rate count or 0, rate period or 0]``."""
+    key = limit.scope or task_name
+    if limit.key:
+        if value is None:
+            value = sent.value_of(limit.key, task_name, broker)
+        key += f"[{limit.key}={value}]"
+    count, period = parse_rate(limit.rate) if limit.rate is not None else (0, 0.0)
+    return [key, int(limit.concurrency or 0), count, period]
+
+
+class _Sent:
+    """A task's message, decoded only if a limit's key needs its labels or arguments."""
+
+    def __init__(self, payload: bytes, labels: dict[str, Any] | None) -> None:
+        self.payload = payload
+        self.labels = labels
+        self._message: Any = None
+
+    def value_of(self, name: str, task_name: str, broker: Any) -> Any:
+        if self.labels is not None and name in self.labels:
+            return self.labels[name]
+        if self._message is None:
+            from taskiq.formatters.json_formatter import JSONFormatter
+
+            formatter = getattr(broker, "formatter", None) or JSONFormatter()
+            self._message = formatter.loads(self.payload)
+        sent = self._message
+        if name in sent.labels:
+            return sent.labels[name]
+        if name in sent.kwargs:
+            return sent.kwargs[name]
+        task = broker.find_task(task_name) if broker is not None else None
+        if task is not None:
+            try:
+                bound = inspect.signature(task.original_func).bind_partial(
+                    *sent.args, **sent.kwargs
+                )
+            except TypeError:
+                bound = None
+            if bound is not None and name in bound.arguments:
+                return bound.arguments[name]
+        raise ValueError(
+            f"task {task_name!r} is limited per {name!r}, but has no label or keyword "
+            f"argument of that name"
+        )
 
 
 class DelayHeap:

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Seconds of waiting worth one level of priority (see the module's doc).
@@ -76,6 +76,8 @@ class TaskQueue:
         self.plain: deque[Entry] = deque()  # no priority: ranks only grow
         self.ranked: list[tuple[float, int, Entry]] = []  # the others, a heap
         self._seq = itertools.count()
+        # tasks held out of the queue that count toward its limit (delayed, over a limit)
+        self.elsewhere: Callable[[], int] = lambda: 0
 
     def __len__(self) -> int:
         return len(self.front) + len(self.plain) + len(self.ranked)
@@ -90,7 +92,7 @@ class TaskQueue:
 
     @property
     def full(self) -> bool:
-        return len(self) >= self.limit
+        return len(self) + self.elsewhere() >= self.limit
 
     def put(self, entry: Entry) -> None:
         priority = entry.get("priority", 0)
