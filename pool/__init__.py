@@ -24,6 +24,9 @@ _OWN: dict[str, str] = {
     "PoolUnavailableError": "pool.extensions.errors",
     "TaskNotFoundError": "pool.extensions.errors",
     "MessageTooLargeError": "pool.extensions.errors",
+    "TaskCancelledError": "pool.extensions.errors",
+    "TaskTimeLimitError": "pool.extensions.errors",
+    "Limit": "pool.runtime.taskcontrol",
 }
 
 # taskiq's public names beyond ``taskiq.__all__``, by the module that defines them
@@ -175,9 +178,12 @@ if TYPE_CHECKING:
     from pool.extensions.errors import (
         MessageTooLargeError,
         PoolUnavailableError,
+        TaskCancelledError,
         TaskNotFoundError,
+        TaskTimeLimitError,
         WorkerCrashedError,
     )
     from pool.extensions.inmemory import InMemoryBroker
     from pool.extensions.pool_broker import PoolBroker, PoolResultBackend
+    from pool.runtime.taskcontrol import Limit
     from shared_state import TaskiqState

@@ -63,6 +63,9 @@ POOL_OWN = {
     "WorkerCrashedError": "pool.extensions.errors",
     "PoolUnavailableError": "pool.extensions.errors",
     "TaskNotFoundError": "pool.extensions.errors",
+    "TaskCancelledError": "pool.extensions.errors",
+    "TaskTimeLimitError": "pool.extensions.errors",
+    "Limit": "pool.runtime.taskcontrol",
 }
 
 # what a worker process needs; a producer does not
@@ -113,7 +116,14 @@ def test_pool_brokers_are_taskiq_async_brokers() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["WorkerCrashedError", "PoolUnavailableError", "TaskNotFoundError"]
+    "name",
+    [
+        "WorkerCrashedError",
+        "PoolUnavailableError",
+        "TaskNotFoundError",
+        "TaskCancelledError",
+        "TaskTimeLimitError",
+    ],
 )
 def test_pools_exceptions_are_taskiq_errors(name: str) -> None:
     error_class = getattr(pool, name)

@@ -55,3 +55,17 @@ class TaskNotFoundError(_WithReason, UnknownTaskError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class TaskCancelledError(_WithReason, TaskiqError):
+    """The result of a task cancelled with ``handle.cancel()``, ``broker.cancel()`` or
+    ``python -m pool cancel`` (PoolBroker)."""
+
+    reason: str = "the task was cancelled"
+
+
+class TaskTimeLimitError(_WithReason, TaskiqError):
+    """The result of a task that ran past its ``timeout`` label and was stopped by
+    replacing its worker (PoolBroker)."""
+
+    reason: str = "the task ran past its timeout"

@@ -9,6 +9,7 @@ With any other result backend they behave exactly like taskiq's.
 from __future__ import annotations
 
 from copy import copy
+from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from taskiq.abc.broker import AsyncTaskiqDecoratedTask
@@ -28,6 +29,19 @@ class PushedResults(Protocol):
         ``timeout`` seconds (``None``: no limit)."""
 
 
+@dataclass(frozen=True)
+class Cancellation:
+    """What ``cancel`` did: ``cancelled``, and what the task was when asked (``queued``,
+    ``running``, ``finished`` or ``unknown``), with a sentence saying so."""
+
+    cancelled: bool
+    state: str
+    detail: str
+
+    def __bool__(self) -> bool:
+        return self.cancelled
+
+
 class PoolTask(AsyncTaskiqTask[_Return]):
     """taskiq's task handle; waits on a pushed result when the backend offers one."""
 
@@ -43,6 +57,15 @@ class PoolTask(AsyncTaskiqTask[_Return]):
         # taskiq's meaning: a timeout of 0 or less waits for ever
         await wait_ready(self.task_id, timeout if timeout > 0 else None)
         return await self.get_result(with_logs=with_logs)
+
+    async def cancel(self) -> Cancellation:
+        """Cancel this task (a ``PoolBroker``'s: see ``PoolBroker.cancel``)."""
+        broker = getattr(self.result_backend, "broker", None)
+        cancel = getattr(broker, "cancel", None)
+        if cancel is None:
+            raise NotImplementedError("only the tasks of a PoolBroker can be cancelled")
+        result: Cancellation = await cancel(self.task_id)
+        return result
 
 
 class PoolKicker(AsyncKicker[_Params, _Return]):

@@ -19,9 +19,10 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeoutError
 
 from pool.extensions.errors import MessageTooLargeError
-from pool.extensions.handles import PoolDecoratedTask
+from pool.extensions.handles import Cancellation, PoolDecoratedTask
 from pool.runtime import protocol
-from pool.runtime.protocol import GetProgress, Kick, Subscribe
+from pool.runtime.protocol import GetProgress, Kick, KickWith, Subscribe
+from pool.runtime.taskcontrol import Limit, control_of
 from shared_state import TaskiqState
 
 if TYPE_CHECKING:
@@ -75,6 +76,11 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         pushed[task_id] = None
         if len(pushed) > self.max_stored_results:
             del pushed[next(iter(pushed))]
+
+    def discard(self, task_id: str) -> None:
+        """Forget the result of ``task_id`` here (it is sent again, to run again)."""
+        self._results.pop(task_id, None)
+        self._pinned.pop(task_id, None)
 
     # ----------------------------------------------------------------- pushed results
     def deliver(self, task_id: str, data: bytes) -> None:
@@ -282,8 +288,13 @@ class PoolBroker(AsyncBroker):
         run_dir: str | Path | None = None,
         max_stored_results: int = 10_000,
         connect_timeout: float = 5.0,
+        priority_aging: float = 1.0,
     ) -> None:
         super().__init__()
+        # Seconds of waiting worth one level of the ``priority`` label (taskqueue's doc).
+        self.priority_aging = priority_aging
+        # Limits declared with limit(), by task name (the supervisor enforces them).
+        self.limits: dict[str, list[Limit]] = {}
         # Outside a pool the state is this process's own, with pool's API; a worker of the
         # pool replaces it with the shared one before WORKER_STARTUP.
         self.state = TaskiqState()
@@ -344,7 +355,13 @@ class PoolBroker(AsyncBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Send the task; it is kept here until the supervisor confirms it has it on disk,
         and sent again on the next connection if this one is lost before that."""
-        frame = Kick(message.task_id, message.task_name, message.message).encode()
+        control = control_of(message, self)
+        if control is None:
+            frame = Kick(message.task_id, message.task_name, message.message).encode()
+        else:
+            frame = KickWith(message.task_id, message.task_name, message.message, control).encode()
+            if "rerun" in control:
+                self.pool_results.discard(message.task_id)
         if len(frame) > protocol.MAX_FRAME:
             raise MessageTooLargeError(
                 reason=f"the message of task {message.task_name!r} is {len(frame)} bytes, over "
@@ -396,6 +413,33 @@ class PoolBroker(AsyncBroker):
                 len(self._unconfirmed),
                 self.run_dir or "the default run directory",
             )
+
+    async def cancel(self, task_id: str) -> Cancellation:
+        """Cancel a queued or running task: a queued one never starts; a running async one
+        gets ``CancelledError``; a running sync one is stopped by replacing its worker.
+        Its producer gets a ``TaskCancelledError`` result. The answer says what the task
+        was (``queued``, ``running``, ``finished``, ``unknown``)."""
+        reply = await self.request({"cmd": "cancel", "task_id": task_id})
+        if not reply.get("ok"):
+            raise ValueError(f"the pool refused to cancel {task_id}: {reply.get('error')}")
+        return Cancellation(reply["cancelled"], reply["state"], reply["detail"])
+
+    def limit(
+        self,
+        task: Any,
+        concurrency: int | None = None,
+        rate: str | float | None = None,
+        key: str | None = None,
+        scope: str | None = None,
+    ) -> Limit:
+        """Limit ``task`` (a task or its name) pool-wide: at most ``concurrency`` at once,
+        at most ``rate`` starts (``"10/s"``); with ``key`` (a label or argument), per value
+        of it; ``scope`` names a limit several tasks share. Declare it in the app's module:
+        the supervisor (which imports it) enforces it. See ``taskcontrol.Limit``."""
+        name = task if isinstance(task, str) else task.task_name
+        declared = Limit(concurrency, rate, key, scope)
+        self.limits.setdefault(name, []).append(declared)
+        return declared
 
     async def request(self, payload: dict[str, Any], timeout: float | None = 30.0) -> Any:
         """Send a control command (``{"cmd": "stats"}``) to the supervisor.

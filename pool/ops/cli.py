@@ -426,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument("--run-dir", default=None, help="run directory of the pool")
 
+    from pool.ops import cancel_cli
+
+    cancel_cli.add_parser(commands)
+
     from pool.ops.scheduler_cli import DESCRIPTION, HELP
 
     commands.add_parser(
@@ -460,7 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from pool.ops import cancel_cli
+
     handler = {
+        "cancel": cancel_cli.run,
         "run": _cmd_run,
         "stats": _cmd_stats,
         "scale": _cmd_scale,

@@ -25,6 +25,7 @@ from pool.runtime.protocol import (
     FrameProtocol,
     GetProgress,
     Kick,
+    KickWith,
     Reply,
     Request,
     Result,
@@ -136,6 +137,12 @@ class ControlConnection(FrameProtocol):
         sup = self.supervisor
         if isinstance(frame, Kick):
             sup.enqueue(Entry(frame.task_id, frame.task_name, frame.message, producer=self))
+            if sup.queue.full:
+                sup.hold_back(self)
+        elif isinstance(frame, KickWith):
+            entry = Entry(frame.task_id, frame.task_name, frame.message, producer=self)
+            entry.control = frame.control if isinstance(frame.control, dict) else None
+            sup.enqueue(entry)
             if sup.queue.full:
                 sup.hold_back(self)
         elif isinstance(frame, Subscribe):
@@ -255,6 +262,8 @@ async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, An
             sup.set_target(count)
             ok, error = await sup.wait_for_target(float(request.get("timeout", 60)))
             reply = {"ok": ok, "error": error, "workers": sup.target}
+        elif cmd == "cancel":
+            reply = sup.steering.cancel(str(request["task_id"]))
         elif cmd == "ping":
             reply = {"ok": True, "pid": os.getpid()}
         else:

@@ -19,12 +19,28 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from pool.runtime.protocol import FrameError, FrameReader, Settled, Spooled, decode_frame
+from pool.runtime.protocol import (
+    FrameError,
+    FrameReader,
+    Settled,
+    Spooled,
+    SpooledWith,
+    decode_frame,
+)
 from pool.runtime.taskqueue import Entry
 
 logger = logging.getLogger("pool.runtime.journal")
 
 COMPACT_AT = 32 * 1024 * 1024  # bytes written since the last rewrite, at least
+
+
+def spooled(entry: Entry) -> bytes:
+    """The journal record of an accepted task."""
+    if entry.control:
+        return SpooledWith(
+            entry.task_id, entry.task_name, entry.payload, entry.failures, entry.control
+        ).encode()
+    return Spooled(entry.task_id, entry.task_name, entry.payload, entry.failures).encode()
 
 
 class Journal:
@@ -57,6 +73,14 @@ class Journal:
                     live[record.task_id] = Entry(
                         record.task_id, record.task_name, record.message, record.failures
                     )
+                elif isinstance(record, SpooledWith):
+                    live[record.task_id] = Entry(
+                        record.task_id,
+                        record.task_name,
+                        record.message,
+                        record.failures,
+                        control=record.control,
+                    )
                 elif isinstance(record, Settled):
                     live.pop(record.task_id, None)
                     if record.result:
@@ -73,9 +97,7 @@ class Journal:
 
     # ----------------------------------------------------------------- records
     def accept(self, entry: Entry) -> None:
-        self.pending.append(
-            Spooled(entry.task_id, entry.task_name, entry.payload, entry.failures).encode()
-        )
+        self.pending.append(spooled(entry))
 
     def settle(self, task_id: str, result: bytes = b"") -> None:
         self.pending.append(Settled(task_id, result).encode())
@@ -124,10 +146,7 @@ class Journal:
                 data = b"".join(
                     [
                         *(Settled(task_id, result).encode() for task_id, result in results.items()),
-                        *(
-                            Spooled(e.task_id, e.task_name, e.payload, e.failures).encode()
-                            for e in entries
-                        ),
+                        *(spooled(e) for e in entries),
                     ]
                 )
                 view = memoryview(data)

@@ -47,6 +47,7 @@ class Op(enum.IntEnum):
     RESULT = 11
     SUBSCRIBE = 12
     GET_PROGRESS = 13
+    KICK_WITH = 14
     PROGRESS = 15
     REQUEST = 20
     REPLY = 21
@@ -62,9 +63,11 @@ class Op(enum.IntEnum):
     FINISHED = 37
     LATE_RESULT = 38
     SAVE_PROGRESS = 39
+    CANCEL = 40
     # journal file records
     SPOOLED = 50
     SETTLED = 51
+    SPOOLED_WITH = 52
 
 
 class FrameError(ValueError):
@@ -202,6 +205,17 @@ class Kick(Frame):
     message: bytes
 
 
+@frame(Op.KICK_WITH)
+@dataclass(slots=True)
+class KickWith(Frame):
+    """A :class:`Kick` with pool's task control read from its labels (``taskcontrol``)."""
+
+    task_id: str
+    task_name: str
+    message: bytes
+    control: dict
+
+
 @frame(Op.SUBSCRIBE)
 @dataclass(slots=True)
 class Subscribe(Frame):
@@ -266,6 +280,15 @@ class Drain(Frame):
     """Take no more tasks, finish the running ones within ``timeout`` s, then exit."""
 
     timeout: float
+
+
+@frame(Op.CANCEL)
+@dataclass(slots=True)
+class Cancel(Frame):
+    """Cancel the running ``delivery`` (its asyncio task gets ``CancelledError``)."""
+
+    delivery: int
+    task_id: str
 
 
 # worker -> supervisor -------------------------------------------------------------------
@@ -373,6 +396,18 @@ class Settled(Frame):
 
     task_id: str
     result: bytes
+
+
+@frame(Op.SPOOLED_WITH)
+@dataclass(slots=True)
+class SpooledWith(Frame):
+    """A :class:`Spooled` task with its task control (a delay's due time, ...)."""
+
+    task_id: str
+    task_name: str
+    message: bytes
+    failures: int
+    control: dict
 
 
 def decode_frame(op: int, body: memoryview) -> Frame:

@@ -10,7 +10,11 @@
    nor acknowledged, and middlewares' ``on_error`` does not hear of it, so the broker
    delivers it again (and a retry middleware does not retry it as well); taskiq saves the
    cancellation as the task's error and acknowledges it.
-4. Each finished task is reported (name, failed or not, duration) for the pool's stats,
+4. A sync task with a ``timeout`` label from a ``PoolBroker`` runs without taskiq's soft
+   timeout (which cannot stop a thread): the supervisor enforces it by replacing the worker.
+   A delivery the supervisor cancels (``cancel``) gets ``CancelledError`` and, like an
+   abandoned task, is neither saved nor retried.
+5. Each finished task is reported (name, failed or not, duration) for the pool's stats,
    and the running ones are known, so that a drain can cancel what outlived its timeout.
 """
 
@@ -61,6 +65,8 @@ class PoolReceiver(Receiver):
         # the callbacks running now: counted in heartbeats, cancelled after a drain timeout
         self.running: set[asyncio.Task[Any]] = set()
         self.abandoned: set[asyncio.Task[Any]] = set()
+        # PoolBroker: the callback running each delivery, so that it can be cancelled
+        self.deliveries: dict[int, asyncio.Task[Any]] = {}
         self._guarded = 0  # middlewares whose on_error is guarded (they are only added)
         super().__init__(*args, **kwargs)
 
@@ -97,10 +103,25 @@ class PoolReceiver(Receiver):
         if task is None:
             return await super().callback(message, raise_err)
         self.running.add(task)
+        delivery = getattr(getattr(message, "ack", None), "delivery", None)
+        if delivery is not None:
+            self.deliveries[delivery] = task
         try:
             return await super().callback(message, raise_err)
         finally:
             self.running.discard(task)
+            if delivery is not None:
+                self.deliveries.pop(delivery, None)
+
+    def cancel(self, delivery: int) -> asyncio.Task[Any] | None:
+        """Cancel the task running ``delivery`` (not saved, not retried); None if none."""
+        task = self.deliveries.get(delivery)
+        if task is None or task.done():
+            return None
+        self.abandoned.add(task)
+        task.add_done_callback(self.abandoned.discard)
+        task.cancel()
+        return task
 
     def _prepare_task(self, name: str, handler: Callable[..., Any]) -> None:
         super()._prepare_task(name, handler)
@@ -114,6 +135,10 @@ class PoolReceiver(Receiver):
         ack_controller: AckController | None = None,
     ) -> TaskiqResult[Any]:
         self._guard_middlewares()
+        labels = message.labels
+        if "timeout" in labels and getattr(self.broker, "worker_link", None) is not None:  # noqa: SIM102
+            if not asyncio.iscoroutinefunction(target):
+                del labels["timeout"]  # the supervisor's hard limit (see above)
         started = time.perf_counter()
         result = await super().run_task(target, message, ack_controller)
         if asyncio.current_task() in self.abandoned:

@@ -23,6 +23,8 @@ class ResultStore:
         self.results: OrderedDict[str, bytes] = OrderedDict()
         self.progress: OrderedDict[str, bytes] = OrderedDict()
         self.subscribers: dict[str, set[ControlConnection]] = {}
+        # duplicates (a dedup key) waiting for the result of the first: (their id, producer)
+        self.aliases: dict[str, list[tuple[str, ControlConnection | None]]] = {}
 
     def __len__(self) -> int:
         return len(self.results)
@@ -37,6 +39,12 @@ class ResultStore:
         for conn in targets:
             conn.subscriptions.discard(task_id)
             conn.push_result(task_id, payload)
+        for alias, waiting in self.aliases.pop(task_id, ()):
+            self.store(alias, payload, waiting)
+
+    def alias(self, task_id: str, alias: str, conn: ControlConnection | None) -> None:
+        """The result of ``task_id`` is also that of ``alias`` (a duplicate), for ``conn``."""
+        self.aliases.setdefault(task_id, []).append((alias, conn))
 
     def subscribe(self, task_id: str, conn: ControlConnection) -> None:
         """Send ``conn`` the result of ``task_id`` now if it is here, else when it arrives."""

@@ -8,10 +8,13 @@ it, and goes back to the front of the queue when the worker holding it dies.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from pool.runtime.limits import Limiter
 from pool.runtime.protocol import Task
+from pool.runtime.taskcontrol import DelayHeap
 from pool.runtime.taskqueue import Entry, TaskQueue
 
 if TYPE_CHECKING:
@@ -33,18 +36,66 @@ class TaskRouter:
         self.max_failures = max_failures
         self.give_up = give_up
         self.held_back: set[ControlConnection] = set()
-        # every task held here, queued or in flight, by id
+        # every task held here, queued or in flight, by id; and by dedup key (taskcontrol)
         self.live: dict[str, Entry] = {}
+        self.keys: dict[str, Entry] = {}
         self.next_delivery = 0
         self.frozen = False  # no producer is read while set (the journal cannot be written)
         self.rotation = 0
+        # tasks whose eta is to come (taskcontrol); wake() once some are queued
+        self.delayed = DelayHeap(self._due)
+        # tasks over a concurrency or rate limit wait there (limits.py)
+        self.limits = Limiter(self._unparked)
+        self.queue.elsewhere = lambda: len(self.delayed) + self.limits.parked
+        self.wake: Callable[[], None] = lambda: None
+        # called for each delivery of a task with a control (steering arms its timeout)
+        self.dispatched: Callable[[WorkerHandle, int, Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self.queue)
 
     def enqueue(self, entry: Entry) -> None:
         self.live[entry.task_id] = entry
-        self.queue.put(entry)
+        if entry.control is None:
+            self.queue.put(entry)
+            return
+        key = entry.control.get("dedup")
+        if key is not None:
+            self.keys[key] = entry
+        if entry.get("eta", 0) > time.time():
+            self.delayed.hold(entry, entry.control["eta"])
+        else:
+            self.queue.put(entry)
+
+    def duplicate_of(self, entry: Entry) -> Entry | None:
+        """The task queued or running with the dedup key of ``entry``, if there is one."""
+        key = entry.get("dedup")
+        return None if key is None else self.keys.get(key)
+
+    def release(self, entry: Entry) -> None:
+        """``entry`` is no longer held here (done, given up, cancelled)."""
+        if self.live.get(entry.task_id) is entry:
+            del self.live[entry.task_id]
+        if entry.control is not None:
+            key = entry.control.get("dedup")
+            if key is not None and self.keys.get(key) is entry:
+                del self.keys[key]
+
+    def withdraw(self, entry: Entry) -> None:
+        """Take a task that was not handed out yet away (it was cancelled)."""
+        if not self.queue.remove(entry) and not self.delayed.remove(entry):
+            self.limits.withdraw(entry)
+        self.release(entry)
+
+    def _unparked(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.queue.put_back(entry)
+        self.wake()
+
+    def _due(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.queue.put(entry)
+        self.wake()
 
     def hold_back(self, conn: ControlConnection) -> None:
         """Stop reading from a producer while the queue is full (or the journal cannot be
@@ -66,7 +117,7 @@ class TaskRouter:
                 entry.failures,
                 reason,
             )
-            self.live.pop(entry.task_id, None)
+            self.release(entry)
             self.give_up(entry, reason)
             return
         if log:
@@ -83,6 +134,9 @@ class TaskRouter:
         """
         lost = list(handle.in_flight.items())
         handle.in_flight.clear()
+        for entry in lost:
+            if entry.control is not None:
+                self.limits.release(entry)
         handle.exclusive = False
         if lost and crashed:
             logger.warning(
@@ -113,7 +167,9 @@ class TaskRouter:
         if not handle.in_flight:
             handle.exclusive = False
         if entry is not None:
-            self.live.pop(entry.task_id, None)
+            self.release(entry)
+            if entry.control is not None:
+                self.limits.release(entry)
         return entry
 
     def dispatch(self, ready: Iterable[WorkerHandle]) -> None:
@@ -138,15 +194,21 @@ class TaskRouter:
             busy = len(handle.in_flight)
             if busy >= capacity:
                 break
-            entry = queue.items[0]
+            entry = queue.peek()
+            if entry.suspect and busy:
+                break  # no idle worker now; one will be, as its tasks finish
+            limited = entry.control is not None and "limits" in entry.control
+            if limited and not self.limits.admit(entry):
+                queue.pop()  # parked until its limit has room
+                continue
             if entry.suspect:
-                if busy:
-                    break  # no idle worker now; one will be, as its tasks finish
                 handle.exclusive = True
                 workers.remove(handle)
             queue.pop()
             self.next_delivery += 1
             handle.in_flight[self.next_delivery] = entry
+            if entry.control is not None and self.dispatched is not None:
+                self.dispatched(handle, self.next_delivery, entry)
             frames.setdefault(handle, []).append(
                 Task(self.next_delivery, entry.task_id, entry.payload).encode()
             )
@@ -156,13 +218,14 @@ class TaskRouter:
         self._resume_producers()
 
     def _resume_producers(self) -> None:
-        if self.held_back and len(self.queue) < self.queue.limit * 0.9 and not self.frozen:
+        queued = len(self.queue) + self.queue.elsewhere()
+        if self.held_back and queued < self.queue.limit * 0.9 and not self.frozen:
             for conn in self.held_back:
                 conn.resume()
             self.held_back.clear()
 
     def drain_queue(self) -> list[Entry]:
-        leftovers: list[Entry] = []
+        leftovers: list[Entry] = [*self.delayed.clear(), *self.limits.drain()]
         while self.queue:
             leftovers.append(self.queue.pop())
         return leftovers

@@ -56,6 +56,7 @@ from pool.runtime.protocol import (
 from pool.runtime.results import ResultStore
 from pool.runtime.routing import TaskRouter
 from pool.runtime.rundir import RunDir
+from pool.runtime.steering import Steering
 from pool.runtime.taskqueue import Entry
 from pool.runtime.worker import WorkerConfig, worker_main
 
@@ -122,6 +123,8 @@ class WorkerHandle:
         self.reported_in_flight = 0
         # ... as of its last heartbeat (not lowered as tasks finish: autoscale's view)
         self.heartbeat_in_flight = 0
+        # Why the pool killed it to stop a task (steering): not a crash, nobody blamed.
+        self.stopped_by: str | None = None
 
     @property
     def state(self) -> str:
@@ -232,6 +235,10 @@ class Supervisor:
         self.router = TaskRouter(
             config.queue_size, config.max_async_tasks, config.max_task_failures, self._give_up
         )
+        self.router.wake = self.dispatch
+        self.steering = Steering(self)
+        self.router.dispatched = self.steering.dispatched
+        self.router.queue.aging = getattr(broker, "priority_aging", self.router.queue.aging)
         self.connections: set[ControlConnection] = set()
         self.journal = (Journal if config.journal else NullJournal)(run_dir.spool_file)
         # Kick frames taken from each producer connection, and those not yet confirmed
@@ -518,7 +525,7 @@ class Supervisor:
         """The pipe closed: the worker exited or is about to. Requeue what it held."""
         if handle.gone:
             return
-        crashed = handle.phase is not Phase.EXITED
+        crashed = handle.phase is not Phase.EXITED and handle.stopped_by is None
         retiring = handle.phase in (Phase.DRAINING, Phase.EXITED)
         handle.phase = Phase.GONE
         self.router.take_back(handle, crashed)
@@ -626,13 +633,7 @@ class Supervisor:
             self.accepted[conn] = self.accepted.get(conn, 0) + 1
             self.unconfirmed.add(conn)
             self._schedule_commit()
-        known = self.router.live.get(entry.task_id)
-        if known is not None:
-            known.producer = conn or known.producer
-            return
-        if entry.task_id in self.results.results:
-            if conn is not None:
-                self.results.subscribe(entry.task_id, conn)
+        if self.steering.joined(entry):  # already here, done, or a duplicate
             return
         if self.broker.find_task(entry.task_name) is None:
             from pool.extensions.errors import TaskNotFoundError
@@ -641,6 +642,7 @@ class Supervisor:
             reason = f"task {entry.task_name!r} is not registered in {self.config.app}"
             self._store_error(entry, TaskNotFoundError(reason=reason, task_name=entry.task_name))
             return
+        self.steering.declare(entry)  # the limits the app declares for it
         self.journal.accept(entry)
         was_empty = not self.router.queue
         self.router.enqueue(entry)
@@ -717,6 +719,9 @@ class Supervisor:
     def on_done(self, handle: WorkerHandle, frame: Done) -> None:
         """A worker acknowledged a delivery, with the task's result when it had one."""
         entry = self.router.acknowledge(handle, frame.delivery)
+        if self.steering.done(entry, frame):  # cancelled: its producer was answered
+            self.dispatch()
+            return
         if entry is not None:
             self.journal.settle(entry.task_id, frame.result)
             self._schedule_commit()
@@ -730,6 +735,8 @@ class Supervisor:
         if frame.outcome:
             name = entry.task_name if entry is not None else "unknown"
             self.count_finished(handle, name, frame.outcome == 2, frame.duration)
+        if entry is not None and entry.retry is not None:
+            self.steering.followed(entry)
         self.dispatch()
 
     def on_late_result(self, frame: LateResult) -> None:

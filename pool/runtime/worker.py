@@ -24,6 +24,7 @@ from typing import Any
 from pool.runtime.config import PoolConfig
 from pool.runtime.protocol import (
     Bye,
+    Cancel,
     Done,
     Drain,
     Finished,
@@ -155,6 +156,8 @@ class WorkerPipe(FrameProtocol):
             self.worker.deliver(frame)
         elif isinstance(frame, Drain):
             self.worker.begin_drain(frame.timeout)
+        elif isinstance(frame, Cancel):
+            self.worker.cancel(frame)
         else:
             logger.warning("ignoring an unexpected %s frame", type(frame).__name__)
 
@@ -269,6 +272,12 @@ class Worker:
         outcome, duration = self._outcomes.pop(task_id, _NOT_FINISHED)
         assert self.pipe is not None
         self.pipe.send(Done(delivery, task_id, self._stashed.pop(task_id, b""), outcome, duration))
+
+    def cancel(self, frame: Cancel) -> None:
+        """The supervisor cancelled a running delivery: once stopped, it is acknowledged."""
+        task = self.receiver.cancel(frame.delivery) if self.receiver is not None else None
+        if task is not None:
+            task.add_done_callback(lambda _: self.acknowledge(frame.delivery, frame.task_id))
 
     def save_result(self, task_id: str, payload: bytes) -> None:
         """Kept until the acknowledgement, which carries it; sent at once after it."""
