@@ -22,8 +22,8 @@ blocks on one worker: every wait has a deadline and ends in SIGKILL.
 from __future__ import annotations
 
 import asyncio
-import gc
 import enum
+import gc
 import logging
 import os
 import signal
