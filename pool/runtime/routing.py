@@ -134,7 +134,7 @@ class TaskRouter:
         """
         lost = list(handle.in_flight.items())
         handle.in_flight.clear()
-        for entry in lost:
+        for _, entry in lost:
             if entry.control is not None:
                 self.limits.release(entry)
         handle.exclusive = False
