@@ -1023,6 +1023,73 @@ async def test_a_small_result_reaches_its_waiting_handle_inside_the_notification
         await worker.shutdown()
 
 
+def counting_connection() -> tuple[type[Any], list[int]]:
+    """A redis-py connection class that counts the commands it sends (pipelined ones too)."""
+    import redis.asyncio
+
+    sent = [0]
+
+    class Counting(redis.asyncio.Connection):
+        def pack_command(self, *args: Any) -> list[bytes]:
+            sent[0] += 1
+            return super().pack_command(*args)
+
+    return Counting, sent
+
+
+async def test_waiting_producers_are_woken_by_notification_not_by_polling(
+    space: RedisSpace,
+) -> None:
+    from taskiq import AsyncTaskiqTask
+
+    prefix = space.name("r")
+    counting, sent = counting_connection()
+    waiter: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, prefix_str=prefix, connection_class=counting
+    )
+    setter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    n = 100
+    # taskiq's own handle (AsyncKicker.kiq) polls is_result_ready every 0.2 s; pool's waits
+    handles: list[AsyncTaskiqTask[Any]] = [AsyncTaskiqTask(f"plain-{i}", waiter) for i in range(n)]
+    handles += [PoolTask(f"pushed-{i}", waiter) for i in range(n)]
+    try:
+        waits = [asyncio.create_task(h.wait_result(timeout=30)) for h in handles]
+        pushed = [h.task_id for h in handles[n:]]
+        await until(lambda: subscribed(waiter, *pushed), 10, "the waiters subscribed")
+        notifier = waiter._notifier
+        assert notifier is not None
+        await until(lambda: len(notifier.missing) == n, 10, "the plain handles' first check")
+        before = sent[0]
+        await asyncio.sleep(2.0)  # the window in which commands are counted
+        assert sent[0] - before == 0, f"{sent[0] - before} commands from {2 * n} idle waiters"
+        for handle in handles:
+            await setter.set_result(handle.task_id, result_of(handle.task_id))
+        results = await asyncio.wait_for(asyncio.gather(*waits), 10)
+        assert [r.return_value for r in results] == [h.task_id for h in handles]
+    finally:
+        await waiter.shutdown()
+        await setter.shutdown()
+
+
+async def test_a_result_saved_without_a_notification_is_found_by_the_fallback_check(
+    space: RedisSpace,
+) -> None:
+    """taskiq-redis's backend saves results without publishing: the batched re-check finds
+    them."""
+    prefix = space.name("r")
+    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    waiter.recheck_interval = 0.5
+    client = sync_client()
+    try:
+        waiting = asyncio.create_task(PoolTask("silent", waiter).wait_result(timeout=20))
+        await until(lambda: subscribed(waiter, "silent"), 10, "the waiter subscribed")
+        client.set(waiter.result_key("silent"), waiter._dump("silent", "result", result_of(5)))
+        assert (await asyncio.wait_for(waiting, 10)).return_value == 5
+    finally:
+        client.close()
+        await waiter.shutdown()
+
+
 async def test_keep_results_false_deletes_after_get(space: RedisSpace) -> None:
     backend: RedisResultBackend[Any] = RedisResultBackend(
         space.url, keep_results=False, prefix_str=space.name("r")
