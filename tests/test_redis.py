@@ -1090,6 +1090,20 @@ async def test_a_result_saved_without_a_notification_is_found_by_the_fallback_ch
         await waiter.shutdown()
 
 
+async def test_more_concurrent_commands_than_connections_wait_for_one(space: RedisSpace) -> None:
+    """redis-py fails a command with "Too many connections" when its pool is exhausted; pool's
+    clients wait for a free connection instead."""
+    backend: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, prefix_str=space.name("r"), max_connection_pool_size=2
+    )
+    try:
+        await backend.set_result("t", result_of(1))
+        results = await asyncio.gather(*(backend.get_result("t") for _ in range(200)))
+        assert [r.return_value for r in results] == [1] * 200
+    finally:
+        await backend.shutdown()
+
+
 async def test_keep_results_false_deletes_after_get(space: RedisSpace) -> None:
     backend: RedisResultBackend[Any] = RedisResultBackend(
         space.url, keep_results=False, prefix_str=space.name("r")

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage, TaskiqResult
 from taskiq.exceptions import BrokerError, ListenError, SendTaskError, TaskiqError
@@ -178,6 +178,48 @@ def keep_inherited(obj: Any) -> None:
     _INHERITED.append(obj)
 
 
+class _WaitingPool(aioredis.ConnectionPool):
+    """redis-py's connection pool, except that a command that finds all ``max_connections``
+    busy waits for one to be released, instead of failing with "Too many connections"
+    (thousands of producers waiting at once must not fail). redis-py's
+    ``BlockingConnectionPool`` does that too, but costs every command a lock and a timeout."""
+
+    # how long a command waits for a free connection (seconds)
+    wait_timeout = 20.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        while True:
+            try:
+                return await super().get_connection(*args, **kwargs)
+            except MaxConnectionsError:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+            freed: asyncio.Future[None] = loop.create_future()
+            self._queue.append(freed)
+            try:
+                await asyncio.wait_for(freed, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if not freed.done():
+                    freed.cancel()
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        while self._queue:
+            freed = self._queue.popleft()
+            if not freed.done():
+                freed.set_result(None)
+                break
+
+
 class LoopClient:
     """One ``redis.asyncio`` client per process and event loop, created on first use.
 
@@ -216,13 +258,10 @@ class LoopClient:
                 self.on_create(client)
         return client
 
-    def _pool(self) -> aioredis.BlockingConnectionPool:
-        """A pool whose commands wait for a free connection when all ``max_connections``
-        (redis-py's default: 100) are busy, instead of failing with "Too many connections"
-        (thousands of producers waiting at once must not fail)."""
+    def _pool(self) -> aioredis.ConnectionPool:
         kwargs = dict(self.kwargs)
-        kwargs.setdefault("timeout", kwargs.get("socket_timeout") or 20.0)
-        return aioredis.BlockingConnectionPool.from_url(self.url, **kwargs)
+        kwargs.setdefault("max_connections", 100)  # redis-py's default
+        return _WaitingPool.from_url(self.url, **kwargs)
 
     async def close(self) -> None:
         """Close the client of this process and event loop, if there is one."""
@@ -526,6 +565,15 @@ class RedisStreamBroker(AsyncBroker):
     def _client(self) -> aioredis.Redis:
         return self._redis.get()
 
+    async def _run(self, client: aioredis.Redis, name: str, keys: list[str], *args: Any) -> Any:
+        """Run a script by its hash (redis-py's ``Script`` call costs more than the command
+        itself); a Redis that lost its script cache (restarted) is given the script again."""
+        script = self._scripts[name]
+        try:
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await script(keys=keys, args=list(args), client=client)
+
     async def check_connection(self) -> None:
         """PING Redis and check its version; an error naming the URL when either fails."""
         where = safe_url(self.url)
@@ -565,12 +613,9 @@ class RedisStreamBroker(AsyncBroker):
             client = self._client()
             if delay > 0:
                 member = uuid.uuid4().hex.encode() + b"|" + message.message
-                args: list[Any] = [cap, repr(delay), member]
-                added = await self._scripts["schedule"](keys=keys, args=args, client=client)
+                added = await self._run(client, "schedule", keys, cap, repr(delay), member)
             elif cap:
-                added = await self._scripts["add"](
-                    keys=keys, args=[cap, message.message], client=client
-                )
+                added = await self._run(client, "add", keys, cap, message.message)
             else:
                 added = await client.xadd(queue, {b"data": message.message})
         except (RedisError, OSError) as exc:
