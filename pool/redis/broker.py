@@ -25,6 +25,13 @@ Where pool goes beyond taskiq-redis:
   consumer died running it) is a poison message: it gets a
   :class:`~pool.extensions.errors.WorkerCrashedError` result through the result backend and
   is dropped, instead of killing workers forever;
+- nothing is ever trimmed from the stream (taskiq-redis: ``XADD MAXLEN ~``, which drops tasks
+  that never ran): ``maxlen`` caps the tasks of a queue not yet acknowledged (waiting, running
+  or delayed), and at the cap ``kick`` raises :class:`RedisQueueFullError`; ``approximate`` is
+  accepted and ignored;
+- a message whose result the result backend could not save (pool's
+  :class:`~pool.redis.RedisResultBackend` marks it) is given back to the stream instead of
+  acknowledged, and is no longer kept alive, so the task runs again;
 - ``consumer_id`` defaults to ``"0"`` (taskiq-redis: ``"$"``), so tasks sent before the first
   worker created the group are not skipped;
 - ``kiq`` returns a handle whose ``wait_result`` is woken by the result backend's push
@@ -483,7 +490,8 @@ class RedisStreamBroker(AsyncBroker):
     ``xread_block`` and ``idle_timeout`` are milliseconds, as in taskiq-redis.
     ``consumer_name`` must be unique per listening process (leave it ``None`` for forked
     workers: it is then ``<host>-<pid>-<random>``, chosen when ``listen()`` starts).
-    ``max_deliveries`` is pool's poison rule (see the module docstring). A ``queue_name``
+    ``max_deliveries`` is pool's poison rule, ``maxlen`` (``None``: no cap) the most tasks
+    a queue holds before ``kiq`` is refused (see the module docstring). A ``queue_name``
     label sends that task to another stream, as taskiq-redis does. Other keyword arguments go
     to ``redis.asyncio.Redis.from_url``; connections are opened lazily, one client per process
     and event loop, so a forked worker never uses its parent's sockets.
