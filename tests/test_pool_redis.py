@@ -5,11 +5,13 @@ Two pools on one Redis stand in for two machines.
 
 from __future__ import annotations
 
+import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from taskiq.exceptions import SendTaskError
 
 from pool import AsyncKicker
 from tests.pool_support import RunningPool, wait_for
@@ -42,6 +44,15 @@ def producer(space: RedisSpace, url: str | None = None) -> Any:
 
 async def send(broker: Any, task: str, count: int, *args: Any) -> list[Any]:
     return [await AsyncKicker(task, broker, {}).kiq(*args) for _ in range(count)]
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (on the event loop, bounded) until ``predicate()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 def state_of(space: RedisSpace, url: str | None = None) -> Any:
@@ -124,6 +135,56 @@ async def test_the_pool_survives_a_redis_restart(space: RedisSpace) -> None:
             wait_for(lambda: running.stats()["totals"]["tasks_done"] >= 40, 10, "40 counted")
             await broker.shutdown()
     finally:
+        private.close()
+
+
+async def test_no_task_is_lost_when_redis_goes_away_while_tasks_run(space: RedisSpace) -> None:
+    """Redis (appendonly yes) stops for a second, twice, while tasks are sent and run: every
+    task accepted by ``kiq`` gets its result (results that could not be saved during the
+    outage are saved once Redis is back, or their task runs again)."""
+    import redis
+
+    private = PrivateRedis(persistent=True)
+    private.start()
+    client = redis.Redis.from_url(private.url, socket_timeout=5)
+    try:
+        with redis_pool(space, workers=2, url=private.url):
+            broker = producer(space, private.url)
+            await broker.startup()
+            sent: list[str] = []
+            sending = True
+
+            async def send() -> None:
+                while sending:
+                    try:
+                        sent.append((await AsyncKicker("whoami", broker, {}).kiq(0.3)).task_id)
+                    except SendTaskError:
+                        await asyncio.sleep(0.05)  # refused while Redis is down: not accepted
+                    await asyncio.sleep(0.005)
+
+            sender = asyncio.create_task(send())
+            for _ in range(2):
+                await until(lambda n=len(sent): len(sent) >= n + 100, 30, "tasks sent")
+                await asyncio.to_thread(private.stop)
+                await asyncio.sleep(1.0)  # the outage
+                await asyncio.to_thread(private.start)
+            await until(lambda n=len(sent): len(sent) >= n + 100, 30, "tasks sent after")
+            sending = False
+            await sender
+            key = space.name("queue") + ":result:"
+
+            def missing() -> list[str]:
+                return [t for t in sent if not client.exists(key + t)]
+
+            try:
+                wait_for(lambda: not missing(), 60, "every result")
+            except AssertionError:
+                pass
+            lost = missing()
+            assert not lost, f"{len(lost)} of {len(sent)} accepted tasks never got a result"
+            await broker.shutdown()
+    finally:
+        client.close()
         private.close()
 
 

@@ -58,6 +58,7 @@ from tests.redis_support import (
 redis = pytest.importorskip("redis")
 
 from pool.redis import (  # noqa: E402
+    RedisQueueFullError,
     RedisResultBackend,
     RedisScheduleSource,
     RedisSendTaskError,
@@ -429,32 +430,107 @@ async def test_acknowledge_types(
             await gen.aclose()
 
 
-async def test_when_saved_a_result_that_cannot_be_saved_leaves_the_message_pending(
-    space: RedisSpace,
-) -> None:
-    class Broken(RedisResultBackend[Any]):
-        async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
-            raise ConnectionError("result store down")
+@pytest.fixture
+def stopped_redis() -> Iterator[PrivateRedis]:
+    """A private Redis that is not running: every command to it fails."""
+    server = PrivateRedis()
+    try:
+        yield server
+    finally:
+        server.close()
 
-    queue = space.name("q")
-    broker = RedisStreamBroker(space.url, queue_name=queue).with_result_backend(
-        Broken(space.url, prefix_str=space.name("r"))
+
+def broker_with_results_in(space: RedisSpace, results_url: str, **kwargs: Any) -> RedisStreamBroker:
+    """A broker on this test's stream whose results go to ``results_url``, giving up on a
+    failing save after 0.3 s (instead of 30 s)."""
+    broker = RedisStreamBroker(space.url, queue_name=space.name("q"), **kwargs)
+    backend: RedisResultBackend[Any] = RedisResultBackend(
+        results_url, prefix_str=space.name("r"), save_timeout=0.3, socket_connect_timeout=0.2
     )
+    return broker.with_result_backend(backend)
 
-    @broker.task
-    async def one() -> int:
-        return 1
 
+async def test_a_task_whose_result_could_not_be_saved_runs_again(
+    space: RedisSpace, stopped_redis: PrivateRedis
+) -> None:
+    """taskiq's receiver (as under ``pool run``) acknowledges a message even when its result
+    could not be saved; the broker gives it back instead, so the task runs again."""
+    queue = space.name("q")
+    broker = broker_with_results_in(space, stopped_redis.url)
+    runs = 0
+
+    @broker.task(task_name="saved-late")
+    async def job() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    receiver = Receiver(broker, max_async_tasks=10)
     async with broker:
         gen = broker.listen()
         try:
-            await one.kiq()
-            raw = await next_message(gen)
-            with pytest.raises(ConnectionError):
-                await Receiver(broker, max_async_tasks=10).callback(raw, raise_err=True)
-            assert pending_count(queue) == 1  # left for redelivery
+            handle = await job.kiq()
+            await receiver.callback(await next_message(gen))  # the result store is down
+            assert runs == 1
+            again = await next_message(gen, timeout=10)  # given back at once
+            assert broker.formatter.loads(again.data).task_id == handle.task_id
+            stopped_redis.start()
+            await receiver.callback(again)
+            assert runs == 2
+            assert pending_count(queue) == 0 and stream_len(queue) == 0
+            result = await broker.result_backend.get_result(handle.task_id)
+            assert result.return_value == 2
         finally:
             await gen.aclose()
+
+
+async def test_a_message_whose_result_could_not_be_saved_is_no_longer_kept_alive(
+    space: RedisSpace, stopped_redis: PrivateRedis
+) -> None:
+    """A receiver that raises instead of acknowledging (``raise_err=True``): the consumer
+    stops refreshing the entry, so another consumer takes it over after the idle timeout."""
+    a = broker_with_results_in(space, stopped_redis.url, consumer_name="a", idle_timeout=500)
+    b = RedisStreamBroker(
+        space.url, queue_name=space.name("q"), consumer_name="b", idle_timeout=500
+    )
+
+    @a.task(task_name="unsaved")
+    async def job() -> None: ...
+
+    async with a:
+        gen = a.listen()
+        try:
+            handle = await job.kiq()
+            raw = await next_message(gen)
+            with pytest.raises(ResultSetError):
+                await Receiver(a, max_async_tasks=10).callback(raw, raise_err=True)
+            async with Collector(b) as collector:
+                _, taken = await collector.get(timeout=10)  # would be kept alive forever
+                assert a.formatter.loads(taken.data).task_id == handle.task_id
+                await ack(taken)
+            assert pending_count(space.name("q")) == 0
+        finally:
+            await gen.aclose()
+            await b.shutdown()
+
+
+async def test_set_result_waits_out_a_redis_restart() -> None:
+    server = PrivateRedis(persistent=True)
+    server.start()
+    backend: RedisResultBackend[Any] = RedisResultBackend(server.url, prefix_str="r")
+    try:
+        await backend.set_result("before", result_of(0))
+        server.stop()
+        saving = asyncio.create_task(backend.set_result("t", result_of("kept")))
+        await asyncio.sleep(0.5)  # the save fails and is retried meanwhile
+        assert not saving.done()
+        server.start()
+        await asyncio.wait_for(saving, 20)
+        assert (await backend.get_result("t")).return_value == "kept"
+        assert not backend.has_unsaved()
+    finally:
+        await backend.shutdown()
+        server.close()
 
 
 # --------------------------------------------------------------------------- broker
@@ -613,21 +689,84 @@ async def test_queue_name_label_sends_to_another_stream(space: RedisSpace) -> No
         await broker.shutdown()
 
 
-async def test_stream_is_capped(space: RedisSpace) -> None:
+async def test_at_the_cap_kiq_is_refused_and_no_accepted_task_is_dropped(
+    space: RedisSpace,
+) -> None:
     queue = space.name("q")
-    exact = space.name("exact")
-    broker = RedisStreamBroker(space.url, queue_name=queue, maxlen=100)
-    strict = RedisStreamBroker(space.url, queue_name=exact, maxlen=100, approximate=False)
+    broker = make_broker(space, maxlen=100)
+
+    @broker.task(task_name="capped")
+    async def capped(i: int) -> None: ...
+
+    sent: list[str] = []
+    refused: list[BaseException] = []
     try:
-        for i in range(1000):
-            await broker.kick(message(str(i).encode()))
-            await strict.kick(message(str(i).encode()))
-        length = stream_len(queue)
-        assert 100 <= length < 300, length  # MAXLEN ~ trims whole nodes
-        assert stream_len(exact) == 100
+        for i in range(300):
+            try:
+                sent.append((await capped.kiq(i)).task_id)
+            except SendTaskError as exc:
+                refused.append(exc)
+        with pytest.raises(SendTaskError, match="maxlen"):  # a delayed task counts as well
+            await capped.kicker().with_labels(delay=60).kiq(0)
+        client = sync_client()
+        try:
+            kept = [json.loads(f[b"data"])["task_id"] for _, f in client.xrange(queue)]
+        finally:
+            client.close()
+        assert kept == sent, f"{len(sent) - len(kept)} accepted task(s) dropped"
+        assert (len(sent), len(refused)) == (100, 200)
+        error = refused[0]
+        assert isinstance(error, RedisQueueFullError)
+        assert "maxlen=100" in str(error) and "maxlen=N" in str(error) and queue in str(error)
+
+        # tasks that are done make room
+        async with Collector(broker) as collector:
+            for _ in range(10):
+                await ack((await collector.get())[1])
+        for i in range(10):
+            await capped.kiq(i)
+        with pytest.raises(RedisQueueFullError):
+            await capped.kiq(0)
+        assert stream_len(queue) == 100
     finally:
         await broker.shutdown()
-        await strict.shutdown()
+
+
+async def test_without_a_cap_every_task_stays(space: RedisSpace) -> None:
+    broker = make_broker(space, maxlen=None)
+    try:
+        for i in range(300):
+            await broker.kick(message(str(i).encode()))
+        assert stream_len(space.name("q")) == 300
+    finally:
+        await broker.shutdown()
+
+
+async def test_at_the_cap_entries_every_group_acknowledged_are_trimmed(space: RedisSpace) -> None:
+    """Consumers that XACK without XDEL (taskiq-redis's) leave acknowledged entries in the
+    stream: at the cap they are trimmed, the unacknowledged ones never are."""
+    queue = space.name("q")
+    broker = make_broker(space, maxlen=10)
+    client = sync_client()
+    try:
+        client.xgroup_create(queue, "theirs", id="0", mkstream=True)
+        client.xgroup_create(queue, "other", id="0")
+        for i in range(10):
+            await broker.kick(message(f"m{i}".encode()))
+        read = client.xreadgroup("theirs", "c", {queue: ">"}, count=6)[0][1]
+        client.xack(queue, "theirs", *[eid for eid, _ in read])
+        with pytest.raises(RedisQueueFullError):  # group "other" has acknowledged nothing
+            await broker.kick(message(b"m10"))
+        read = client.xreadgroup("other", "c", {queue: ">"}, count=4)[0][1]
+        client.xack(queue, "other", *[eid for eid, _ in read])
+        await broker.kick(message(b"m10"))  # m0..m3 acknowledged by both groups: trimmed
+        kept = [f[b"data"] for _, f in client.xrange(queue)]
+        assert kept == [f"m{i}".encode() for i in range(4, 11)]
+        pending = client.xpending(queue, "theirs")
+        assert pending["pending"] == 0 and len(kept) == 7
+    finally:
+        client.close()
+        await broker.shutdown()
 
 
 def test_constructor_checks_its_arguments() -> None:
@@ -816,18 +955,9 @@ async def test_wait_ready_is_woken_by_pubsub(space: RedisSpace) -> None:
     waiter.recheck_interval = 5.0
     setter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
     tid = uuid.uuid4().hex
-    checks = 0
-    original = waiter.is_result_ready
-
-    async def counted(task_id: str) -> bool:
-        nonlocal checks
-        checks += 1
-        return await original(task_id)
-
-    waiter.is_result_ready = counted  # type: ignore[method-assign]
     try:
         task = asyncio.create_task(waiter.wait_ready(tid, timeout=20))
-        await until(lambda: checks >= 1, 10, "the waiter's first read")  # subscribed by then
+        await until(lambda: subscribed(waiter, tid), 10, "the waiter subscribed")
         saved = time.monotonic()
         await setter.set_result(tid, result_of("done"))
         await asyncio.wait_for(task, 10)
@@ -842,6 +972,17 @@ async def test_wait_ready_is_woken_by_pubsub(space: RedisSpace) -> None:
     finally:
         await waiter.shutdown()
         await setter.shutdown()
+
+
+def subscribed(backend: RedisResultBackend[Any], *task_ids: str) -> bool:
+    """The backend's subscription is confirmed, its first checks done, and each task awaited."""
+    notifier = backend._notifier
+    return (
+        notifier is not None
+        and notifier.subscribed.is_set()
+        and not notifier.to_check
+        and all(task_id in notifier.waiters for task_id in task_ids)
+    )
 
 
 async def test_a_small_result_reaches_its_waiting_handle_inside_the_notification(
@@ -880,6 +1021,87 @@ async def test_a_small_result_reaches_its_waiting_handle_inside_the_notification
     finally:
         await producer.shutdown()
         await worker.shutdown()
+
+
+def counting_connection() -> tuple[type[Any], list[int]]:
+    """A redis-py connection class that counts the commands it sends (pipelined ones too)."""
+    import redis.asyncio
+
+    sent = [0]
+
+    class Counting(redis.asyncio.Connection):
+        def pack_command(self, *args: Any) -> list[bytes]:
+            sent[0] += 1
+            return super().pack_command(*args)
+
+    return Counting, sent
+
+
+async def test_waiting_producers_are_woken_by_notification_not_by_polling(
+    space: RedisSpace,
+) -> None:
+    from taskiq import AsyncTaskiqTask
+
+    prefix = space.name("r")
+    counting, sent = counting_connection()
+    waiter: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, prefix_str=prefix, connection_class=counting
+    )
+    setter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    n = 100
+    # taskiq's own handle (AsyncKicker.kiq) polls is_result_ready every 0.2 s; pool's waits
+    handles: list[AsyncTaskiqTask[Any]] = [AsyncTaskiqTask(f"plain-{i}", waiter) for i in range(n)]
+    handles += [PoolTask(f"pushed-{i}", waiter) for i in range(n)]
+    try:
+        waits = [asyncio.create_task(h.wait_result(timeout=30)) for h in handles]
+        pushed = [h.task_id for h in handles[n:]]
+        await until(lambda: subscribed(waiter, *pushed), 10, "the waiters subscribed")
+        notifier = waiter._notifier
+        assert notifier is not None
+        await until(lambda: len(notifier.missing) == n, 10, "the plain handles' first check")
+        before = sent[0]
+        await asyncio.sleep(2.0)  # the window in which commands are counted
+        assert sent[0] - before == 0, f"{sent[0] - before} commands from {2 * n} idle waiters"
+        for handle in handles:
+            await setter.set_result(handle.task_id, result_of(handle.task_id))
+        results = await asyncio.wait_for(asyncio.gather(*waits), 10)
+        assert [r.return_value for r in results] == [h.task_id for h in handles]
+    finally:
+        await waiter.shutdown()
+        await setter.shutdown()
+
+
+async def test_a_result_saved_without_a_notification_is_found_by_the_fallback_check(
+    space: RedisSpace,
+) -> None:
+    """taskiq-redis's backend saves results without publishing: the batched re-check finds
+    them."""
+    prefix = space.name("r")
+    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    waiter.recheck_interval = 0.5
+    client = sync_client()
+    try:
+        waiting = asyncio.create_task(PoolTask("silent", waiter).wait_result(timeout=20))
+        await until(lambda: subscribed(waiter, "silent"), 10, "the waiter subscribed")
+        client.set(waiter.result_key("silent"), waiter._dump("silent", "result", result_of(5)))
+        assert (await asyncio.wait_for(waiting, 10)).return_value == 5
+    finally:
+        client.close()
+        await waiter.shutdown()
+
+
+async def test_more_concurrent_commands_than_connections_wait_for_one(space: RedisSpace) -> None:
+    """redis-py fails a command with "Too many connections" when its pool is exhausted; pool's
+    clients wait for a free connection instead."""
+    backend: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, prefix_str=space.name("r"), max_connection_pool_size=2
+    )
+    try:
+        await backend.set_result("t", result_of(1))
+        results = await asyncio.gather(*(backend.get_result("t") for _ in range(200)))
+        assert [r.return_value for r in results] == [1] * 200
+    finally:
+        await backend.shutdown()
 
 
 async def test_keep_results_false_deletes_after_get(space: RedisSpace) -> None:

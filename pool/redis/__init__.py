@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from pool.redis.broker import (
     PoolRedisError,
     RedisListenError,
+    RedisQueueFullError,
     RedisSendTaskError,
     RedisStreamBroker,
     RedisVersionError,
@@ -39,6 +40,7 @@ __all__ = [
     "PoolRedisError",
     "RedisAsyncResultBackend",
     "RedisListenError",
+    "RedisQueueFullError",
     "RedisResultBackend",
     "RedisResultGetError",
     "RedisResultIsReadyError",

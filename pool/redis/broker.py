@@ -25,6 +25,13 @@ Where pool goes beyond taskiq-redis:
   consumer died running it) is a poison message: it gets a
   :class:`~pool.extensions.errors.WorkerCrashedError` result through the result backend and
   is dropped, instead of killing workers forever;
+- nothing is ever trimmed from the stream (taskiq-redis: ``XADD MAXLEN ~``, which drops tasks
+  that never ran): ``maxlen`` caps the tasks of a queue not yet acknowledged (waiting, running
+  or delayed), and at the cap ``kick`` raises :class:`RedisQueueFullError`; ``approximate`` is
+  accepted and ignored;
+- a message whose result the result backend could not save (pool's
+  :class:`~pool.redis.RedisResultBackend` marks it) is given back to the stream instead of
+  acknowledged, and is no longer kept alive, so the task runs again;
 - ``consumer_id`` defaults to ``"0"`` (taskiq-redis: ``"$"``), so tasks sent before the first
   worker created the group are not skipped;
 - ``kiq`` returns a handle whose ``wait_result`` is woken by the result backend's push
@@ -51,7 +58,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage, TaskiqResult
 from taskiq.exceptions import BrokerError, ListenError, SendTaskError, TaskiqError
@@ -87,6 +94,10 @@ class PoolRedisError(TaskiqError):
 
 class RedisSendTaskError(PoolRedisError, SendTaskError):
     """A task could not be sent: Redis is unreachable or refused it, or a label is invalid."""
+
+
+class RedisQueueFullError(RedisSendTaskError):
+    """The queue holds ``maxlen`` tasks not yet acknowledged: the task was not sent."""
 
 
 class RedisListenError(PoolRedisError, ListenError):
@@ -174,6 +185,48 @@ def keep_inherited(obj: Any) -> None:
     _INHERITED.append(obj)
 
 
+class _WaitingPool(aioredis.ConnectionPool):
+    """redis-py's connection pool, except that a command that finds all ``max_connections``
+    busy waits for one to be released, instead of failing with "Too many connections"
+    (thousands of producers waiting at once must not fail). redis-py's
+    ``BlockingConnectionPool`` does that too, but costs every command a lock and a timeout."""
+
+    # how long a command waits for a free connection (seconds)
+    wait_timeout = 20.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        while True:
+            try:
+                return await super().get_connection(*args, **kwargs)
+            except MaxConnectionsError:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+            freed: asyncio.Future[None] = loop.create_future()
+            self._queue.append(freed)
+            try:
+                await asyncio.wait_for(freed, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if not freed.done():
+                    freed.cancel()
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        while self._queue:
+            freed = self._queue.popleft()
+            if not freed.done():
+                freed.set_result(None)
+                break
+
+
 class LoopClient:
     """One ``redis.asyncio`` client per process and event loop, created on first use.
 
@@ -207,10 +260,15 @@ class LoopClient:
         if client is None:
             for stale in [other for other in self._clients if other.is_closed()]:
                 del self._clients[stale]  # its loop is gone, and its sockets with it
-            client = self._clients[loop] = aioredis.Redis.from_url(self.url, **self.kwargs)
+            client = self._clients[loop] = aioredis.Redis.from_pool(self._pool())
             if self.on_create is not None:
                 self.on_create(client)
         return client
+
+    def _pool(self) -> aioredis.ConnectionPool:
+        kwargs = dict(self.kwargs)
+        kwargs.setdefault("max_connections", 100)  # redis-py's default
+        return _WaitingPool.from_url(self.url, **kwargs)
 
     async def close(self) -> None:
         """Close the client of this process and event loop, if there is one."""
@@ -228,29 +286,95 @@ class LoopClient:
 
 
 # --------------------------------------------------------------------------- Lua scripts
-# Move due delayed messages into the stream. Members are "<unique id>|<message bytes>".
-# ARGV: maxlen, batch size, trim mode ('~' approximate, '=' exact).
+# Nothing is ever trimmed from the stream: an entry leaves it when it is acknowledged (XACK +
+# XDEL). The cap (ARGV[1], 0: none) counts the tasks of a queue not yet acknowledged: the
+# stream's entries (waiting or running) plus its delayed messages (KEYS[2]). At the cap, entries
+# every consumer group acknowledged but did not delete (consumers that XACK without XDEL, as
+# taskiq-redis's do) are trimmed first; a send that still finds the queue full is refused.
+_CAP = """
+local function size()
+  return redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+end
+
+local function parse(id)
+  local sep = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, sep - 1)), tonumber(string.sub(id, sep + 1))
+end
+
+local function lower(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+
+-- the lowest id some group has not acknowledged yet: every entry below it is acknowledged
+local function acknowledged_below()
+  local floor = nil
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, last
+    for i = 1, #group, 2 do
+      if group[i] == 'name' then name = group[i + 1] end
+      if group[i] == 'last-delivered-id' then last = group[i + 1] end
+    end
+    local first = redis.call('XPENDING', KEYS[1], name)[2]
+    if not first then
+      local ms, seq = parse(last)
+      first = ms .. '-' .. (seq + 1)
+    end
+    if floor == nil or lower(first, floor) then floor = first end
+  end
+  return floor
+end
+
+local function full(cap)
+  if cap <= 0 or size() < cap then return false end
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    local floor = acknowledged_below()
+    if floor then redis.call('XTRIM', KEYS[1], 'MINID', floor) end
+  end
+  return size() >= cap
+end
+"""
+
+# Add a message to the stream unless its queue is full. ARGV: cap, message bytes.
+_ADD = (
+    _CAP
+    + """
+if full(tonumber(ARGV[1])) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
+return 1
+"""
+)
+
+# Schedule a delayed message by the Redis server's clock (no skew between machines), unless
+# its queue is full. KEYS: stream, delayed set. ARGV: cap, delay (seconds), member.
+_SCHEDULE = (
+    _CAP
+    + """
+if full(tonumber(ARGV[1])) then return 0 end
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+redis.call('ZADD', KEYS[2], t + tonumber(ARGV[2]), ARGV[3])
+return 1
+"""
+)
+
+# Move due delayed messages into the stream. Members are "<unique id>|<message bytes>". They
+# were accepted when they were scheduled: they are moved even when the stream is at its cap
+# (the count of the queue's tasks does not change).
+# ARGV: batch size.
 _MOVE_DUE = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, member in ipairs(due) do
   local sep = string.find(member, '|', 1, true)
   if sep then
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], ARGV[1], '*', 'data',
-               string.sub(member, sep + 1))
+    redis.call('XADD', KEYS[2], '*', 'data', string.sub(member, sep + 1))
   end
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
-"""
-
-# Schedule a delayed message by the Redis server's clock (no skew between machines).
-_SCHEDULE = """
-local now = redis.call('TIME')
-local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
-redis.call('ZADD', KEYS[1], t + tonumber(ARGV[1]), ARGV[2])
-return 1
 """
 
 # Refresh the idle time of entries this consumer still owns; return those it lost.
@@ -324,14 +448,22 @@ def _as_bytes(value: bytes | str) -> bytes:
 class _Held:
     """The entries one listener owns in the group: read or claimed, not yet acknowledged.
 
-    ``waiting`` are those not yet handed to the receiver. The keep-alive refreshes all of
-    them; an entry lost to another consumer (or to a restarted Redis) is forgotten here and,
-    if it was still waiting, never handed out.
+    ``waiting`` are those not yet handed to the receiver, ``handed`` (their data) those
+    handed out. The keep-alive refreshes all of them; an entry lost to another consumer (or to
+    a restarted Redis) is forgotten here and, if it was still waiting, never handed out.
+    ``released`` are handed-out entries whose result could not be saved: no longer kept alive,
+    and given back instead of acknowledged if the receiver still acknowledges them.
     """
 
     def __init__(self) -> None:
         self.ids: set[bytes] = set()
         self.waiting: deque[_Entry] = deque()
+        self.handed: dict[bytes, bytes] = {}
+        self.released: set[bytes] = set()
+
+    def forget(self, entry_id: bytes) -> None:
+        self.ids.discard(entry_id)
+        self.handed.pop(entry_id, None)
 
     def add(self, batch: list[_Entry]) -> None:
         self.ids.update(eid for eid, _ in batch)
@@ -358,7 +490,8 @@ class RedisStreamBroker(AsyncBroker):
     ``xread_block`` and ``idle_timeout`` are milliseconds, as in taskiq-redis.
     ``consumer_name`` must be unique per listening process (leave it ``None`` for forked
     workers: it is then ``<host>-<pid>-<random>``, chosen when ``listen()`` starts).
-    ``max_deliveries`` is pool's poison rule (see the module docstring). A ``queue_name``
+    ``max_deliveries`` is pool's poison rule, ``maxlen`` (``None``: no cap) the most tasks
+    a queue holds before ``kiq`` is refused (see the module docstring). A ``queue_name``
     label sends that task to another stream, as taskiq-redis does. Other keyword arguments go
     to ``redis.asyncio.Redis.from_url``; connections are opened lazily, one client per process
     and event loop, so a forked worker never uses its parent's sockets.
@@ -415,6 +548,8 @@ class RedisStreamBroker(AsyncBroker):
         # how often a listener refreshes the idle time of the entries it holds
         self.keepalive_interval = max(idle / 3, 0.05)
         self.delayed_interval = 0.5
+        # how long a message whose result could not be saved is offered back to the stream
+        self.give_back_timeout = 30.0
         if max_connection_pool_size is not None:
             connection_kwargs.setdefault("max_connections", max_connection_pool_size)
         self._redis = LoopClient(
@@ -427,6 +562,7 @@ class RedisStreamBroker(AsyncBroker):
     # ----------------------------------------------------------------- connection
     def _register_scripts(self, client: aioredis.Redis) -> None:
         self._scripts = {
+            "add": client.register_script(_ADD),
             "move_due": client.register_script(_MOVE_DUE),
             "schedule": client.register_script(_SCHEDULE),
             "keepalive": client.register_script(_KEEPALIVE),
@@ -436,6 +572,15 @@ class RedisStreamBroker(AsyncBroker):
 
     def _client(self) -> aioredis.Redis:
         return self._redis.get()
+
+    async def _run(self, client: aioredis.Redis, name: str, keys: list[str], *args: Any) -> Any:
+        """Run a script by its hash (redis-py's ``Script`` call costs more than the command
+        itself); a Redis that lost its script cache (restarted) is given the script again."""
+        script = self._scripts[name]
+        try:
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await script(keys=keys, args=list(args), client=client)
 
     async def check_connection(self) -> None:
         """PING Redis and check its version; an error naming the URL when either fails."""
@@ -466,28 +611,33 @@ class RedisStreamBroker(AsyncBroker):
 
     # ----------------------------------------------------------------- sending
     async def kick(self, message: BrokerMessage) -> None:
-        """Add the message to the stream, or to the delayed set when it has a ``delay``."""
+        """Add the message to the stream, or to the delayed set when it has a ``delay``;
+        :class:`RedisQueueFullError` when the queue holds ``maxlen`` tasks already."""
         delay = _delay_of(message)
         queue = message.labels.get("queue_name") or self.queue_name
+        keys = [queue, f"{queue}:delayed"]
+        cap = self.maxlen or 0
         try:
             client = self._client()
             if delay > 0:
                 member = uuid.uuid4().hex.encode() + b"|" + message.message
-                await self._scripts["schedule"](
-                    keys=[f"{queue}:delayed"], args=[repr(delay), member], client=client
-                )
+                added = await self._run(client, "schedule", keys, cap, repr(delay), member)
+            elif cap:
+                added = await self._run(client, "add", keys, cap, message.message)
             else:
-                await client.xadd(
-                    queue,
-                    {b"data": message.message},
-                    maxlen=self.maxlen,
-                    approximate=self.approximate,
-                )
+                added = await client.xadd(queue, {b"data": message.message})
         except (RedisError, OSError) as exc:
             raise RedisSendTaskError(
                 reason=f"cannot send task {message.task_name!r} to Redis at "
                 f"{safe_url(self.url)}: {type(exc).__name__}: {exc}"
             ) from exc
+        if not added:
+            raise RedisQueueFullError(
+                reason=f"cannot send task {message.task_name!r}: queue {queue!r} is full, "
+                f"{cap} tasks are waiting, running or delayed (RedisStreamBroker "
+                f"maxlen={cap}); nothing was sent. Retry later, add workers, or raise the cap "
+                f"with RedisStreamBroker(..., maxlen=N) (maxlen=None: no cap)"
+            )
 
     # ----------------------------------------------------------------- receiving
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
@@ -594,12 +744,10 @@ class RedisStreamBroker(AsyncBroker):
                 raise
 
     async def _move_due(self, client: aioredis.Redis) -> None:
-        maxlen = self.maxlen if self.maxlen is not None else 2**62
-        trim = "~" if self.approximate else "="
         while True:
             moved = await self._scripts["move_due"](
                 keys=[f"{self.queue_name}:delayed", self.queue_name],
-                args=[maxlen, _DELAYED_BATCH, trim],
+                args=[_DELAYED_BATCH],
                 client=client,
             )
             if int(moved) < _DELAYED_BATCH:
@@ -671,6 +819,9 @@ class RedisStreamBroker(AsyncBroker):
                 await self.result_backend.set_result(message.task_id, result)
             except Exception:
                 logger.exception("cannot save the error result of task %s", message.task_id)
+                take_unsaved = getattr(self.result_backend, "take_unsaved", None)
+                if take_unsaved is not None:
+                    take_unsaved(message.task_id)
                 return  # stays pending: tried again at the next claim
         await self._ack(entry_id)
 
@@ -702,17 +853,82 @@ class RedisStreamBroker(AsyncBroker):
                 "dropping stream entry %s of %r: it has no 'data' field",
                 entry_id.decode(errors="replace"), self.queue_name,
             )  # fmt: skip
-            held.ids.discard(entry_id)
+            held.forget(entry_id)
             await self._ack(entry_id)
             return None
 
+        held.handed[entry_id] = data
+
         async def ack() -> None:
             try:
-                await self._ack(entry_id)
+                if entry_id in held.released or self._result_unsaved(data):
+                    await self._give_back(entry_id)
+                else:
+                    await self._ack(entry_id)
             finally:
-                held.ids.discard(entry_id)
+                held.forget(entry_id)
+                held.released.discard(entry_id)
 
         return AckableMessage(data=data, ack=ack)
+
+    def _result_unsaved(self, data: bytes) -> bool:
+        """True if the result backend could not save the result of this message's task (with
+        ``--ack-type when_saved``, taskiq's receiver acknowledges it all the same)."""
+        backend = self.result_backend
+        has_unsaved = getattr(backend, "has_unsaved", None)
+        if has_unsaved is None or not has_unsaved():
+            return False
+        try:
+            task_id = self.formatter.loads(data).task_id
+        except Exception:
+            return False
+        return bool(backend.take_unsaved(task_id))  # type: ignore[attr-defined]
+
+    def _release_unsaved(self, held: _Held) -> None:
+        """Stop keeping alive the handed-out entries whose result could not be saved, so they
+        are delivered again even if the receiver never acknowledges them (taskiq's receiver
+        with ``raise_err=True``)."""
+        for entry_id, data in list(held.handed.items()):
+            if self._result_unsaved(data):
+                logger.warning(
+                    "the result of stream entry %s could not be saved; it is no longer kept "
+                    "alive and is delivered again after the idle timeout",
+                    entry_id.decode(errors="replace"),
+                )  # fmt: skip
+                held.forget(entry_id)
+                held.released.add(entry_id)
+
+    async def _give_back(self, entry_id: bytes) -> None:
+        """The result of this entry could not be saved: put a copy at the end of the stream
+        (and drop this one) so that the task runs again; retried with backoff for
+        ``give_back_timeout`` seconds, then left pending, to be taken over after
+        ``idle_timeout`` (it is no longer kept alive)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.give_back_timeout
+        backoff = 0.05
+        while True:
+            try:
+                await self._scripts["requeue"](
+                    keys=[self.queue_name],
+                    args=[self.consumer_group_name, entry_id],
+                    client=self._client(),
+                )
+                logger.warning(
+                    "the result of stream entry %s could not be saved: the message is "
+                    "delivered again",
+                    entry_id.decode(errors="replace"),
+                )  # fmt: skip
+                return
+            except (RedisError, OSError) as exc:
+                if loop.time() + backoff > deadline:
+                    logger.error(
+                        "the result of stream entry %s could not be saved, nor the message "
+                        "given back (%s); it is delivered again after the idle timeout",
+                        entry_id.decode(errors="replace"), exc,
+                    )  # fmt: skip
+                    return
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, 2.0)
 
     async def _ack(self, entry_id: bytes) -> None:
         """``XACK`` then ``XDEL``, retried briefly; if it still fails the entry stays pending
@@ -744,9 +960,11 @@ class RedisStreamBroker(AsyncBroker):
         )  # fmt: skip
 
     async def _keepalive(self, consumer: str, held: _Held) -> None:
-        """Keep the entries this consumer holds from looking abandoned."""
+        """Keep the entries this consumer holds from looking abandoned, except those whose
+        result could not be saved."""
         while True:
             await asyncio.sleep(self.keepalive_interval)
+            self._release_unsaved(held)
             if not held.ids:
                 continue
             ids = list(held.ids)
@@ -765,7 +983,7 @@ class RedisStreamBroker(AsyncBroker):
                                 "another consumer, or Redis lost it)",
                                 eid.decode(errors="replace"), consumer,
                             )  # fmt: skip
-                            held.ids.discard(eid)
+                            held.forget(eid)
                 raise_if_cancelled()
             except asyncio.CancelledError:
                 raise

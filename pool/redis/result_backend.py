@@ -21,7 +21,12 @@ Where pool differs:
   :mod:`pool.extensions.handles`, used by the handles that pool's brokers return from ``kiq``.
   Each backend (per process and event loop) keeps one subscription, started by the first
   wait; every waiting process receives every notification, fine for many thousands of
-  results a second.
+  results a second. A handle of taskiq's own (``AsyncKicker(...).kiq()``) polls
+  ``is_result_ready``; between notifications that is answered from memory, not from Redis;
+- the awaited keys are looked up in Redis in pipelined batches, when a wait starts, after each
+  (re)subscription and every ``recheck_interval`` seconds (a missed notification);
+- ``set_result`` retries a failing Redis for ``save_timeout`` seconds, then marks the task
+  unsaved so that pool's stream broker delivers its message again instead of acknowledging it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections import OrderedDict
 from typing import Any, TypeVar
 
@@ -44,6 +50,7 @@ from pool.redis.broker import (
     LoopClient,
     PoolRedisError,
     client_kwargs,
+    is_transient,
     keep_inherited,
     raise_if_cancelled,
     safe_url,
@@ -58,6 +65,9 @@ INLINE_LIMIT = 4096
 PROGRESS_KEY_SUFFIX = "__progress"  # taskiq-redis's
 _SEP = b"\x00"
 _INLINE_KEPT = 10_000
+_MISSING_KEPT = 100_000
+_UNSAVED_KEPT = 10_000
+_CHECK_BATCH = 1000
 
 
 class RedisResultSetError(PoolRedisError, ResultSetError):
@@ -74,7 +84,8 @@ class RedisResultIsReadyError(PoolRedisError, ResultIsReadyError):
 
 
 class _Notifier:
-    """The subscription of one backend in one process and event loop, and its waiters."""
+    """The subscription of one backend in one process and event loop, its waiters, and the
+    batched existence checks that stand in for notifications missed or never sent."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -84,6 +95,15 @@ class _Notifier:
         self.inline: OrderedDict[str, bytes] = OrderedDict()
         self.subscribed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.checker: asyncio.Task[None] | None = None
+        # task ids to look up in Redis, with the futures of the is_result_ready calls asking
+        self.to_check: dict[str, list[asyncio.Future[bool]]] = {}
+        self.check_wanted = asyncio.Event()
+        self.checking: set[str] = set()
+        self.notified_while_checking: set[str] = set()
+        # task ids found missing while subscribed (loop time of the check): until a
+        # notification names them they are not ready, and is_result_ready needs no Redis
+        self.missing: OrderedDict[str, float] = OrderedDict()
 
     def register(self, task_id: str) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self.loop.create_future()
@@ -97,22 +117,57 @@ class _Notifier:
             if not futures:
                 del self.waiters[task_id]
 
-    def deliver(self, task_id: str, blob: bytes) -> None:
-        """A notification that carried the result itself."""
-        if task_id in self.waiters:
+    def check(self, task_id: str, answer: asyncio.Future[bool] | None = None) -> None:
+        """Have the checker look ``task_id`` up in Redis (soon, batched with the others)."""
+        answers = self.to_check.setdefault(task_id, [])
+        if answer is not None:
+            answers.append(answer)
+        self.check_wanted.set()
+
+    def check_all(self) -> None:
+        """Look up every awaited task (after a (re)subscription, and as the fallback)."""
+        for task_id in self.waiters:
+            self.to_check.setdefault(task_id, [])
+        if self.to_check:
+            self.check_wanted.set()
+
+    def notified(self, task_id: str, blob: bytes | None) -> None:
+        """A notification: the result of ``task_id`` is saved (``blob``: the result itself)."""
+        polled = self.missing.pop(task_id, None) is not None
+        if task_id in self.checking:
+            self.notified_while_checking.add(task_id)
+        if blob is not None and (polled or task_id in self.waiters):
             self.inline[task_id] = blob
             while len(self.inline) > _INLINE_KEPT:
                 self.inline.popitem(last=False)
-        self.wake(task_id)
+        self.ready(task_id)
 
-    def wake(self, task_id: str) -> None:
+    def ready(self, task_id: str) -> None:
         for future in self.waiters.get(task_id, ()):
             if not future.done():
                 future.set_result(None)
 
-    def wake_all(self) -> None:
-        for task_id in list(self.waiters):
-            self.wake(task_id)
+    def lost(self) -> None:
+        """The subscription is gone: notifications may be missed until it is back."""
+        self.subscribed.clear()
+        self.missing.clear()
+
+    def known_missing(self, task_id: str, fresh: float) -> bool:
+        """True if a check made while subscribed found no result for ``task_id`` less than
+        ``fresh`` seconds ago, and no notification named it since."""
+        checked = self.missing.get(task_id)
+        if checked is None or not self.subscribed.is_set():
+            return False
+        if self.loop.time() - checked > fresh:
+            del self.missing[task_id]
+            return False
+        return True
+
+    def found_missing(self, task_id: str, when: float) -> None:
+        self.missing[task_id] = when
+        self.missing.move_to_end(task_id)
+        while len(self.missing) > _MISSING_KEPT:
+            self.missing.popitem(last=False)
 
 
 class RedisResultBackend(AsyncResultBackend[_ReturnType]):
@@ -120,10 +175,16 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
     ``prefix_str`` is ``None``), with an optional time to live; with ``keep_results=False`` a
     result (and its progress) is deleted once it has been read. Other keyword arguments go to
     ``redis.asyncio.Redis.from_url``; connections are opened lazily, per process and event loop.
+
+    ``set_result`` retries a Redis failure (a restart, a lost connection) with backoff for up
+    to ``save_timeout`` seconds. If the result still cannot be saved, the task is marked
+    unsaved (:meth:`take_unsaved`): pool's :class:`~pool.redis.RedisStreamBroker` then gives
+    its message back instead of acknowledging it, so the task runs again.
     """
 
-    # how often a waiter reads the key again in case a notification was lost (seconds)
-    recheck_interval = 1.0
+    # How often the results awaited in this process are looked up in Redis, in one batch, in
+    # case a notification was missed (or never sent: taskiq-redis's backend does not publish).
+    recheck_interval = 10.0
 
     def __init__(
         self,
@@ -134,6 +195,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         max_connection_pool_size: int | None = None,
         serializer: TaskiqSerializer | None = None,
         prefix_str: str | None = "pool:result",
+        save_timeout: float = 30.0,
         **connection_kwargs: Any,
     ) -> None:
         if result_ex_time is not None and result_px_time is not None:
@@ -141,6 +203,9 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         for name, value in (("result_ex_time", result_ex_time), ("result_px_time", result_px_time)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if save_timeout < 0:
+            raise ValueError(f"save_timeout must not be negative, got {save_timeout!r}")
+        self.save_timeout = save_timeout
         self.redis_url = redis_url
         self.keep_results = keep_results
         self.result_ex_time = result_ex_time
@@ -153,6 +218,8 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         # pub/sub reads wait at most 1 s at a time
         self._redis = LoopClient(redis_url, client_kwargs(connection_kwargs, 1.0, retry=True))
         self._notifier: _Notifier | None = None
+        # tasks whose result could not be saved, until their broker takes them (bounded)
+        self._unsaved: OrderedDict[str, None] = OrderedDict()
 
     # ----------------------------------------------------------------- keys
     def result_key(self, task_id: str) -> str:
@@ -180,12 +247,13 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         notifier = self._here()
         if notifier is not None:
             self._notifier = None
-            if notifier.task is not None:
-                notifier.task.cancel()
-                try:
-                    await notifier.task
-                except BaseException:
-                    pass
+            for task in (notifier.task, notifier.checker):
+                if task is not None:
+                    task.cancel()
+                    try:
+                        await task
+                    except BaseException:
+                        pass
         await self._redis.close()
         await super().shutdown()
 
@@ -202,26 +270,62 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
 
     # ----------------------------------------------------------------- results
     async def set_result(self, task_id: str, result: TaskiqResult[_ReturnType]) -> None:
-        """Store the result, then announce it (with the result inside when it is small)."""
+        """Store the result, then announce it (with the result inside when it is small).
+
+        A Redis failure that waiting may cure is retried with backoff for up to
+        ``save_timeout`` seconds; then the task is marked unsaved and the error raised."""
         blob = self._dump(task_id, "result", result)
         inline = self.keep_results and len(blob) <= INLINE_LIMIT
-        try:
-            async with self._client().pipeline(transaction=True) as pipe:
-                pipe.set(self.result_key(task_id), blob, **self._expiry())
-                pipe.publish(self.channel, task_id.encode() + _SEP + blob if inline else task_id)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise RedisResultSetError(
-                reason=f"cannot save the result of task {task_id} to {self._where()}: {exc}"
-            ) from exc
+        note = task_id.encode() + _SEP + blob if inline else task_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.save_timeout
+        backoff = 0.05
+        while True:
+            try:
+                async with self._client().pipeline(transaction=True) as pipe:
+                    pipe.set(self.result_key(task_id), blob, **self._expiry())
+                    pipe.publish(self.channel, note)
+                    await pipe.execute()
+                return
+            except (RedisError, OSError) as exc:
+                left = deadline - loop.time()
+                if not is_transient(exc) or left <= 0:
+                    self._mark_unsaved(task_id)
+                    raise RedisResultSetError(
+                        reason=f"cannot save the result of task {task_id} to {self._where()}: {exc}"
+                    ) from exc
+                logger.warning(
+                    "saving the result of task %s to %s failed (%s); retrying for %.0f s more",
+                    task_id, self._where(), exc, left,
+                )  # fmt: skip
+                await asyncio.sleep(min(backoff * random.uniform(0.8, 1.2), left))
+                backoff = min(backoff * 2, 2.0)
+
+    def _mark_unsaved(self, task_id: str) -> None:
+        self._unsaved[task_id] = None
+        while len(self._unsaved) > _UNSAVED_KEPT:
+            self._unsaved.popitem(last=False)
+
+    def has_unsaved(self) -> bool:
+        """True if the result of some task run in this process could not be saved."""
+        return bool(self._unsaved)
+
+    def take_unsaved(self, task_id: str) -> bool:
+        """True (once) if the result of ``task_id`` could not be saved: its message must be
+        delivered again rather than acknowledged."""
+        return self._unsaved.pop(task_id, 0) is None
 
     async def is_result_ready(self, task_id: str) -> bool:
-        try:
-            return bool(await self._client().exists(self.result_key(task_id)))
-        except (RedisError, OSError) as exc:
-            raise RedisResultIsReadyError(
-                reason=f"cannot check the result of task {task_id} in {self._where()}: {exc}"
-            ) from exc
+        """Whether the result is stored. Answered without asking Redis when a check made while
+        subscribed found it missing less than ``recheck_interval`` ago and no notification
+        named it since, so a handle polling this (taskiq's ``wait_result``) costs Redis
+        nothing between notifications; concurrent calls share one pipelined round trip."""
+        notifier = self._ensure_notifier()
+        if notifier.known_missing(task_id, self.recheck_interval):
+            return False
+        answer: asyncio.Future[bool] = notifier.loop.create_future()
+        notifier.check(task_id, answer)
+        return await answer
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[_ReturnType]:
         notifier = self._here()
@@ -277,45 +381,20 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         """Return once the result of ``task_id`` is stored; ``TaskiqResultTimeoutError`` after
         ``timeout`` seconds (``None``: no limit).
 
-        Woken by the notification of ``set_result``; the key is read once the subscription is
-        up (so a result saved just before is not missed) and again every
-        ``recheck_interval`` seconds (a notification lost while resubscribing). Redis errors
-        while waiting are logged and waited out until the timeout.
+        The waiter sleeps until the notification of ``set_result`` wakes it. The key is looked
+        up once when the wait starts, again for every waiter once the subscription is
+        confirmed (a result saved in between), and every ``recheck_interval`` seconds, in
+        batches shared by every waiter of this process. Redis errors while waiting are
+        logged and waited out until the timeout.
         """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         notifier = self._ensure_notifier()
         notifier.inline.pop(task_id, None)  # left by an earlier wait that never read it
         future = notifier.register(task_id)
         try:
-            if not notifier.subscribed.is_set():
-                # results saved before the subscription is up would only be seen by the
-                # re-check: wait for it (briefly) first
-                limit = 2.0 if deadline is None else max(0.0, min(2.0, deadline - loop.time()))
-                try:
-                    await asyncio.wait_for(notifier.subscribed.wait(), limit)
-                except asyncio.TimeoutError:
-                    pass
-            failing = False
-            while task_id not in notifier.inline:
-                try:
-                    if await self.is_result_ready(task_id):
-                        return
-                    failing = False
-                except RedisResultIsReadyError as exc:
-                    if not failing:
-                        logger.warning("waiting for task %s: %s", task_id, exc)
-                    failing = True
-                raise_if_cancelled()
-                wait = self.recheck_interval
-                if deadline is not None:
-                    wait = min(wait, deadline - loop.time())
-                    if wait <= 0:
-                        raise TaskiqResultTimeoutError(timeout=timeout)
-                await asyncio.wait({future}, timeout=wait)
-                if future.done():
-                    notifier.unregister(task_id, future)
-                    future = notifier.register(task_id)
+            notifier.check(task_id)
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+            if not done:
+                raise TaskiqResultTimeoutError(timeout=timeout)
         finally:
             notifier.unregister(task_id, future)
 
@@ -329,7 +408,72 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             notifier.task = asyncio.create_task(
                 self._subscribe(notifier), name=f"pool-redis-results:{self.channel}"
             )
+        if notifier.checker is None or notifier.checker.done():
+            notifier.checker = asyncio.create_task(
+                self._check(notifier), name=f"pool-redis-checks:{self.channel}"
+            )
         return notifier
+
+    async def _check(self, notifier: _Notifier) -> None:
+        """Look up the requested task ids in batches; every ``recheck_interval``, all of them."""
+        loop = notifier.loop
+        backoff = 0.1
+        next_sweep = loop.time() + self.recheck_interval
+        while True:
+            if not notifier.to_check:
+                try:
+                    await asyncio.wait_for(
+                        notifier.check_wanted.wait(), max(0.0, next_sweep - loop.time())
+                    )
+                except asyncio.TimeoutError:
+                    pass
+            notifier.check_wanted.clear()
+            if loop.time() >= next_sweep:
+                notifier.check_all()
+                next_sweep = loop.time() + self.recheck_interval
+            batch = list(notifier.to_check)[:_CHECK_BATCH]
+            if not batch:
+                continue
+            subscribed = notifier.subscribed.is_set()
+            started = loop.time()
+            notifier.checking = set(batch)
+            notifier.notified_while_checking = set()
+            try:
+                async with self._client().pipeline(transaction=False) as pipe:
+                    for task_id in batch:
+                        pipe.exists(self.result_key(task_id))
+                    found = await pipe.execute()
+                raise_if_cancelled()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = RedisResultIsReadyError(
+                    reason=f"cannot check the results of {len(batch)} task(s) in "
+                    f"{self._where()}: {exc}"
+                )
+                for task_id in batch:
+                    for answer in notifier.to_check.pop(task_id, []):
+                        if not answer.done():
+                            answer.set_exception(error)
+                    if task_id in notifier.waiters:
+                        notifier.to_check.setdefault(task_id, [])  # waiters keep waiting
+                if notifier.to_check:
+                    logger.warning("%s; retrying in %.1f s", error, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                continue
+            finally:
+                notifier.checking = set()
+            backoff = 0.1
+            for task_id, exists in zip(batch, found, strict=True):
+                ready = bool(exists)
+                if not ready and subscribed and task_id not in notifier.notified_while_checking:
+                    notifier.found_missing(task_id, started)
+                for answer in notifier.to_check.pop(task_id, []):
+                    if not answer.done():
+                        answer.set_result(ready)
+                if ready:
+                    notifier.ready(task_id)
 
     async def _subscribe(self, notifier: _Notifier) -> None:
         backoff = 0.1
@@ -340,7 +484,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 await pubsub.subscribe(self.channel)
                 await self._confirmed(pubsub)
                 notifier.subscribed.set()
-                notifier.wake_all()  # anything saved while we were not subscribed
+                notifier.check_all()  # anything saved while we were not subscribed
                 if backoff > 0.1:
                     logger.warning("result notifications from %s are back", self._where())
                 backoff = 0.1
@@ -348,8 +492,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                notifier.subscribed.clear()
-                notifier.wake_all()  # waiters read the key again; they keep waiting
+                notifier.lost()
                 logger.warning(
                     "result notifications from %s lost (%s: %s); resubscribing in %.1f s",
                     self._where(), type(exc).__name__, exc, backoff,
@@ -382,11 +525,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             data = message.get("data")
             data = data if isinstance(data, bytes) else str(data).encode()
             raw_id, sep, blob = data.partition(_SEP)
-            task_id = raw_id.decode()
-            if sep:
-                notifier.deliver(task_id, blob)
-            else:
-                notifier.wake(task_id)
+            notifier.notified(raw_id.decode(), blob if sep else None)
 
     # ----------------------------------------------------------------- progress
     async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
