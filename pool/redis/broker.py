@@ -318,8 +318,8 @@ local function acknowledged_below()
     end
     local first = redis.call('XPENDING', KEYS[1], name)[2]
     if not first then
-      local ms, seq = parse(last)
-      first = ms .. '-' .. (seq + 1)
+      local sep = string.find(last, '-', 1, true)
+      first = string.sub(last, 1, sep - 1) .. '-' .. (tonumber(string.sub(last, sep + 1)) + 1)
     end
     if floor == nil or lower(first, floor) then floor = first end
   end
