@@ -201,6 +201,24 @@ def test_a_dedup_key_queued_or_running_is_not_queued_again() -> None:
         assert not pool.mark_path("started-second").exists()
 
 
+def test_cancelling_a_duplicate_leaves_the_task_it_joined_running() -> None:
+    from pool import TaskCancelledError
+
+    async def body(broker: Any) -> tuple[Any, Any, Any]:
+        kick = task(broker, "sleep_then_mark").with_labels(dedup_key="once")
+        first = await kick.kiq("first", 0.5)
+        second = await kick.kiq("second", 0.5)
+        answer = await second.cancel()
+        results = [await h.wait_result(timeout=10) for h in (first, second)]
+        return answer, *results
+
+    with control_pool() as pool:
+        answer, first, second = asyncio.run(with_broker(pool, body))
+        assert answer.cancelled
+        assert first.return_value == "first"
+        assert isinstance(second.error, TaskCancelledError)
+
+
 def test_a_finished_task_id_sent_again_runs_again_with_dedup_off() -> None:
     async def once(broker: Any, labels: dict[str, Any]) -> Any:
         kick = task(broker, "started_at").with_task_id("again").with_labels(**labels)
