@@ -201,6 +201,24 @@ def test_a_dedup_key_queued_or_running_is_not_queued_again() -> None:
         assert not pool.mark_path("started-second").exists()
 
 
+def test_cancelling_a_duplicate_leaves_the_task_it_joined_running() -> None:
+    from pool import TaskCancelledError
+
+    async def body(broker: Any) -> tuple[Any, Any, Any]:
+        kick = task(broker, "sleep_then_mark").with_labels(dedup_key="once")
+        first = await kick.kiq("first", 0.5)
+        second = await kick.kiq("second", 0.5)
+        answer = await second.cancel()
+        results = [await h.wait_result(timeout=10) for h in (first, second)]
+        return answer, *results
+
+    with control_pool() as pool:
+        answer, first, second = asyncio.run(with_broker(pool, body))
+        assert answer.cancelled
+        assert first.return_value == "first"
+        assert isinstance(second.error, TaskCancelledError)
+
+
 def test_a_finished_task_id_sent_again_runs_again_with_dedup_off() -> None:
     async def once(broker: Any, labels: dict[str, Any]) -> Any:
         kick = task(broker, "started_at").with_task_id("again").with_labels(**labels)
@@ -409,3 +427,49 @@ def test_a_rate_limit_per_key_holds_over_five_seconds_and_other_keys_go_on() -> 
             assert eleventh - first >= 1 - TOLERANCE
         assert a[-1] - a[0] >= 4 - TOLERANCE  # five windows of ten
         assert b[-1] - b[0] < 1  # b has a limit of its own
+
+
+# ------------------------------------------------------------------ the parts, alone
+def test_the_queue_serves_redelivered_then_by_priority_with_aging() -> None:
+    from pool.runtime.taskqueue import Entry, TaskQueue
+
+    queue = TaskQueue(100, aging=10.0)
+    for name, priority in (("a", 0), ("b", 2), ("c", 0), ("d", 1)):
+        queue.put(Entry(name, "t", b"", control={"priority": priority} if priority else None))
+    queue.put_front(Entry("again", "t", b""))
+    gone = Entry("gone", "t", b"", control={"priority": 9})
+    queue.put(gone)
+    assert queue.remove(gone)
+    assert [queue.pop().task_id for _ in range(5)] == ["again", "b", "d", "a", "c"]
+    old = Entry("old", "t", b"")
+    queue.put(old)
+    old.rank -= 30  # it waited 30 s: three levels at 10 s a level
+    queue.put(Entry("two", "t", b"", control={"priority": 2}))
+    queue.put(Entry("four", "t", b"", control={"priority": 4}))
+    assert [queue.pop().task_id for _ in range(3)] == ["four", "old", "two"]
+    assert not queue
+
+
+def test_taskcontrol_reads_the_labels_and_refuses_bad_ones() -> None:
+    from taskiq import BrokerMessage
+
+    from pool.runtime.taskcontrol import control_of, parse_eta, parse_rate
+
+    def message(**labels: Any) -> BrokerMessage:
+        return BrokerMessage(task_id="1", task_name="t", message=b"{}", labels=labels)
+
+    assert control_of(message()) is None
+    assert control_of(message(other="x")) is None
+    control = control_of(message(delay="2", priority="3", dedup_key="k", timeout="1.5"))
+    assert control is not None
+    assert control["eta"] > time.time() + 1.9
+    assert (control["priority"], control["dedup"], control["timeout"]) == (3, "t:k", 1.5)
+    assert parse_rate("10/s") == (10, 1.0)
+    assert parse_rate("100/5m") == (100, 300.0)
+    assert parse_rate(7) == (7, 1.0)
+    assert parse_eta("1970-01-01T00:01:00") == 60.0
+    for bad in ("ten/s", "0/s", "5/0s"):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+    with pytest.raises(ValueError):
+        control_of(message(concurrency="0"))

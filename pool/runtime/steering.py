@@ -141,6 +141,8 @@ class Steering:
         sup = self.sup
         entry = sup.router.live.get(task_id)
         if entry is None:
+            if self._drop_duplicate(task_id):
+                return _reply(True, "queued", f"task {task_id} (a duplicate) was cancelled")
             if task_id in sup.results.results:
                 return _reply(False, "finished", f"task {task_id} already finished")
             return _reply(False, "unknown", f"no task {task_id} is queued or running here")
@@ -167,6 +169,21 @@ class Steering:
             )
         logger.info("task %s (%s) cancelled while running", task_id, entry.task_name)
         return _reply(True, "running", f"task {task_id} was cancelled while it ran")
+
+    def _drop_duplicate(self, task_id: str) -> bool:
+        """Cancel a duplicate (a dedup key) waiting for another task's result: it no longer
+        waits, and the task it joined goes on."""
+        from pool.extensions.errors import TaskCancelledError
+
+        for first, aliases in self.sup.results.aliases.items():
+            for alias in aliases:
+                if alias[0] == task_id:
+                    aliases.remove(alias)
+                    duplicate = Entry(task_id, "", b"", producer=alias[1])
+                    reason = f"task {task_id} (a duplicate of {first}) was cancelled"
+                    self.sup._store_error(duplicate, TaskCancelledError(reason=reason))
+                    return True
+        return False
 
     def _stopped_or_replace(self, handle: WorkerHandle, delivery: int, entry: Entry) -> None:
         if handle.in_flight.get(delivery) is entry and not handle.gone:

@@ -29,6 +29,7 @@ The supervisor turns ``limit`` and the limits declared on the app's broker into
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import inspect
 import itertools
@@ -154,7 +155,7 @@ def _limit_label(message: BrokerMessage, broker: Any) -> dict[str, Any]:
         "rate": labels.get("rate_limit") or None,
         "key": labels.get("limit_key") or None,
     }
-    Limit(spec["concurrency"], spec["rate"], spec["key"])
+    _checked(spec["concurrency"], spec["rate"], spec["key"])
     if spec["key"]:
         try:
             spec["value"] = _Sent(message.message, labels).value_of(
@@ -163,6 +164,20 @@ def _limit_label(message: BrokerMessage, broker: Any) -> dict[str, Any]:
         except ValueError:
             pass
     return spec
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked(concurrency: int | None, rate: str | None, key: str | None) -> Limit:
+    return Limit(concurrency, rate, key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _wired(limit: Limit, task_name: str, value: Any) -> list[Any]:
+    key = limit.scope or task_name
+    if limit.key:
+        key += f"[{limit.key}={value}]"
+    count, period = parse_rate(limit.rate) if limit.rate is not None else (0, 0.0)
+    return [key, int(limit.concurrency or 0), count, period]
 
 
 def limits_of(broker: Any, entry: Entry) -> list[list[Any]]:
@@ -175,7 +190,7 @@ def limits_of(broker: Any, entry: Entry) -> list[list[Any]]:
     sent = _Sent(entry.payload, None)
     wire = [wire_limit(limit, entry.task_name, sent, broker) for limit in declared]
     if spec:
-        limit = Limit(spec.get("concurrency"), spec.get("rate"), spec.get("key"))
+        limit = _checked(spec.get("concurrency"), spec.get("rate"), spec.get("key"))
         wire.append(wire_limit(limit, entry.task_name, sent, broker, spec.get("value")))
     return wire
 
@@ -184,13 +199,12 @@ def wire_limit(
     limit: Limit, task_name: str, sent: _Sent, broker: Any = None, value: Any = None
 ) -> list[Any]:
     """A limit as ``[key, concurrency or 0, rate count or 0, rate period or 0]``."""
-    key = limit.scope or task_name
-    if limit.key:
-        if value is None:
-            value = sent.value_of(limit.key, task_name, broker)
-        key += f"[{limit.key}={value}]"
-    count, period = parse_rate(limit.rate) if limit.rate is not None else (0, 0.0)
-    return [key, int(limit.concurrency or 0), count, period]
+    if limit.key and value is None:
+        value = sent.value_of(limit.key, task_name, broker)
+    try:
+        return _wired(limit, task_name, value)
+    except TypeError:  # a value that cannot be hashed: the same key, uncached
+        return _wired.__wrapped__(limit, task_name, value)
 
 
 class _Sent:
