@@ -24,6 +24,8 @@ _OWN: dict[str, str] = {
     "PoolUnavailableError": "pool.extensions.errors",
     "TaskNotFoundError": "pool.extensions.errors",
     "MessageTooLargeError": "pool.extensions.errors",
+    # ``async for event in pool.events(run_dir)``: the pool's task and worker events
+    "events": "pool.runtime.events",
 }
 
 # taskiq's public names beyond ``taskiq.__all__``, by the module that defines them
@@ -180,4 +182,5 @@ if TYPE_CHECKING:
     )
     from pool.extensions.inmemory import InMemoryBroker
     from pool.extensions.pool_broker import PoolBroker, PoolResultBackend
+    from pool.runtime.events import events
     from shared_state import TaskiqState

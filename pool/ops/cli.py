@@ -1,4 +1,4 @@
-"""``python -m pool``: run, stats, scale, scheduler, demo."""
+"""``python -m pool``: run, stats, scale, health, events, scheduler, demo."""
 
 from __future__ import annotations
 
@@ -426,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument("--run-dir", default=None, help="run directory of the pool")
 
+    from pool.ops.observe_cli import add_observe_commands
+
+    add_observe_commands(commands)
+
     from pool.ops.scheduler_cli import DESCRIPTION, HELP
 
     commands.add_parser(
@@ -465,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats": _cmd_stats,
         "scale": _cmd_scale,
         "demo": _cmd_demo,
+        "health": _cmd_observe,
+        "events": _cmd_observe,
     }[args.command]
     return int(handler(args))
 
@@ -586,6 +592,12 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     else:
         print(f"{reply['workers']} worker(s) ready")
     return 0
+
+
+def _cmd_observe(args: argparse.Namespace) -> int:
+    from pool.ops.observe_cli import run_command
+
+    return run_command(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

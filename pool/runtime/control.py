@@ -255,6 +255,9 @@ async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, An
             sup.set_target(count)
             ok, error = await sup.wait_for_target(float(request.get("timeout", 60)))
             reply = {"ok": ok, "error": error, "workers": sup.target}
+        elif cmd == "events":
+            sup.events.subscribe(conn, request.get("id"))
+            reply = {"ok": True}
         elif cmd == "ping":
             reply = {"ok": True, "pid": os.getpid()}
         else:

@@ -55,6 +55,7 @@ class HealthMonitor:
                 "worker %d (pid %d): %s; killing it", handle.slot, handle.pid, handle.startup_error
             )
             handle.started_at = now  # once: the kill below ends it
+            handle.killed = handle.startup_error
             handle.process.kill()
             return
         limit_mb = sup.config.max_memory_per_child
@@ -74,6 +75,7 @@ class HealthMonitor:
                 running,
             )
             handle.last_heartbeat = now  # once: the kill below ends it
+            handle.killed = f"no heartbeat for {silent:.1f} s"
             handle.process.kill()
 
     def autoscale(self, now: float) -> None:

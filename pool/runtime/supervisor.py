@@ -35,6 +35,7 @@ import psutil
 
 from pool.runtime.config import PoolConfig
 from pool.runtime.control import ControlConnection
+from pool.runtime.events import EventHub, log_exit
 from pool.runtime.health import HealthMonitor
 from pool.runtime.journal import Journal, NullJournal
 from pool.runtime.protocol import (
@@ -49,6 +50,7 @@ from pool.runtime.protocol import (
     Heartbeat,
     LateResult,
     Ready,
+    Request,
     SaveProgress,
     StartupFailed,
 )
@@ -116,6 +118,9 @@ class WorkerHandle:
         self.reported_in_flight = 0
         # ... as of its last heartbeat (not lowered as tasks finish: autoscale's view)
         self.heartbeat_in_flight = 0
+        # why it is draining, or why the supervisor killed it (for the log and the events)
+        self.drain_reason: str | None = None
+        self.killed: str | None = None
 
     @property
     def state(self) -> str:
@@ -186,6 +191,8 @@ class SupervisorPipe(FrameProtocol):
             handle.startup_error = frame.error
         elif isinstance(frame, Bye):
             handle.phase = Phase.EXITED
+        elif isinstance(frame, Request):
+            sup.events.from_worker(handle, frame.body)
         else:
             raise FrameError(f"unexpected {type(frame).__name__} frame")
 
@@ -238,6 +245,7 @@ class Supervisor:
         self.background: set[asyncio.Task[Any]] = set()
         self.server: asyncio.AbstractServer | None = None
         self.health = HealthMonitor(self)
+        self.events = EventHub(self)
         from pool.extensions.pool_broker import PoolBroker
 
         # the embedded broker: tasks queue here, so the queue's length is known
@@ -261,8 +269,12 @@ class Supervisor:
         os.chmod(self.run_dir.control_socket, 0o600)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGTTIN, self.scale_by, 1)
-        loop.add_signal_handler(signal.SIGTTOU, self.scale_by, -1)
+        from pool.runtime.signals import count_signals
+
+        count_signals(
+            loop,
+            {signal.SIGTTIN: lambda: self.scale_by(1), signal.SIGTTOU: lambda: self.scale_by(-1)},
+        )
         loop.add_signal_handler(signal.SIGHUP, self.rolling_restart)
         if self.config.metrics_port is not None:
             from pool.ops.metrics import PoolMetrics
@@ -270,7 +282,7 @@ class Supervisor:
             self.metrics = PoolMetrics(self.stats)
             addr = self.config.metrics_addr
             token = None if _is_loopback(addr) else self.run_dir.new_metrics_token()
-            port = self.metrics.serve(self.config.metrics_port, addr, token)
+            port = self.metrics.serve(self.config.metrics_port, addr, token, loop)
             self.metrics_url = f"http://{self.config.metrics_addr}:{port}/metrics"
             logger.info("metrics on %s", self.metrics_url)
         owed, results = self.journal.replay()
@@ -424,6 +436,7 @@ class Supervisor:
         self.ever_ready = True
         self.failed_starts = 0
         logger.info("worker %d ready (pid %d)", handle.slot, handle.pid)
+        self.events.worker_up(handle)
         if handle.phase is Phase.STARTING:
             handle.phase = Phase.READY
             if self.stopping:
@@ -437,7 +450,8 @@ class Supervisor:
         if handle.phase not in (Phase.STARTING, Phase.READY):
             return
         handle.phase = Phase.DRAINING
-        logger.info("worker %d (pid %d) drains: %s", handle.slot, handle.pid, reason)
+        handle.drain_reason = reason
+        logger.debug("worker %d (pid %d) drains: %s", handle.slot, handle.pid, reason)
         self._send_drain(handle)
         self.changed.set()
 
@@ -500,7 +514,8 @@ class Supervisor:
                 self.stop_requested.set()
                 self.stopping = True
         elif crashed and not self.stopping and not retiring:
-            logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
+            if handle.killed is None:  # else the supervisor said why it killed it
+                logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
             self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
             self.backoff_until = max(self.backoff_until, time.monotonic() + 0.05)
         self.spawn_task(self._reap(handle))
@@ -513,9 +528,11 @@ class Supervisor:
             await asyncio.sleep(0.02)
         if handle.process.is_alive():
             logger.warning("worker %d (pid %d) did not exit; killing it", handle.slot, handle.pid)
+            handle.killed = "it did not exit"
             handle.process.kill()
             await asyncio.get_running_loop().run_in_executor(None, handle.process.join, 5)
         handle.process.join(0)
+        self.events.worker_gone(handle, log_exit(handle))
         handle.exited.set()
         if self.workers.get(handle.slot) is handle:
             del self.workers[handle.slot]
@@ -591,6 +608,7 @@ class Supervisor:
             if conn is not None:
                 self.results.subscribe(entry.task_id, conn)
             return
+        self.events.task_received(entry.task_id, entry.task_name)
         if self.broker.find_task(entry.task_name) is None:
             from pool.extensions.errors import TaskNotFoundError
 
@@ -717,6 +735,7 @@ class Supervisor:
 
     def forget(self, conn: ControlConnection) -> None:
         self.connections.discard(conn)
+        self.events.forget(conn)
         self.router.forget(conn)
         self.accepted.pop(conn, None)
         self.unconfirmed.discard(conn)
