@@ -478,3 +478,32 @@ def test_without_subscribers_workers_send_no_events() -> None:
             events.wait("succeeded")
             assert len(events.of("started")) == 1
         running.stop()
+
+
+def test_started_events_carry_the_trace_of_taskiqs_opentelemetry_middleware() -> None:
+    pytest.importorskip("opentelemetry.semconv")
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+    from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
+
+    from pool.extensions.handles import PoolKicker
+
+    trace_id = 0x5EED_0000_0000_0000_0000_0000_0000_0001
+    parent = SpanContext(trace_id, 0x1234, is_remote=False, trace_flags=TraceFlags(1))
+    with RunningPool(workers=1, app="otel_app:broker") as running, Events(running) as events:
+
+        async def traced() -> Any:
+            broker = running.broker().with_middlewares(OpenTelemetryMiddleware())
+            await broker.startup()
+            try:
+                with trace.use_span(NonRecordingSpan(parent)):
+                    handle = await PoolKicker("otel_app:traced", broker, {}).kiq()
+                return await handle.wait_result(timeout=30)
+            finally:
+                await broker.shutdown()
+
+        in_task = run_sync(traced()).return_value
+        started = events.wait("started", task_name="otel_app:traced")[0]
+        assert started["trace_id"] == f"{trace_id:032x}" == in_task
+        assert len(started["span_id"]) == 16
+        running.stop()
