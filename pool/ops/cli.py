@@ -335,6 +335,21 @@ def _add_pool_options(group: Any, default: Any) -> None:
         help="address of the metrics endpoint (default: %(default)s, loopback only)",
     )
     group.add_argument(
+        "--dashboard-port",
+        type=_port,
+        default=default("dashboard_port"),
+        metavar="PORT",
+        help="serve the dashboard (workers, throughput, latency, failures, scaling) on this "
+        "port (0: any free port)",
+    )
+    group.add_argument(
+        "--dashboard-addr",
+        default=default("dashboard_addr"),
+        metavar="ADDR",
+        help="address of the dashboard (default: %(default)s; beyond loopback the page needs "
+        "?token=$(cat RUN_DIR/metrics.token))",
+    )
+    group.add_argument(
         "--state",
         default=default("state_url"),
         metavar="URL",
@@ -511,6 +526,8 @@ def run_config(args: argparse.Namespace) -> Any:
         startup_timeout=args.startup_timeout,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        dashboard_port=args.dashboard_port,
+        dashboard_addr=args.dashboard_addr,
         state_url=args.state,
         state_prefix=args.state_prefix,
         run_dir=args.run_dir,

@@ -255,6 +255,8 @@ class Supervisor:
             self.target = min(max(self.target, low), high)
         self.metrics: PoolMetrics | None = None
         self.metrics_url: str | None = None
+        self.dashboard: Any = None  # pool.ops.dashboard.Dashboard, with --dashboard-port
+        self.dashboard_url: str | None = None
 
     @property
     def queue(self) -> Any:
@@ -285,6 +287,12 @@ class Supervisor:
             port = self.metrics.serve(self.config.metrics_port, addr, token, loop)
             self.metrics_url = f"http://{self.config.metrics_addr}:{port}/metrics"
             logger.info("metrics on %s", self.metrics_url)
+        if self.config.dashboard_port is not None:
+            from pool.ops.dashboard import serve
+
+            self.dashboard = await serve(
+                self, self.config.dashboard_addr, self.config.dashboard_port
+            )
         owed, results = self.journal.replay()
         for task_id, payload in results.items():
             self.results.store(task_id, payload, None)
@@ -428,6 +436,8 @@ class Supervisor:
                 fds.append(sock.fileno())
         if self.metrics is not None and self.metrics._server is not None:
             fds.append(self.metrics._server.fileno())
+        if self.dashboard is not None:
+            fds.extend(self.dashboard.fds())
         return [fd for fd in fds if fd >= 0]
 
     def on_ready(self, handle: WorkerHandle) -> None:
