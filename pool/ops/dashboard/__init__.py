@@ -51,7 +51,8 @@ class _SSE:
         return self.writer.transport.get_write_buffer_size()
 
     def send(self, reply: Any) -> None:
-        self.writer.write(f"data: {json.dumps(reply.body['events'])}\n\n".encode())
+        if self.is_open:
+            self.writer.write(f"data: {json.dumps(reply.body['events'])}\n\n".encode())
 
 
 class Dashboard:
@@ -152,6 +153,8 @@ class Dashboard:
                 await asyncio.sleep(0.5)
                 writer.write(b": keep-alive\n\n")
                 await writer.drain()
+        except (ConnectionError, RuntimeError):  # the page went away (uvloop: RuntimeError)
+            pass
         finally:
             hub.forget(sse)  # type: ignore[arg-type]
 
