@@ -27,6 +27,8 @@ _OWN: dict[str, str] = {
     "TaskCancelledError": "pool.extensions.errors",
     "TaskTimeLimitError": "pool.extensions.errors",
     "Limit": "pool.runtime.taskcontrol",
+    # ``async for event in pool.events(run_dir)``: the pool's task and worker events
+    "events": "pool.runtime.events",
 }
 
 # taskiq's public names beyond ``taskiq.__all__``, by the module that defines them
@@ -185,5 +187,6 @@ if TYPE_CHECKING:
     )
     from pool.extensions.inmemory import InMemoryBroker
     from pool.extensions.pool_broker import PoolBroker, PoolResultBackend
+    from pool.runtime.events import events
     from pool.runtime.taskcontrol import Limit
     from shared_state import TaskiqState

@@ -1,4 +1,4 @@
-"""``python -m pool``: run, stats, scale, scheduler, demo."""
+"""``python -m pool``: run, stats, scale, health, events, scheduler, demo."""
 
 from __future__ import annotations
 
@@ -335,6 +335,21 @@ def _add_pool_options(group: Any, default: Any) -> None:
         help="address of the metrics endpoint (default: %(default)s, loopback only)",
     )
     group.add_argument(
+        "--dashboard-port",
+        type=_port,
+        default=default("dashboard_port"),
+        metavar="PORT",
+        help="serve the dashboard (workers, throughput, latency, failures, scaling) on this "
+        "port (0: any free port)",
+    )
+    group.add_argument(
+        "--dashboard-addr",
+        default=default("dashboard_addr"),
+        metavar="ADDR",
+        help="address of the dashboard (default: %(default)s; beyond loopback the page needs "
+        "?token=$(cat RUN_DIR/metrics.token))",
+    )
+    group.add_argument(
         "--state",
         default=default("state_url"),
         metavar="URL",
@@ -430,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel_cli.add_parser(commands)
 
+    from pool.ops.observe_cli import add_observe_commands
+
+    add_observe_commands(commands)
+
     from pool.ops.scheduler_cli import DESCRIPTION, HELP
 
     commands.add_parser(
@@ -472,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats": _cmd_stats,
         "scale": _cmd_scale,
         "demo": _cmd_demo,
+        "health": _cmd_observe,
+        "events": _cmd_observe,
     }[args.command]
     return int(handler(args))
 
@@ -512,6 +533,8 @@ def run_config(args: argparse.Namespace) -> Any:
         startup_timeout=args.startup_timeout,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        dashboard_port=args.dashboard_port,
+        dashboard_addr=args.dashboard_addr,
         state_url=args.state,
         state_prefix=args.state_prefix,
         run_dir=args.run_dir,
@@ -593,6 +616,12 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     else:
         print(f"{reply['workers']} worker(s) ready")
     return 0
+
+
+def _cmd_observe(args: argparse.Namespace) -> int:
+    from pool.ops.observe_cli import run_command
+
+    return run_command(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

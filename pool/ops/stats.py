@@ -52,5 +52,12 @@ def collect_stats(sup: Supervisor) -> dict[str, Any]:
             "last_1m": sup.health.throughput(60),
         },
         "autoscale": list(sup.config.autoscale) if sup.config.autoscale else None,
+        # for ``pool health`` and /readyz (pool.ops.health)
+        "stopping": sup.stopping,
+        "queue_full": bool(sup.queue.full),
+        "failed_starts": sup.failed_starts,
+        "startup_errors": list(sup.recent_startup_errors),
+        "event_subscribers": len(sup.events.subscribers),
+        "dashboard_url": sup.dashboard_url,
         "metrics_url": sup.metrics_url,
     }

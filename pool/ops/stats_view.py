@@ -7,43 +7,46 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+WIDTH = 80  # the table fits a terminal of 80 columns, one line per worker
+
 
 def _mib(value: int) -> str:
-    return f"{value / (1024 * 1024):.1f} MiB"
+    return f"{value / (1024 * 1024):.0f}"
+
+
+def _age(seconds: float) -> str:
+    """45s, 12m, 5h, 3d: an uptime in at most four characters."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (10 if unit == "m" else 1):
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+COLUMNS = ("id", "pid", "state", "up", "done", "failed", "running", "RSS MiB", "CPU%", "restarts")
 
 
 def table(stats: dict[str, Any]) -> Any:
+    from rich import box
     from rich.table import Table
 
     totals = stats["totals"]
     rate = stats.get("throughput") or {}
     caption = (
-        f"supervisor pid {stats['pid']} · up {stats['uptime_s']:.0f} s · "
-        f"target {stats['target_workers']} worker(s) · queued {totals['queued']} · "
+        f"supervisor pid {stats['pid']}, up {_age(stats['uptime_s'])}, "
+        f"target {stats['target_workers']}, queued {totals['queued']}, "
         f"state keys {stats['state']['keys']}\n"
-        f"throughput {rate.get('last_10s', 0.0):.1f} tasks/s (10 s) · "
+        f"{rate.get('last_10s', 0.0):.1f} tasks/s (10 s), "
         f"{rate.get('last_1m', 0.0):.1f} tasks/s (1 min)"
     )
-    view = Table(title="pool", caption=caption)
-    for name in (
-        "id",
-        "pid",
-        "state",
-        "uptime",
-        "done",
-        "failed",
-        "in flight",
-        "RSS",
-        "CPU%",
-        "restarts",
-    ):
-        view.add_column(name, justify="left" if name == "state" else "right")
+    view = Table(title="pool", caption=caption, box=box.SIMPLE_HEAD, padding=(0, 0))
+    for name in COLUMNS:
+        view.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
     for row in stats["workers"]:
         view.add_row(
             str(row["id"]),
             str(row["pid"]),
-            row["state"] + (" (replacing)" if row.get("recycling") else ""),
-            f"{row['uptime_s']:.0f} s",
+            "replacing" if row.get("recycling") else row["state"],
+            _age(row["uptime_s"]),
             str(row["tasks_done"]),
             str(row["tasks_failed"]),
             str(row["in_flight"]),
@@ -70,7 +73,9 @@ def table(stats: dict[str, Any]) -> Any:
 def render(stats: dict[str, Any]) -> None:
     from rich.console import Console
 
-    Console().print(table(stats))
+    Console(width=min(Console().width, WIDTH) if Console().is_terminal else WIDTH).print(
+        table(stats)
+    )
 
 
 def watch(fetch: Callable[[], dict[str, Any]], as_json: bool = False) -> int:

@@ -79,6 +79,9 @@ class PoolConfig:
     autoscale_cooldown: float = 2.0
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    # the dashboard (pool.ops.dashboard): loopback unless told; beyond it, the metrics token
+    dashboard_port: int | None = None
+    dashboard_addr: str = "127.0.0.1"
     monitor_interval: float = 1.0
 
 

@@ -264,6 +264,9 @@ async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, An
             reply = {"ok": ok, "error": error, "workers": sup.target}
         elif cmd == "cancel":
             reply = sup.steering.cancel(str(request["task_id"]))
+        elif cmd == "events":
+            sup.events.subscribe(conn, request.get("id"))
+            reply = {"ok": True}
         elif cmd == "ping":
             reply = {"ok": True, "pid": os.getpid()}
         else:

@@ -57,8 +57,7 @@ class HealthMonitor:
             await asyncio.sleep(sup.config.monitor_interval)
 
     def check(self, handle: WorkerHandle, now: float) -> None:
-        """Recycle a worker grown past its memory limit; kill one whose loop is stuck or
-        whose start-up never ends."""
+        """Kill a worker whose loop is stuck or whose start-up never ends."""
         sup = self.supervisor
         limit = sup.config.startup_timeout
         if handle.state == "starting" and now - handle.started_at > limit:
@@ -67,6 +66,7 @@ class HealthMonitor:
                 "worker %d (pid %d): %s; killing it", handle.slot, handle.pid, handle.startup_error
             )
             handle.started_at = now  # once: the kill below ends it
+            handle.killed = handle.startup_error
             handle.process.kill()
             return
         silent = now - handle.last_heartbeat
@@ -83,6 +83,7 @@ class HealthMonitor:
                 running,
             )
             handle.last_heartbeat = now  # once: the kill below ends it
+            handle.killed = f"no heartbeat for {silent:.1f} s"
             handle.process.kill()
 
     async def watch_memory(self, limit: float) -> None:
@@ -103,7 +104,7 @@ class HealthMonitor:
                         why,
                         MEMORY_KILL_FACTOR,
                     )
-                    handle.killed = True
+                    handle.killed = f"{why}, {MEMORY_KILL_FACTOR:g} times the limit"
                     handle.process.kill()
                 elif rss > limit and handle.state == "ready":
                     sup.recycle(handle, why)

@@ -16,11 +16,15 @@
    abandoned task, is neither saved nor retried.
 5. Each finished task is reported (name, failed or not, duration) for the pool's stats,
    and the running ones are known, so that a drain can cancel what outlived its timeout.
+6. taskiq's log line for a failing task ("Exception found while executing function.", with
+   the traceback) names the task and its id; its lines about stopping to listen are DEBUG.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +38,54 @@ from taskiq_dependencies import DependencyGraph
 from shared_state import TaskiqState
 
 Finished = Callable[[TaskiqMessage, TaskiqResult[Any], float], None]
+Started = Callable[[TaskiqMessage], None]
+
+# the message of the task running in this asyncio task, and the error it raised (if logged)
+_running: contextvars.ContextVar[tuple[TaskiqMessage, list[BaseException]] | None] = (
+    contextvars.ContextVar("pool_running_task", default=None)
+)
+_TASKIQ_FAILED = "Exception found while executing function."
+_TASKIQ_QUIET = {
+    "Listening started.",
+    "Stopping prefetching messages...",
+    "No more tasks to wait for. Shutting down.",
+    "Max number of tasks executed.",
+    "Waiting for %d running tasks to complete...",
+}
+
+
+class _TaskiqReceiverLog(logging.Filter):
+    """Names the task in taskiq's failure line; its listen/stop chatter shows at DEBUG only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _TASKIQ_FAILED:
+            running = _running.get()
+            if running is not None:
+                message, errors = running
+                record.msg = "task %s (%s) failed"
+                record.args = (message.task_name, message.task_id)
+                if record.exc_info and record.exc_info[1] is not None:
+                    errors.append(record.exc_info[1])
+            return True
+        if record.msg in _TASKIQ_QUIET and record.levelno > logging.DEBUG:
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _install_log_filter() -> None:
+    taskiq_logger = logging.getLogger("taskiq.receiver.receiver")
+    if not any(isinstance(f, _TaskiqReceiverLog) for f in taskiq_logger.filters):
+        taskiq_logger.addFilter(_TaskiqReceiverLog())
+
+
+def task_error(result: TaskiqResult[Any]) -> BaseException | None:
+    """The exception a finished task raised: the original one, also when a retry middleware
+    replaced the result's error (``NoResultError``) after taskiq logged it."""
+    running = _running.get()
+    if running is not None and running[1]:
+        return running[1][-1]
+    error = result.error
+    return error if isinstance(error, BaseException) else None
 
 
 class _ContextPerTask:
@@ -60,8 +112,18 @@ class _ContextPerTask:
 class PoolReceiver(Receiver):
     """taskiq's receiver; ``on_finished`` hears of every task that ran to its end."""
 
-    def __init__(self, *args: Any, on_finished: Finished | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        on_finished: Finished | None = None,
+        on_started: Started | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.on_finished = on_finished
+        self.on_started = on_started
+        # running callbacks whose task already ended (reported; result or ack pending)
+        self.reported: set[asyncio.Task[Any]] = set()
+        _install_log_filter()
         # the callbacks running now: counted in heartbeats, cancelled after a drain timeout
         self.running: set[asyncio.Task[Any]] = set()
         self.abandoned: set[asyncio.Task[Any]] = set()
@@ -110,8 +172,14 @@ class PoolReceiver(Receiver):
             return await super().callback(message, raise_err)
         finally:
             self.running.discard(task)
+            self.reported.discard(task)
             if delivery is not None:
                 self.deliveries.pop(delivery, None)
+
+    @property
+    def unreported(self) -> int:
+        """Tasks running whose end was not reported yet (what a heartbeat counts)."""
+        return len(self.running) - len(self.reported)
 
     def cancel(self, delivery: int) -> asyncio.Task[Any] | None:
         """Cancel the task running ``delivery`` (not saved, not retried); None if none."""
@@ -139,10 +207,19 @@ class PoolReceiver(Receiver):
         if "timeout" in labels and getattr(self.broker, "worker_link", None) is not None:  # noqa: SIM102
             if not asyncio.iscoroutinefunction(target):
                 del labels["timeout"]  # the supervisor's hard limit (see above)
-        started = time.perf_counter()
-        result = await super().run_task(target, message, ack_controller)
-        if asyncio.current_task() in self.abandoned:
-            raise asyncio.CancelledError
-        if self.on_finished is not None:
-            self.on_finished(message, result, time.perf_counter() - started)
-        return result
+        token = _running.set((message, []))
+        try:
+            if self.on_started is not None:
+                self.on_started(message)
+            started = time.perf_counter()
+            result = await super().run_task(target, message, ack_controller)
+            current = asyncio.current_task()
+            if current in self.abandoned:
+                raise asyncio.CancelledError
+            if current in self.running:
+                self.reported.add(current)
+            if self.on_finished is not None:
+                self.on_finished(message, result, time.perf_counter() - started)
+            return result
+        finally:
+            _running.reset(token)

@@ -36,6 +36,7 @@ import psutil
 
 from pool.runtime.config import PoolConfig
 from pool.runtime.control import ControlConnection
+from pool.runtime.events import EventHub, log_exit
 from pool.runtime.health import HealthMonitor
 from pool.runtime.journal import Journal, NullJournal
 from pool.runtime.protocol import (
@@ -50,6 +51,7 @@ from pool.runtime.protocol import (
     Heartbeat,
     LateResult,
     Ready,
+    Request,
     SaveProgress,
     StartupFailed,
 )
@@ -107,7 +109,6 @@ class WorkerHandle:
         self.in_flight: dict[int, Entry] = {}
         # Running a suspect task alone (see routing): it takes no other task meanwhile.
         self.exclusive = False
-        self.killed = False  # by the memory watch: once
         # deliveries the worker said it cancelled at its drain timeout (see ``Bye``)
         self.interrupted: set[int] = set()
         self.tasks_done = 0
@@ -125,6 +126,9 @@ class WorkerHandle:
         self.heartbeat_in_flight = 0
         # Why the pool killed it to stop a task (steering): not a crash, nobody blamed.
         self.stopped_by: str | None = None
+        # why it is draining, or why the supervisor killed it (for the log and the events)
+        self.drain_reason: str | None = None
+        self.killed: str | None = None
 
     @property
     def state(self) -> str:
@@ -205,6 +209,8 @@ class SupervisorPipe(FrameProtocol):
         elif isinstance(frame, Bye):
             handle.phase = Phase.EXITED
             handle.interrupted = set(frame.interrupted)
+        elif isinstance(frame, Request):
+            sup.events.from_worker(handle, frame.body)
         else:
             raise FrameError(f"unexpected {type(frame).__name__} frame")
 
@@ -264,6 +270,7 @@ class Supervisor:
         self.background: set[asyncio.Task[Any]] = set()
         self.server: asyncio.AbstractServer | None = None
         self.health = HealthMonitor(self)
+        self.events = EventHub(self)
         from pool.extensions.pool_broker import PoolBroker
 
         # the embedded broker: tasks queue here, so the queue's length is known
@@ -273,6 +280,8 @@ class Supervisor:
             self.target = min(max(self.target, low), high)
         self.metrics: PoolMetrics | None = None
         self.metrics_url: str | None = None
+        self.dashboard: Any = None  # pool.ops.dashboard.Dashboard, with --dashboard-port
+        self.dashboard_url: str | None = None
 
     @property
     def queue(self) -> Any:
@@ -287,8 +296,12 @@ class Supervisor:
         os.chmod(self.run_dir.control_socket, 0o600)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGTTIN, self.scale_by, 1)
-        loop.add_signal_handler(signal.SIGTTOU, self.scale_by, -1)
+        from pool.runtime.signals import count_signals
+
+        count_signals(
+            loop,
+            {signal.SIGTTIN: lambda: self.scale_by(1), signal.SIGTTOU: lambda: self.scale_by(-1)},
+        )
         loop.add_signal_handler(signal.SIGHUP, self.rolling_restart)
         if self.state_server is not None:
             loop.add_reader(self.state_server.sentinel, self._state_server_ended)
@@ -298,9 +311,15 @@ class Supervisor:
             self.metrics = PoolMetrics(self.stats)
             addr = self.config.metrics_addr
             token = None if _is_loopback(addr) else self.run_dir.new_metrics_token()
-            port = self.metrics.serve(self.config.metrics_port, addr, token)
+            port = self.metrics.serve(self.config.metrics_port, addr, token, loop)
             self.metrics_url = f"http://{self.config.metrics_addr}:{port}/metrics"
             logger.info("metrics on %s", self.metrics_url)
+        if self.config.dashboard_port is not None:
+            from pool.ops.dashboard import serve
+
+            self.dashboard = await serve(
+                self, self.config.dashboard_addr, self.config.dashboard_port
+            )
         owed, results = self.journal.replay()
         for task_id, payload in results.items():
             self.results.store(task_id, payload, None)
@@ -466,6 +485,8 @@ class Supervisor:
                 fds.append(sock.fileno())
         if self.metrics is not None and self.metrics._server is not None:
             fds.append(self.metrics._server.fileno())
+        if self.dashboard is not None:
+            fds.extend(self.dashboard.fds())
         return [fd for fd in fds if fd >= 0]
 
     def on_ready(self, handle: WorkerHandle) -> None:
@@ -474,6 +495,7 @@ class Supervisor:
         self.ever_ready = True
         self.failed_starts = 0
         logger.info("worker %d ready (pid %d)", handle.slot, handle.pid)
+        self.events.worker_up(handle)
         if handle.phase is Phase.STARTING:
             handle.phase = Phase.READY
             if self.stopping:
@@ -487,7 +509,8 @@ class Supervisor:
         if handle.phase not in (Phase.STARTING, Phase.READY):
             return
         handle.phase = Phase.DRAINING
-        logger.info("worker %d (pid %d) drains: %s", handle.slot, handle.pid, reason)
+        handle.drain_reason = reason
+        logger.debug("worker %d (pid %d) drains: %s", handle.slot, handle.pid, reason)
         self._send_drain(handle)
         self.changed.set()
 
@@ -550,7 +573,8 @@ class Supervisor:
                 self.stop_requested.set()
                 self.stopping = True
         elif crashed and not self.stopping and not retiring:
-            logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
+            if handle.killed is None:  # else the supervisor said why it killed it
+                logger.error("worker %d (pid %d) died unexpectedly", handle.slot, handle.pid)
             self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
             self.backoff_until = max(self.backoff_until, time.monotonic() + 0.05)
         self.spawn_task(self._reap(handle))
@@ -563,9 +587,11 @@ class Supervisor:
             await asyncio.sleep(0.02)
         if handle.process.is_alive():
             logger.warning("worker %d (pid %d) did not exit; killing it", handle.slot, handle.pid)
+            handle.killed = "it did not exit"
             handle.process.kill()
             await asyncio.get_running_loop().run_in_executor(None, handle.process.join, 5)
         handle.process.join(0)
+        self.events.worker_gone(handle, log_exit(handle))
         handle.exited.set()
         if self.workers.get(handle.slot) is handle:
             del self.workers[handle.slot]
@@ -635,6 +661,7 @@ class Supervisor:
             self._schedule_commit()
         if self.steering.joined(entry):  # already here, done, or a duplicate
             return
+        self.events.task_received(entry.task_id, entry.task_name)
         if self.broker.find_task(entry.task_name) is None:
             from pool.extensions.errors import TaskNotFoundError
 
@@ -768,6 +795,7 @@ class Supervisor:
 
     def forget(self, conn: ControlConnection) -> None:
         self.connections.discard(conn)
+        self.events.forget(conn)
         self.router.forget(conn)
         self.accepted.pop(conn, None)
         self.unconfirmed.discard(conn)

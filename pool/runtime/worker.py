@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool.runtime.config import PoolConfig
+from pool.runtime.events import WorkerEvents
 from pool.runtime.protocol import (
     Bye,
     Cancel,
@@ -33,10 +34,12 @@ from pool.runtime.protocol import (
     Heartbeat,
     LateResult,
     Ready,
+    Request,
     SaveProgress,
     StartupFailed,
     Task,
 )
+from pool.runtime.receiver import task_error
 from shared_state import TaskiqState
 
 logger = logging.getLogger("pool.runtime.worker")
@@ -66,6 +69,9 @@ def worker_main(config: WorkerConfig, conn: Any) -> None:
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     conn.close()
     _worker_logging(config.pool, config.worker_id)
+    from pool.runtime.output import label_output
+
+    label_output(f"[worker {config.worker_id} {os.getpid()}] ")
     worker = Worker(config, sock)
     code = _run(worker.run())
     logging.shutdown()
@@ -110,6 +116,9 @@ def _leave_parent_context(config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C goes to the supervisor, which drains us
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    from pool.runtime.signals import unblock
+
+    unblock()  # the supervisor takes them in one thread of its own (signals.py)
     if config.pool.start_method == "fork":
         try:
             signal.set_wakeup_fd(-1)
@@ -158,6 +167,8 @@ class WorkerPipe(FrameProtocol):
             self.worker.begin_drain(frame.timeout)
         elif isinstance(frame, Cancel):
             self.worker.cancel(frame)
+        elif isinstance(frame, Request):  # {"events": bool}: somebody subscribes, or not
+            self.worker.events.enabled = bool(frame.body.get("events"))
         else:
             logger.warning("ignoring an unexpected %s frame", type(frame).__name__)
 
@@ -184,6 +195,11 @@ class Worker:
         self._unacked: dict[str, int] = {}
         self._stashed: dict[str, bytes] = {}
         self._outcomes: dict[str, tuple[int, float]] = {}
+        self.events = WorkerEvents(self._send_events, announce_received=True)
+
+    def _send_events(self, body: dict[str, Any]) -> None:
+        if self.pipe is not None:
+            self.pipe.send(Request(body))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -236,6 +252,7 @@ class Worker:
         if isinstance(broker, PoolBroker):
             broker.run_dir = self.config.run_dir
             broker.worker_link = self
+            self.events.announce_received = False  # the supervisor announces it
         else:
             _cancel_safe_listen(broker)
         _plugins_write_locally(broker, options)
@@ -257,6 +274,7 @@ class Worker:
             # (which counts them too) starts the replacement
             max_tasks_to_execute=options.max_tasks_per_child,
             on_finished=self._finished,
+            on_started=self.events.started,
             **options.receiver_args,
         )
         await broker.startup()
@@ -294,6 +312,8 @@ class Worker:
     # ----------------------------------------------------------------- the rest
     def _finished(self, message: Any, result: Any, duration: float) -> None:
         """A task ran to its end: tell the supervisor, for stats and metrics."""
+        if self.events.enabled:
+            self.events.finished(message, task_error(result) if result.is_err else None, duration)
         if message.task_id in self._unacked:  # told with the acknowledgement, in one frame
             self._outcomes[message.task_id] = (2 if result.is_err else 1, duration)
         else:
@@ -363,7 +383,7 @@ class Worker:
         assert self.pipe is not None
         while True:
             await asyncio.sleep(self.config.pool.heartbeat_interval)
-            self.pipe.send(Heartbeat(len(self.receiver.running)))
+            self.pipe.send(Heartbeat(self.receiver.unreported))
 
     async def _flush(self) -> None:
         """Give the transport a moment to hand the last frames to the kernel."""

@@ -1,0 +1,204 @@
+"""The dashboard (``pool run --dashboard-port``): one page served by the supervisor.
+
+Routes (on the supervisor's event loop; a small HTTP/1.1 server, one request per
+connection)::
+
+    GET  /             the page (index.html beside this module: plain HTML, CSS and JS)
+    GET  /api/stats    the supervisor's stats (``stats --json``) and the state's key names
+    GET  /api/events   the event stream (``pool.runtime.events``) as server-sent events
+    POST /api/scale    {"workers": N}: set the worker count
+
+Loopback by default; beyond loopback every request needs the metrics token (the run
+directory's ``metrics.token``), as ``Authorization: Bearer`` or ``?token=`` (the page passes
+it on from its own address), compared in constant time. The event stream is one more
+subscriber of the supervisor's ``EventHub``, bounded like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    from pool.runtime.supervisor import Supervisor
+
+logger = logging.getLogger("pool.ops.dashboard")
+
+MAX_REQUEST = 16 * 1024
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+STATE_KEYS_SHOWN = 200
+
+
+class _SSE:
+    """An event-stream response, as the EventHub sees a subscriber's connection."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.closed = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return not self.writer.is_closing()
+
+    @property
+    def unread_bytes(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+    def send(self, reply: Any) -> None:
+        if self.is_open:
+            self.writer.write(f"data: {json.dumps(reply.body['events'])}\n\n".encode())
+
+
+class Dashboard:
+    def __init__(self, supervisor: Supervisor, token: str | None) -> None:
+        self.supervisor = supervisor
+        self.token = token
+        self.server: asyncio.Server | None = None
+        self.connections = 0
+        self.page = resources.files(__package__).joinpath("index.html").read_bytes()
+
+    async def start(self, addr: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._serve, addr, port)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def fds(self) -> list[int]:
+        """Sockets a forked worker must close."""
+        return [s.fileno() for s in self.server.sockets] if self.server is not None else []
+
+    # ------------------------------------------------------------- HTTP
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.connections += 1
+        try:
+            method, target, headers, body = await asyncio.wait_for(
+                _read_request(reader), REQUEST_TIMEOUT
+            )
+            await self._route(method, target, headers, body, writer)
+        except (asyncio.TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:  # the supervisor's loop ends: so does the stream
+            pass
+        except Exception:
+            logger.exception("dashboard request failed")
+        finally:
+            self.connections -= 1
+            writer.close()
+
+    def _authorized(self, target: str, headers: dict[str, str]) -> bool:
+        if self.token is None:
+            return True
+        given = headers.get("authorization", "").removeprefix("Bearer ")
+        if not given:
+            given = (parse_qs(urlsplit(target).query).get("token") or [""])[0]
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def _route(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        if not self._authorized(target, headers):
+            return _respond(writer, "401 Unauthorized", b"a token is required\n", "text/plain")
+        path = urlsplit(target).path
+        if method == "GET" and path == "/":
+            return _respond(writer, "200 OK", self.page, "text/html; charset=utf-8")
+        if method == "GET" and path == "/api/stats":
+            return _json(writer, "200 OK", self.snapshot())
+        if method == "POST" and path == "/api/scale":
+            return _json(writer, *self._scale(body))
+        if method == "GET" and path == "/api/events":
+            return await self._stream(writer)
+        return _respond(writer, "404 Not Found", b"not found\n", "text/plain")
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = self.supervisor.stats()
+        try:
+            keys = sorted(str(k) for k in list(self.supervisor.broker.state.keys()))
+        except Exception:
+            keys = []
+        stats["state"]["names"] = keys[:STATE_KEYS_SHOWN]
+        return stats
+
+    def _scale(self, body: bytes) -> tuple[str, dict[str, Any]]:
+        try:
+            count = int(json.loads(body or b"{}")["workers"])
+            if count < 0:
+                raise ValueError("negative")
+        except (KeyError, TypeError, ValueError) as exc:
+            return "400 Bad Request", {"ok": False, "error": f"bad request: {exc}"}
+        self.supervisor.set_target(count)
+        return "200 OK", {"ok": True, "workers": count}
+
+    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Connection: close\r\n\r\n: subscribed\n\n"
+        )
+        sse = _SSE(writer)
+        hub = self.supervisor.events
+        hub.subscribe(sse, None)  # type: ignore[arg-type]
+        try:
+            while sse.is_open and not self.supervisor.stopping:
+                await asyncio.sleep(0.5)
+                writer.write(b": keep-alive\n\n")
+                await writer.drain()
+        except (ConnectionError, RuntimeError):  # the page went away (uvloop: RuntimeError)
+            pass
+        finally:
+            hub.forget(sse)  # type: ignore[arg-type]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    if len(head) > MAX_REQUEST:
+        raise ValueError("request too large")
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    length = min(int(headers.get("content-length", "0") or 0), MAX_REQUEST)
+    body = await reader.readexactly(length) if length else b""
+    return method, target, headers, body
+
+
+def _respond(writer: asyncio.StreamWriter, status: str, body: bytes, kind: str) -> None:
+    writer.write(
+        f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+
+
+def _json(writer: asyncio.StreamWriter, status: str, payload: Any) -> None:
+    _respond(writer, status, json.dumps(payload).encode(), "application/json")
+
+
+async def serve(supervisor: Supervisor, addr: str, port: int) -> Dashboard:
+    """Start the dashboard on the supervisor's loop; beyond loopback it needs the token."""
+    from pool.runtime.supervisor import _is_loopback
+
+    token = None
+    if not _is_loopback(addr):
+        token_file = supervisor.run_dir.metrics_token_file
+        # one token for the metrics and the dashboard
+        exists = supervisor.metrics is not None and token_file.exists()
+        token = token_file.read_text() if exists else supervisor.run_dir.new_metrics_token()
+    dashboard = Dashboard(supervisor, token)
+    bound = await dashboard.start(addr, port)
+    supervisor.dashboard_url = f"http://{addr}:{bound}/"
+    logger.info("dashboard on %s", supervisor.dashboard_url)
+    return dashboard
