@@ -375,10 +375,11 @@ def test_the_event_stream_tells_each_task_and_worker_event(tmp_path: Path) -> No
         running.stop()
 
 
-def test_a_retry_of_a_failed_task_is_told_as_retried() -> None:
-    # acknowledged when received: the retry (same task id) is not taken for a duplicate of
-    # the attempt that still runs (see the report: PoolBroker drops it when_saved)
-    with observe_pool(1, ["--ack-type", "when_received"]) as running, Events(running) as events:
+@pytest.mark.parametrize("ack", ["when_saved", "when_received"])
+def test_a_retry_of_a_failed_task_is_told_as_retried(ack: str) -> None:
+    # the retry has the attempt's task id: it is queued when the attempt ends, not taken for
+    # a duplicate of it, whenever the attempt is acknowledged
+    with observe_pool(1, ["--ack-type", ack]) as running, Events(running) as events:
         assert run_sync(send(running, "flaky", "t1", retry_on_error=True)).return_value == 2
         events.wait("succeeded", task_name="observe_app:flaky")
         flaky = [e for e in events.items if e.get("task_name") == "observe_app:flaky"]
@@ -391,6 +392,33 @@ def test_a_retry_of_a_failed_task_is_told_as_retried() -> None:
         assert in_worker[2]["attempt"] == 1
         assert "RuntimeError: first run fails" in in_worker[1]["traceback"]
         assert len({e["task_id"] for e in flaky}) == 1
+        running.stop()
+
+
+def test_cancelled_tasks_are_told_as_cancelled() -> None:
+    from pool.extensions.handles import PoolKicker
+
+    with observe_pool(1, ["--max-async-tasks", "1"]) as running, Events(running) as events:
+
+        async def body() -> None:
+            broker = running.broker()
+            await broker.startup()
+            try:
+                never = str(running.marks / "never")
+                held = await PoolKicker("observe_app:hold", broker, {}).kiq(never, "c")
+                waiting = await PoolKicker("observe_app:noop", broker, {}).kiq()
+                await asyncio.get_running_loop().run_in_executor(
+                    None, running.wait_mark, "running-c"
+                )
+                assert (await broker.cancel(waiting.task_id)).state == "queued"
+                assert (await broker.cancel(held.task_id)).state == "running"
+            finally:
+                await broker.shutdown()
+
+        run_sync(body())
+        cancelled = events.wait("cancelled", 2)
+        assert {e["task_name"] for e in cancelled} == {"observe_app:hold", "observe_app:noop"}
+        assert {e["reason"] for e in cancelled} == {"before it started", "while it ran"}
         running.stop()
 
 

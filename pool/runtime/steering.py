@@ -92,6 +92,7 @@ class Steering:
         entry.retry = None
         self.declare(retry)
         self.sup.journal.accept(retry)
+        self.sup.events.task_received(retry.task_id, retry.task_name)
         self.sup.router.enqueue(retry)
 
     # ----------------------------------------------------------------- running
@@ -156,10 +157,12 @@ class Steering:
         if held is None:
             sup.router.withdraw(entry)
             sup._store_error(entry, error)
+            sup.events.task_cancelled(task_id, entry.task_name, reason="before it started")
             logger.info("task %s (%s) cancelled before it started", task_id, entry.task_name)
             return _reply(True, "queued", f"task {task_id} was cancelled before it started")
         handle, delivery = held
         sup._store_error(entry, error)
+        sup.events.task_cancelled(task_id, entry.task_name, handle.slot, "while it ran")
         if self.is_sync(entry.task_name) or handle.pipe is None:
             self.replace(handle, delivery, "a sync task it ran was cancelled")
         else:
