@@ -36,6 +36,8 @@ def chromium() -> str:
         )
         found = shutil.which("chromium")
     if found is None:
+        if os.environ.get("POOL_REQUIRE_SERVICES") == "1":
+            pytest.fail("POOL_REQUIRE_SERVICES=1 but chromium is not installed", pytrace=False)
         pytest.skip("chromium is not installed and could not be")
     return found
 
