@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 from typing import Any
-
-from taskiq.exceptions import SendTaskError
 
 
 def add_parser(commands: Any) -> None:
@@ -25,15 +21,10 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pool.runtime.client import request
+    from pool.ops.cli import ask_or_say_why
 
-    try:
-        reply = asyncio.run(request({"cmd": "cancel", "task_id": args.task_id}, args.run_dir, 10))
-    except SendTaskError as exc:
-        print(f"pool cancel: {exc}", file=sys.stderr)
-        return 1
-    if not reply.get("ok"):
-        print(f"pool cancel: {reply.get('error')}", file=sys.stderr)
+    reply = ask_or_say_why("cancel", {"cmd": "cancel", "task_id": args.task_id}, args.run_dir, 10)
+    if reply is None:
         return 1
     print(f"{reply['detail']} ({reply['state']})")
     return 0 if reply["cancelled"] else 1

@@ -594,18 +594,26 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_scale(args: argparse.Namespace) -> int:
+def ask_or_say_why(
+    name: str, payload: dict[str, Any], run_dir: str | None, timeout: float
+) -> dict[str, Any] | None:
+    """The supervisor's reply to a command, or ``None`` once ``pool NAME: why`` is printed
+    (no pool answers, or it refused)."""
     try:
-        reply = _ask(
-            {"cmd": "scale", "workers": args.workers, "timeout": args.timeout},
-            args.run_dir,
-            args.timeout + 10,
-        )
+        reply: dict[str, Any] = _ask(payload, run_dir, timeout)
     except SendTaskError as exc:
-        print(f"pool scale: {exc}", file=sys.stderr)
-        return 1
+        print(f"pool {name}: {exc}", file=sys.stderr)
+        return None
     if not reply.get("ok"):
-        print(f"pool scale: {reply.get('error')}", file=sys.stderr)
+        print(f"pool {name}: {reply.get('error')}", file=sys.stderr)
+        return None
+    return reply
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    payload = {"cmd": "scale", "workers": args.workers, "timeout": args.timeout}
+    reply = ask_or_say_why("scale", payload, args.run_dir, args.timeout + 10)
+    if reply is None:
         return 1
     if reply["workers"] == 0:
         print(
