@@ -252,6 +252,9 @@ def _mount_tiny(size: str = "1m") -> tuple[Path | None, str]:
 async def full_disk(total: int = 20_000) -> dict[str, Any]:
     """The operator's case: a 1 MiB run directory fills up, SIGTERM at full disk, the next
     run (on the same directory, grown to 256 MiB) must run every task."""
+    from taskiq.exceptions import SendTaskError
+
+    from pool.extensions.handles import PoolTask
     from pool.runtime.journal import Journal
 
     mount, why = _mount_tiny()
@@ -270,11 +273,19 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
             await broker.find_task("block_until").kiq(str(release))
             tags = [f"d{i}" for i in range(total)]
             handles: list[Any] = []
+            kiq_errors: list[str] = []
             task = broker.find_task("fault_run")
 
             async def flood() -> None:
                 for tag in tags:
-                    handles.append(await task.kiq(tag, "y" * 200))
+                    try:
+                        handles.append(await task.kiq(tag, "y" * 200))
+                    except SendTaskError:
+                        # the pool closed the connection while kiq waited: the producer
+                        # still holds the task and sends it again on the next connection
+                        kiq_errors.append(tag)
+                        task_id = broker._unconfirmed[-1][0]
+                        handles.append(PoolTask(task_id, broker.result_backend))
 
             sending = asyncio.ensure_future(flood())
             deadline = time.monotonic() + 120
@@ -301,6 +312,7 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
         return {
             **tally(tags, counts, sum(map(failed, results))),
             "kiq_returned_when_full": sent_when_full,
+            "kiq_errors_at_sigterm": len(kiq_errors),
             "journaled_at_sigterm": journaled,
             "exit_status": status,
             "critical_logged": "CRITICAL pool.runtime.journal" in text[0],
