@@ -60,6 +60,8 @@ def tally(tags: list[str], counts: collections.Counter[str], no_result: int = 0)
     return {
         "sent": len(tags),
         "lost": max(never, no_result),
+        "never_ran": never,
+        "no_result": no_result,
         "ran_twice": sum(1 for t in tags if counts[t] > 1),
         "innocent_failures": 0,
     }
@@ -276,8 +278,12 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
             kiq_errors: list[str] = []
             task = broker.find_task("fault_run")
 
+            gate = asyncio.Event()
+            gate.set()
+
             async def flood() -> None:
                 for tag in tags:
+                    await gate.wait()
                     try:
                         handles.append(await task.kiq(tag, "y" * 200))
                     except SendTaskError:
@@ -294,6 +300,7 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.05)
             sent_when_full = len(handles)
+            gate.clear()  # the producer pauses over the restart (see below)
             release.touch()
             assert first.proc is not None
             first.proc.send_signal(signal.SIGTERM)
@@ -302,8 +309,14 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
             journaled = len(Journal(Path(run_dir) / "pending.tasks").replay()[0])
             subprocess.run(["mount", "-o", "remount,size=256m", str(mount)], check=True)
             async with BenchPool(2, run_dir=run_dir, env=runs.env, log=logs[1]):
+                # the resumed tasks' results first: the next run does not know who sent
+                # them, so it keeps them among its newest 10,000 results only, and 17,000
+                # more tasks sent at once would push them out before they are asked for
+                early = len(handles)
+                results = await results_of(handles[:early])
+                gate.set()
                 await asyncio.wait_for(sending, 300)
-                results = await results_of(handles)
+                results += await results_of(handles[early:])
                 counts = await runs.wait_all(tags, 30)
         finally:
             await broker.shutdown()
@@ -313,6 +326,7 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
             **tally(tags, counts, sum(map(failed, results))),
             "kiq_returned_when_full": sent_when_full,
             "kiq_errors_at_sigterm": len(kiq_errors),
+            "first_errors": [repr(r)[:300] for r in results if failed(r)][:3],
             "journaled_at_sigterm": journaled,
             "exit_status": status,
             "critical_logged": "CRITICAL pool.runtime.journal" in text[0],
