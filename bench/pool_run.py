@@ -17,12 +17,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class BenchPool:
-    def __init__(self, workers: int, app: str = "bench.apps:broker", *extra: str) -> None:
-        self.run_dir = tempfile.mkdtemp(prefix="pb-", dir="/tmp")
+    """``run_dir`` given: it is the caller's (kept); ``log``: the pool's output goes there."""
+
+    def __init__(
+        self,
+        workers: int,
+        app: str = "bench.apps:broker",
+        *extra: str,
+        run_dir: str | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        self.owns_run_dir = run_dir is None
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix="pb-", dir="/tmp")
         self.workers = workers
         self.args = [sys.executable, "-m", "pool", "run", app, "--workers", str(workers),
                      "--run-dir", self.run_dir, "--log-level", "WARNING", *extra]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env = env or {}
+        self.log = log
 
     async def stats(self) -> dict[str, Any]:
         from pool.runtime.client import request
@@ -32,8 +45,19 @@ class BenchPool:
     async def __aenter__(self) -> BenchPool:
         from taskiq.exceptions import SendTaskError
 
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(self.args, cwd=str(ROOT), env=env)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        out = open(self.log, "ab") if self.log is not None else None  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                self.args,
+                cwd=str(ROOT),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        finally:
+            if out is not None:
+                out.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -50,7 +74,8 @@ class BenchPool:
     async def __aexit__(self, *exc: object) -> None:
         assert self.proc is not None
         stop(self.proc)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.owns_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def stop(proc: subprocess.Popen[Any]) -> None:

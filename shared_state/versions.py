@@ -29,6 +29,8 @@ class VersionTable:
         try:
             if writable and os.fstat(fd).st_size != SLOTS * _SLOT.size:
                 os.ftruncate(fd, SLOTS * _SLOT.size)
+            if writable:  # every page on disk now: a full disk later must not SIGBUS a bump
+                os.posix_fallocate(fd, 0, SLOTS * _SLOT.size)
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             self._map = mmap.mmap(fd, SLOTS * _SLOT.size, access=access)
         finally:

@@ -9,13 +9,19 @@ was accepted and not settled. A graceful shutdown rewrites it to the tasks not y
 Records are written with one ``write`` per turn of the event loop, without fsync: they
 survive the death of the process (the kernel has them), not the loss of the machine.
 A write that fails (a full disk) is logged loudly, and the pool stops accepting tasks
-until a write succeeds again, so that nothing is accepted that is not on disk.
+until a write succeeds again, so that nothing is accepted that is not on disk. The file
+always ends on a whole record: what a failed write left of a record is cut off again, so
+that later appends (and the next run) read every record before it. It is rewritten to the
+tasks still held once it has grown past a quarter of the free space it found (at most
+``COMPACT_AT``), so that a small disk holds the tasks, not the history.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -31,7 +37,8 @@ from pool.runtime.taskqueue import Entry
 
 logger = logging.getLogger("pool.runtime.journal")
 
-COMPACT_AT = 32 * 1024 * 1024  # bytes written since the last rewrite, at least
+COMPACT_AT = 32 * 1024 * 1024  # bytes written since the last rewrite, at most
+COMPACT_MIN = 64 * 1024  # ... and at least, however little room the disk has
 
 
 def spooled(entry: Entry) -> bytes:
@@ -49,7 +56,14 @@ class Journal:
         self.pending: list[bytes] = []
         self.fd: int | None = None
         self.written = 0
+        self.size = 0  # of the file: every byte up to here is a whole record
+        self.compact_at = COMPACT_AT
+        self.next_compaction = 0.0  # while the file cannot be written: not before
         self.healthy = True
+        # a forked worker must not keep the file open: a rewritten journal's old file would
+        # go on taking room on the disk for as long as that worker lives
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
 
     # ----------------------------------------------------------------- start
     def replay(self) -> tuple[list[Entry], dict[str, bytes]]:
@@ -109,11 +123,12 @@ class Journal:
         if self.fd is None:  # closed at shutdown: what arrives now is not accepted
             return False
         data = b"".join(self.pending)
+        view = memoryview(data)
         try:
-            view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view) :]
         except OSError as exc:
+            self._keep_whole_records(len(data) - len(view))
             if self.healthy:
                 logger.critical(
                     "cannot write the task journal %s (%s): accepting no more tasks until "
@@ -128,16 +143,41 @@ class Journal:
         self.healthy = True
         self.pending.clear()
         self.written += len(data)
+        self.size += len(data)
         return True
+
+    def _keep_whole_records(self, done: int) -> None:
+        """After a write that stopped ``done`` bytes in: the records written whole stay
+        (and leave ``pending``), the piece of the next one is cut off the file."""
+        whole = count = 0
+        for record in self.pending:
+            if whole + len(record) > done:
+                break
+            whole += len(record)
+            count += 1
+        del self.pending[:count]
+        self.written += whole
+        self.size += whole
+        if whole != done and self.fd is not None:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as exc:  # the next run ignores a truncated last record
+                logger.critical("cannot cut a partial record off %s (%s)", self.path, exc)
 
     @property
     def wants_rewrite(self) -> bool:
-        return self.written > COMPACT_AT
+        return self.written > self.compact_at
 
-    def rewrite(self, live: Iterable[Entry], results: Mapping[str, bytes]) -> bool:
+    def rewrite(
+        self, live: Iterable[Entry], results: Mapping[str, bytes], compacting: bool = False
+    ) -> bool:
         """Replace the file by one holding only ``live`` and ``results`` (atomic: a new
         file, then rename). On failure the old file and its appends stay, and the error is
-        logged loudly."""
+        logged loudly (a warning only when ``compacting``: nothing is at stake)."""
+        if compacting and not self.healthy:
+            if time.monotonic() < self.next_compaction:
+                return False
+            self.next_compaction = time.monotonic() + 1.0
         entries = list(live)
         tmp = self.path.with_suffix(".tmp")
         try:
@@ -157,7 +197,8 @@ class Journal:
                 os.close(fd)
             os.replace(tmp, self.path)
         except OSError as exc:
-            logger.critical(
+            logger.log(
+                logging.WARNING if compacting else logging.CRITICAL,
                 "cannot rewrite the task journal %s (%s); %d task(s) stay in the old one",
                 self.path,
                 exc,
@@ -167,17 +208,38 @@ class Journal:
                 tmp.unlink()
             except OSError:
                 pass
+            self.compact_at = self.written + COMPACT_MIN  # not again at every turn
             return False
         self.close()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        if not self.healthy:
+            logger.warning("the task journal %s can be written again", self.path)
+            self.healthy = True
         self.pending.clear()
         self.written = 0
+        self.size = len(data)
+        try:
+            room = os.fstatvfs(self.fd)
+            free = room.f_bavail * room.f_frsize
+        except OSError:
+            free = COMPACT_AT
+        self.compact_at = min(COMPACT_AT, max(COMPACT_MIN, free // 4))
         return True
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _close_in_child(ref: weakref.ref[Journal]) -> None:
+    journal = ref()
+    if journal is not None and journal.fd is not None:
+        try:
+            os.close(journal.fd)
+        except OSError:
+            pass
+        journal.fd = None
 
 
 class NullJournal(Journal):

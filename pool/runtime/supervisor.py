@@ -251,6 +251,7 @@ class Supervisor:
         self.accepted: dict[ControlConnection, int] = {}
         self.unconfirmed: set[ControlConnection] = set()
         self._commit_scheduled = False
+        self._journal_retry = False
         self._dispatch_scheduled = False
         self.slot_restarts: dict[int, int] = {}
         self.retired = {"tasks_done": 0, "tasks_failed": 0}
@@ -689,10 +690,14 @@ class Supervisor:
         While the journal cannot be written, no producer is read and none is told: each
         keeps its tasks and sends them again once it reconnects."""
         self._commit_scheduled = False
-        if not self.journal.flush():
+        live, results = self.router.live.values(), self.results.results
+        if not self.journal.flush() and not self.journal.rewrite(live, results, True):
             self.router.frozen = True
             for conn in list(self.connections):
                 self.router.hold_back(conn)
+            if not self._journal_retry:  # try again while nothing else happens
+                self._journal_retry = True
+                asyncio.get_running_loop().call_later(0.25, self._retry_journal)
             return
         if self.router.frozen:
             self.router.frozen = False
@@ -701,7 +706,11 @@ class Supervisor:
             conn.send(Accepted(self.accepted.get(conn, 0)))
         self.unconfirmed.clear()
         if self.journal.wants_rewrite:
-            self.journal.rewrite(self.router.live.values(), self.results.results)
+            self.journal.rewrite(live, results, True)
+
+    def _retry_journal(self) -> None:
+        self._journal_retry = False
+        self._schedule_commit()
 
     def hold_back(self, conn: ControlConnection) -> None:
         self.router.hold_back(conn)
