@@ -203,6 +203,36 @@ def _faults_section(results: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _control_section(results: dict[str, Any]) -> list[str]:
+    control = results["control"]
+    rows: list[tuple[str, ...]] = [("mode (no-op tasks)", "tasks/s", "vs plain")]
+    for name, value in control["tasks_per_s"].items():
+        rows.append((name, f"{value:.0f}", f"{control['vs_plain'][name]:.2f}"))
+    return [
+        "## 8. Task control: the cost of priority and limits (PoolBroker)",
+        _table(rows),
+        f"Median of {control['rounds']} interleaved rounds of {control['tasks']:,} tasks on one "
+        "pool of 2 workers. Reproduce: `python -m bench.control_bench`.",
+    ]
+
+
+def _observe_section(results: dict[str, Any]) -> list[str]:
+    rows: list[tuple[str, ...]] = [("subscriber", "without tasks/s", "with tasks/s", "cost")]
+    for fig in results["observe"]:
+        rows.append((
+            fig["subscriber"],
+            f"{fig['without_subscriber_tasks_per_s']:.0f}",
+            f"{fig['with_subscriber_tasks_per_s']:.0f}",
+            f"{fig['cost_percent']:.1f}%",
+        ))  # fmt: skip
+    return [
+        "## 9. Seeing the pool: throughput with an event subscriber or the dashboard open",
+        _table(rows),
+        "Alternating rounds on one pool of 2 workers, medians. Reproduce: "
+        "`python -m bench.observe_bench [--in-process | --dashboard]`.",
+    ]
+
+
 def _release_section(results: dict[str, Any]) -> list[str]:
     release, current = results["release"]["release"], results["release"]["current"]
     commit = results["release"]["release_commit"]["commit"]
@@ -242,6 +272,10 @@ def render(results: dict[str, Any]) -> str:
         parts += _chaos_section(results)
     if "faults" in results:
         parts += _faults_section(results)
+    if "control" in results:
+        parts += _control_section(results)
+    if "observe" in results:
+        parts += _observe_section(results)
     return "\n\n".join(parts) + "\n"
 
 
@@ -271,6 +305,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the ops and chaos runs")
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     parser.add_argument(
+        "--features-only",
+        action="store_true",
+        help="run only the task control and observation sections, into the existing results",
+    )
+    parser.add_argument(
         "--chaos-only",
         action="store_true",
         help="run only the chaos and fault sections, into the existing results",
@@ -279,6 +318,11 @@ def main() -> None:
 
     from bench import chaos, faults, pool_bench, release_peer, scale_bench, state_bench, taskiq_peer
 
+    if args.features_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        results.update(_features())
+        _write(results, args.out)
+        return
     if args.chaos_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
         results["chaos"] = asyncio.run(chaos.measure(args.tasks))
@@ -308,7 +352,21 @@ def main() -> None:
         results["ops"] = asyncio.run(scale_bench.measure())
         results["chaos"] = asyncio.run(chaos.measure(args.tasks))
         results["faults"] = asyncio.run(faults.measure(args.tasks))
+        results.update(_features())
     _write(results, args.out)
+
+
+def _features() -> dict[str, Any]:
+    """Sections 8-9: what task control and observation cost."""
+    import shutil
+
+    from bench import control_bench, observe_bench
+
+    observe = [asyncio.run(observe_bench.measure(rounds=5))]
+    observe.append(asyncio.run(observe_bench.measure(rounds=5, in_process=True)))
+    if shutil.which("chromium"):
+        observe.append(asyncio.run(observe_bench.measure(rounds=5, dashboard=True)))
+    return {"control": asyncio.run(control_bench.measure()), "observe": observe}
 
 
 def _now() -> str:
