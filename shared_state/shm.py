@@ -1,0 +1,348 @@
+"""The shared-memory store: an LMDB environment in the run directory that every process maps.
+
+The state server creates it (empty) when it starts and removes it when it stops; workers map
+it and read and write it directly, each write a transaction under LMDB's process-shared
+writer mutex (robust: a writer killed in the middle is rolled back, and the next one goes
+on). The server stays the owner and the path for what only it may do: ``update`` with a
+function, deciding that the owner of a lock died, ``init_once`` records.
+
+Versions: each write stores its transaction id in the version slot of its key (see
+``versions``) before it commits, while it holds the writer mutex. A reader reads the slot
+first, then the value in a read transaction, and caches the value under that version only
+if its snapshot is at least that id: a slot bumped by a write not yet committed (or never:
+a writer that died) is not cached. A cached value is served while its slot is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from shared_state import codec
+from shared_state.versions import VersionTable, slot_of
+
+if TYPE_CHECKING:
+    import lmdb
+
+# The largest the data may grow to; the file is sparse: it takes the space of its data only.
+MAP_SIZE = int(os.environ.get("POOL_STATE_MAP_SIZE", 1 << 30))
+MAX_READERS = 4096  # read transactions at once, all processes together
+_MAX_KEY = 480  # LMDB keys are at most 511 bytes: longer ones are stored under their hash
+_ALL: weakref.WeakSet[ShmStore] = weakref.WeakSet()
+# This process's environments, by identity of their data file: LMDB forbids opening one
+# environment twice in a process, and every ``ShmStore`` of a file shares it.
+_ENVS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+
+
+def data_path(version_file: str) -> str:
+    """The LMDB file beside a version file (LMDB adds ``-lock`` for its lock file)."""
+    return version_file + ".mdb"
+
+
+def files_of(version_file: str) -> list[str]:
+    return [data_path(version_file), data_path(version_file) + "-lock"]
+
+
+def key_bytes(key: str) -> bytes:
+    raw = key.encode("utf-8", "surrogatepass")
+    if len(raw) < _MAX_KEY:
+        return b"k" + raw  # never empty: LMDB refuses empty keys
+    import hashlib
+
+    return b"h" + hashlib.blake2b(raw, digest_size=24).digest()
+
+
+def key_of(kb: bytes, rec: bytes) -> str:
+    if kb[0] == 0x6B:  # b"k"
+        return kb[1:].decode("utf-8", "surrogatepass")
+    return codec.record_key(rec)
+
+
+def _record_for(key: str, kb: bytes, rec: bytes) -> bytes:
+    if kb[0] == 0x6B:
+        return rec
+    return codec.with_key(rec, key.encode("utf-8", "surrogatepass"))
+
+
+def _owner(rec: bytes) -> tuple[int, bytes]:
+    return int.from_bytes(rec[:4], "little"), rec[4:]
+
+
+class ShmStore:
+    """One process's handle on the store: the LMDB environment and the version table."""
+
+    def __init__(self, version_file: str, *, create: bool = False) -> None:
+        self.version_file = version_file
+        self.path = data_path(version_file)
+        if create:
+            for path in files_of(version_file):
+                try:
+                    os.unlink(path)  # the state starts empty with every pool
+                except FileNotFoundError:
+                    pass
+        self.versions = VersionTable(version_file, writable=True, create=create)
+        self.slots = self.versions.slots
+        self._env: lmdb.Environment | None = None
+        self._values: Any = None
+        self._locks: Any = None
+        if create:
+            self._create_env()
+        _ALL.add(self)
+
+    # --- the environment ----------------------------------------------------------------
+    def _open(self) -> lmdb.Environment:
+        info = os.stat(self.path)
+        ident = (info.st_dev, info.st_ino)
+        opened = _ENVS.get(ident)
+        if opened is None:
+            env = _lmdb_open(self.path, create=False)
+            opened = (env, env.open_db(b"values"), env.open_db(b"locks"))
+            _ENVS[ident] = opened
+        self._env, self._values, self._locks = opened
+        return opened[0]
+
+    def _create_env(self) -> None:
+        """The server's: a new, empty environment, its files of mode 0600."""
+        env = _lmdb_open(self.path, create=True)
+        env.open_db(b"values")
+        env.open_db(b"locks")
+        env.close()
+        self._open()
+
+    def close(self) -> None:
+        """Forget the environment (other stores of this process may share it)."""
+        self._env = None
+
+    def _read(self) -> Any:
+        env = self._env or self._open()
+        return env.begin(db=self._values)
+
+    def _write(self) -> Any:
+        env = self._env or self._open()
+        return env.begin(write=True, db=self._values)
+
+    # --- reads ----------------------------------------------------------------------
+    def get(self, key: str, slot: int) -> tuple[int, bytes | None, bool]:
+        """``(version, record or None, cacheable)`` of ``key``, whose slot is ``slot``."""
+        seen = self.slots[slot]
+        txn = self._read()
+        try:
+            rec = txn.get(key_bytes(key))
+            snapshot = txn.id()
+        finally:
+            txn.abort()
+        return seen, rec, snapshot >= seen
+
+    def keys(self) -> list[str]:
+        txn = self._read()
+        try:
+            return [key_of(kb, rec) for kb, rec in txn.cursor()]
+        finally:
+            txn.abort()
+
+    def items(self) -> list[tuple[str, bytes]]:
+        txn = self._read()
+        try:
+            return [(key_of(kb, rec), rec) for kb, rec in txn.cursor()]
+        finally:
+            txn.abort()
+
+    def length(self) -> int:
+        txn = self._read()
+        try:
+            return int(txn.stat(self._values)["entries"])
+        finally:
+            txn.abort()
+
+    # --- writes: each one transaction, its id stored in the key's slot before commit ---
+    def set(self, key: str, slot: int, rec: bytes) -> int:
+        kb = key_bytes(key)
+        txn = self._write()
+        try:
+            txn.put(kb, _record_for(key, kb, rec))
+            self.slots[slot] = version = txn.id()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return int(version)
+
+    def delete(self, key: str, slot: int) -> None:
+        txn = self._write()
+        try:
+            if txn.delete(key_bytes(key)):
+                self.slots[slot] = txn.id()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+
+    def clear(self) -> None:
+        txn = self._write()
+        try:
+            version = txn.id()
+            for kb, rec in txn.cursor():
+                self.slots[slot_of(key_of(kb, rec))] = version
+            txn.drop(self._values, delete=False)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+
+    def incr(self, key: str, slot: int, amount: int | float) -> tuple[int, Any]:
+        kb = key_bytes(key)
+        txn = self._write()
+        try:
+            rec = txn.get(kb)
+            old = 0 if rec is None else codec.load_record(rec)
+            if not isinstance(old, (int, float)) or isinstance(old, bool):
+                raise TypeError(f"cannot incr {key!r}: it holds a {type(old).__name__}")
+            new = old + amount
+            txn.put(kb, _record_for(key, kb, codec.record(new)))
+            self.slots[slot] = version = txn.id()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return int(version), new
+
+    def setdefault(self, key: str, slot: int, rec: bytes) -> tuple[int, bytes, bool]:
+        """``(version, record now stored, cacheable)``."""
+        kb = key_bytes(key)
+        txn = self._write()
+        try:
+            current = txn.get(kb)
+            version = txn.id()
+            if current is None:
+                txn.put(kb, current := _record_for(key, kb, rec))
+                self.slots[slot] = version
+                cacheable = True
+            else:
+                # Nothing written: the slot holds a committed id, unless a writer died
+                # after storing this transaction's id there (then it is not cached).
+                seen = self.slots[slot]
+                cacheable, version = seen < version, seen
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return int(version), current, cacheable
+
+    def update(self, key: str, slot: int, fn: Any, default_rec: bytes) -> tuple[int, bytes]:
+        """Store ``fn(old)``; ``fn`` runs once, while this process holds the writer mutex."""
+        kb = key_bytes(key)
+        txn = self._write()
+        try:
+            rec = txn.get(kb)
+            new_rec = codec.record(fn(codec.load_record(default_rec if rec is None else rec)))
+            txn.put(kb, new_rec := _record_for(key, kb, new_rec))
+            self.slots[slot] = version = txn.id()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return int(version), new_rec
+
+    # --- named locks: a record (owner pid, owner token) per held lock ------------------
+    def try_lock(self, name: str, token: bytes, pid: int) -> tuple[int, bytes] | None:
+        """Take the lock (``None``), or tell who holds it: ``(pid, token)``."""
+        kb = key_bytes(name)
+        txn = self._write()
+        try:
+            held = txn.get(kb, db=self._locks)
+            if held is None:
+                txn.put(kb, pid.to_bytes(4, "little") + token, db=self._locks)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return None if held is None else _owner(held)
+
+    def unlock(self, name: str, token: bytes) -> bool:
+        """Release the lock if ``token`` holds it (the server passes its owner's token)."""
+        kb = key_bytes(name)
+        txn = self._write()
+        try:
+            held = txn.get(kb, db=self._locks)
+            mine = held is not None and held[4:] == token
+            if mine:
+                txn.delete(kb, db=self._locks)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return mine
+
+    def lock_owner(self, name: str) -> tuple[int, bytes] | None:
+        env = self._env or self._open()
+        with env.begin(db=self._locks) as txn:
+            held = txn.get(key_bytes(name))
+        return None if held is None else _owner(held)
+
+
+_patched = False
+
+
+def _per_process_identity() -> None:
+    """Let a forked child open the environment its parent has open.
+
+    py-lmdb refuses a second open of one environment's files in a process, and a forked
+    child inherits that record of what its parent opened. In the child the inherited
+    environment must be neither used nor closed (closing it frees the parent's reader
+    slots), so the child opens its own: the identity py-lmdb keeps gets the pid added.
+    """
+    global _patched
+    if _patched:
+        return
+    _patched = True
+    try:
+        from lmdb import _envid
+    except ImportError:  # an lmdb without the guard
+        return
+    keys = _envid.env_keys
+
+    def env_keys(path: Any, subdir: Any) -> tuple[Any, ...]:
+        return tuple((os.getpid(), *key) for key in keys(path, subdir))
+
+    _envid.env_keys = env_keys
+
+
+def _lmdb_open(path: str, *, create: bool) -> lmdb.Environment:
+    import lmdb
+
+    _per_process_identity()
+    return lmdb.open(
+        path,
+        subdir=False,
+        map_size=MAP_SIZE,
+        writemap=True,  # writes go straight to the shared mapping
+        sync=False,  # the state lives as long as its pool: no fsync
+        metasync=False,
+        lock=True,  # writers serialise on LMDB's process-shared (robust) mutex
+        max_dbs=2,
+        max_readers=MAX_READERS,
+        max_spare_txns=4,
+        readahead=False,
+        meminit=False,
+        mode=0o600,
+        create=create,
+    )
+
+
+def _after_fork_in_child() -> None:
+    """Environments must not cross ``fork``: in a child, each store opens its file again on
+    next use. The inherited environments are kept alive, unused, for the child's lifetime:
+    closing one would free the parent's reader slots."""
+    if not _ENVS:
+        return
+    import ctypes
+
+    for store in list(_ALL):
+        store._env = None
+    for env, _, _ in _ENVS.values():
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(env))
+    _ENVS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
