@@ -11,7 +11,7 @@ from typing import Any
 from shared_state import codec
 from shared_state.locks import _pid_alive
 from shared_state.server import fast_dumps
-from shared_state.shm import ShmStore
+from shared_state.shm import ShmStore, key_bytes, locate, lock_record
 from shared_state.state import TaskiqState
 from shared_state.versions import slot_of
 
@@ -37,6 +37,7 @@ class SharedBackend:
         self._shm = shm
         self._slots = shm.slots
         self._cache: dict[str, tuple[int, int, Any, bool]] = {}
+        self._lock_keys: dict[str, bytes] = {}  # lock name -> LMDB key
         self._origin = origin  # (address, authkey, version file): how to connect again
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -81,8 +82,8 @@ class SharedBackend:
         entry = self._cache.get(key)
         if entry is not None and self._slots[entry[0]] == entry[1]:
             return entry[2] if entry[3] else codec.load_record(entry[2])
-        slot = slot_of(key)
-        version, rec, cacheable = self._shm.get(key, slot)
+        kb, slot = locate(key)
+        version, rec, cacheable = self._shm.get(key, kb, slot)
         if rec is None:
             if cacheable:
                 self._remember(key, slot, version, _MISSING, True)
@@ -114,21 +115,21 @@ class SharedBackend:
 
     # --- writes ---------------------------------------------------------------------
     def set(self, key: str, value: Any, blob: bytes) -> None:
-        slot = slot_of(key)
-        version = self._shm.set(key, slot, blob)
+        kb, slot = locate(key)
+        version = self._shm.set(key, kb, slot, blob)
         self._remember_value(key, slot, version, value, blob)
 
     def delete(self, key: str) -> None:
         self._cache.pop(key, None)
-        self._shm.delete(key, slot_of(key))
+        self._shm.delete(key, *locate(key))
 
     def clear(self) -> None:
         self._cache.clear()
         self._shm.clear()
 
     def incr(self, key: str, amount: int | float) -> Any:
-        slot = slot_of(key)
-        version, new = self._shm.incr(key, slot, amount)
+        kb, slot = locate(key)
+        version, new = self._shm.incr(key, kb, slot, amount)
         self._remember(key, slot, version, new, True)
         return new
 
@@ -143,8 +144,8 @@ class SharedBackend:
         return value
 
     def setdefault(self, key: str, blob: bytes) -> Any:
-        slot = slot_of(key)
-        version, current, cacheable = self._shm.setdefault(key, slot, blob)
+        kb, slot = locate(key)
+        version, current, cacheable = self._shm.setdefault(key, kb, slot, blob)
         value = codec.load_record(current)
         if cacheable:
             self._remember_value(key, slot, version, value, current)
@@ -157,9 +158,10 @@ class SharedBackend:
         A held lock is polled (20 µs, doubling to 2 ms); its owner's death is the server's
         to decide: asked at once when the owner's pid is gone, else every 0.2 s of waiting.
         """
-        mine = token.encode()
+        kb = self._lock_keys.get(name) or self._lock_key(name)
+        record = lock_record(pid, token.encode())
         shm = self._shm
-        owner = shm.try_lock(name, mine, pid)
+        owner = shm.try_lock(kb, record)
         if owner is None:
             return True
         deadline = time.monotonic() + max(timeout, 0.0)
@@ -176,14 +178,21 @@ class SharedBackend:
             else:
                 time.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 0.002)
-            owner = shm.try_lock(name, mine, pid)
+            owner = shm.try_lock(kb, record)
             if owner is None:
                 return True
             if timeout <= 0:
                 return False
 
     def release(self, name: str, token: str) -> bool:
-        return self._shm.unlock(name, token.encode())
+        kb = self._lock_keys.get(name) or self._lock_key(name)
+        return self._shm.unlock(kb, token.encode())
+
+    def _lock_key(self, name: str) -> bytes:
+        if len(self._lock_keys) >= CACHE_LIMIT:
+            self._lock_keys.clear()
+        self._lock_keys[name] = kb = key_bytes(name)
+        return kb
 
     # --- init_once records ------------------------------------------------------------
     def once_done(self, name: str) -> bool:

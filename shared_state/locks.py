@@ -95,6 +95,10 @@ class StateLock:
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if self._held:
             raise RuntimeError(f"lock {self.name!r} is already held by this holder")
+        unbounded = blocking and (timeout is None or timeout < 0)
+        if unbounded and self._backend.acquire(self.name, self._token, _pid, _WAIT_SLICE):
+            self._held = True  # the common case, at the first try
+            return True
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             if not blocking:

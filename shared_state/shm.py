@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import weakref
 from typing import TYPE_CHECKING, Any
+from zlib import crc32
 
 from shared_state import codec
-from shared_state.versions import VersionTable, slot_of
+from shared_state.versions import SLOTS, VersionTable, slot_of
 
 if TYPE_CHECKING:
     import lmdb
@@ -45,12 +46,17 @@ def files_of(version_file: str) -> list[str]:
 
 
 def key_bytes(key: str) -> bytes:
+    return locate(key)[0]
+
+
+def locate(key: str) -> tuple[bytes, int]:
+    """``(LMDB key, version slot)`` of a state key."""
     raw = key.encode("utf-8", "surrogatepass")
     if len(raw) < _MAX_KEY:
-        return b"k" + raw  # never empty: LMDB refuses empty keys
+        return b"k" + raw, crc32(raw) % SLOTS  # never empty: LMDB refuses empty keys
     import hashlib
 
-    return b"h" + hashlib.blake2b(raw, digest_size=24).digest()
+    return b"h" + hashlib.blake2b(raw, digest_size=24).digest(), crc32(raw) % SLOTS
 
 
 def key_of(kb: bytes, rec: bytes) -> str:
@@ -63,6 +69,10 @@ def _record_for(key: str, kb: bytes, rec: bytes) -> bytes:
     if kb[0] == 0x6B:
         return rec
     return codec.with_key(rec, key.encode("utf-8", "surrogatepass"))
+
+
+def lock_record(pid: int, token: bytes) -> bytes:
+    return pid.to_bytes(4, "little") + token
 
 
 def _owner(rec: bytes) -> tuple[int, bytes]:
@@ -123,12 +133,12 @@ class ShmStore:
         return env.begin(write=True, db=self._values)
 
     # --- reads ----------------------------------------------------------------------
-    def get(self, key: str, slot: int) -> tuple[int, bytes | None, bool]:
+    def get(self, key: str, kb: bytes, slot: int) -> tuple[int, bytes | None, bool]:
         """``(version, record or None, cacheable)`` of ``key``, whose slot is ``slot``."""
         seen = self.slots[slot]
         txn = self._read()
         try:
-            rec = txn.get(key_bytes(key))
+            rec = txn.get(kb)
             snapshot = txn.id()
         finally:
             txn.abort()
@@ -156,8 +166,7 @@ class ShmStore:
             txn.abort()
 
     # --- writes: each one transaction, its id stored in the key's slot before commit ---
-    def set(self, key: str, slot: int, rec: bytes) -> int:
-        kb = key_bytes(key)
+    def set(self, key: str, kb: bytes, slot: int, rec: bytes) -> int:
         txn = self._write()
         try:
             txn.put(kb, _record_for(key, kb, rec))
@@ -168,10 +177,10 @@ class ShmStore:
             raise
         return int(version)
 
-    def delete(self, key: str, slot: int) -> None:
+    def delete(self, key: str, kb: bytes, slot: int) -> None:
         txn = self._write()
         try:
-            if txn.delete(key_bytes(key)):
+            if txn.delete(kb):
                 self.slots[slot] = txn.id()
             txn.commit()
         except BaseException:
@@ -190,8 +199,7 @@ class ShmStore:
             txn.abort()
             raise
 
-    def incr(self, key: str, slot: int, amount: int | float) -> tuple[int, Any]:
-        kb = key_bytes(key)
+    def incr(self, key: str, kb: bytes, slot: int, amount: int | float) -> tuple[int, Any]:
         txn = self._write()
         try:
             rec = txn.get(kb)
@@ -207,9 +215,8 @@ class ShmStore:
             raise
         return int(version), new
 
-    def setdefault(self, key: str, slot: int, rec: bytes) -> tuple[int, bytes, bool]:
+    def setdefault(self, key: str, kb: bytes, slot: int, rec: bytes) -> tuple[int, bytes, bool]:
         """``(version, record now stored, cacheable)``."""
-        kb = key_bytes(key)
         txn = self._write()
         try:
             current = txn.get(kb)
@@ -229,9 +236,10 @@ class ShmStore:
             raise
         return int(version), current, cacheable
 
-    def update(self, key: str, slot: int, fn: Any, default_rec: bytes) -> tuple[int, bytes]:
+    def update(
+        self, key: str, kb: bytes, slot: int, fn: Any, default_rec: bytes
+    ) -> tuple[int, bytes]:
         """Store ``fn(old)``; ``fn`` runs once, while this process holds the writer mutex."""
-        kb = key_bytes(key)
         txn = self._write()
         try:
             rec = txn.get(kb)
@@ -245,29 +253,26 @@ class ShmStore:
         return int(version), new_rec
 
     # --- named locks: a record (owner pid, owner token) per held lock ------------------
-    def try_lock(self, name: str, token: bytes, pid: int) -> tuple[int, bytes] | None:
-        """Take the lock (``None``), or tell who holds it: ``(pid, token)``."""
-        kb = key_bytes(name)
-        txn = self._write()
+    def try_lock(self, kb: bytes, record: bytes) -> tuple[int, bytes] | None:
+        """Take the lock of LMDB key ``kb`` with ``lock_record(pid, token)`` (``None``), or
+        tell who holds it: ``(pid, token)``."""
+        txn = (self._env or self._open()).begin(write=True, db=self._locks)
         try:
-            held = txn.get(kb, db=self._locks)
-            if held is None:
-                txn.put(kb, pid.to_bytes(4, "little") + token, db=self._locks)
+            held = None if txn.put(kb, record, overwrite=False) else txn.get(kb)
             txn.commit()
         except BaseException:
             txn.abort()
             raise
         return None if held is None else _owner(held)
 
-    def unlock(self, name: str, token: bytes) -> bool:
+    def unlock(self, kb: bytes, token: bytes) -> bool:
         """Release the lock if ``token`` holds it (the server passes its owner's token)."""
-        kb = key_bytes(name)
-        txn = self._write()
+        txn = (self._env or self._open()).begin(write=True, db=self._locks)
         try:
-            held = txn.get(kb, db=self._locks)
+            held = txn.pop(kb)
             mine = held is not None and held[4:] == token
-            if mine:
-                txn.delete(kb, db=self._locks)
+            if held is not None and not mine:
+                txn.put(kb, held)  # another holder's: put back, in the same transaction
             txn.commit()
         except BaseException:
             txn.abort()

@@ -12,8 +12,7 @@ import os
 from typing import Any
 
 from shared_state import codec
-from shared_state.shm import ShmStore
-from shared_state.versions import slot_of
+from shared_state.shm import ShmStore, key_bytes, locate
 
 
 def owner_dead(pid: int) -> bool:
@@ -41,14 +40,15 @@ class StateStore:
     def update(self, key: str, fn_blob: bytes, default_rec: bytes) -> tuple[int, bytes]:
         """Apply a dill-pickled ``fn`` to the value, once, while no other write can happen."""
         fn = codec.loads(fn_blob)
-        return self._shm.update(key, slot_of(key), fn, default_rec)
+        kb, slot = locate(key)
+        return self._shm.update(key, kb, slot, fn, default_rec)
 
     def reap_lock(self, name: str, token: bytes) -> bool:
         """Release lock ``name`` if ``token`` still holds it and its owner process died."""
         owner = self._shm.lock_owner(name)
         if owner is None or owner[1] != token or not owner_dead(owner[0]):
             return False
-        return self._shm.unlock(name, token)
+        return self._shm.unlock(key_bytes(name), token)
 
     def lock_owner(self, name: str) -> tuple[int, bytes] | None:
         return self._shm.lock_owner(name)
