@@ -102,6 +102,7 @@ def _serve_init(version_file: str, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _exit_with_parent(parent_pid)
     _STORE = StateStore(ShmStore(version_file, create=True))
+    _STORE.start_reaper()
 
 
 class StateServer:

@@ -279,6 +279,17 @@ class ShmStore:
             raise
         return mine
 
+    def held_locks(self) -> list[tuple[bytes, int, bytes]]:
+        """``(LMDB key, owner pid, owner token)`` of every held lock."""
+        env = self._env or self._open()
+        with env.begin(db=self._locks) as txn:
+            return [(kb, *_owner(rec)) for kb, rec in txn.cursor()]
+
+    def reader_check(self) -> int:
+        """Free the reader slots of dead processes (which would keep old pages alive)."""
+        env = self._env or self._open()
+        return int(env.reader_check())
+
     def lock_owner(self, name: str) -> tuple[int, bytes] | None:
         env = self._env or self._open()
         with env.begin(db=self._locks) as txn:

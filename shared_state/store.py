@@ -8,11 +8,15 @@ of a lock died, and keep the ``init_once`` records.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 from shared_state import codec
 from shared_state.shm import ShmStore, key_bytes, locate
+
+REAP_EVERY = 1.0  # seconds between two rounds of the server's reaper
 
 
 def owner_dead(pid: int) -> bool:
@@ -42,6 +46,31 @@ class StateStore:
         fn = codec.loads(fn_blob)
         kb, slot = locate(key)
         return self._shm.update(key, kb, slot, fn, default_rec)
+
+    def reap(self) -> int:
+        """Release every lock whose owner died, free dead readers' slots; the count released.
+
+        The server runs this every ``REAP_EVERY`` seconds; a waiter also asks for its own
+        lock (``reap_lock``) as soon as it sees the owner's pid gone.
+        """
+        self._shm.reader_check()
+        released = 0
+        for kb, pid, token in self._shm.held_locks():
+            if owner_dead(pid) and self._shm.unlock(kb, token):
+                released += 1
+        return released
+
+    def start_reaper(self) -> threading.Thread:
+        def reap_forever() -> None:
+            while not threading.Event().wait(REAP_EVERY):
+                try:
+                    self.reap()
+                except Exception:  # never the reaper's end: the next round tries again
+                    logging.getLogger(__name__).exception("state reaper")
+
+        reaper = threading.Thread(target=reap_forever, name="state-reaper", daemon=True)
+        reaper.start()
+        return reaper
 
     def reap_lock(self, name: str, token: bytes) -> bool:
         """Release lock ``name`` if ``token`` still holds it and its owner process died."""

@@ -19,7 +19,7 @@ import pytest
 
 from shared_state import TaskiqState
 from shared_state.shm import files_of
-from tests.pool_support import RunningPool
+from tests.pool_support import RunningPool, wait_for
 from tests.test_state_shared import Server, run_in_processes, serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,6 +141,29 @@ def test_a_lock_whose_holder_was_sigkilled_is_released_to_a_waiter(server: Serve
         assert server.connect().lock("job").acquire(timeout=0.05) is False
         lock.release()
         assert server.connect().lock("job").acquire(timeout=1) is True
+    finally:
+        _reap(proc)
+
+
+def test_the_servers_reaper_releases_a_dead_owners_lock_with_no_one_waiting(
+    server: Server,
+) -> None:
+    taken = CTX.Event()
+
+    def holder() -> None:
+        server.connect().lock("orphan").acquire()
+        taken.set()
+        CTX.Event().wait(60)
+
+    proc = CTX.Process(target=holder)
+    proc.start()
+    try:
+        assert taken.wait(10)
+        shm = server.connect()._shared._shm  # type: ignore[attr-defined]
+        assert [pid for _, pid, _ in shm.held_locks()] == [proc.pid]
+        proc.kill()
+        proc.join(10)
+        wait_for(lambda: shm.held_locks() == [], 10, "the reaper's round")
     finally:
         _reap(proc)
 
