@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from shared_state import codec
+from shared_state import locks as _locks
 from shared_state.locks import _pid_alive
 from shared_state.server import fast_dumps
-from shared_state.shm import ShmStore, key_bytes, locate, lock_record
+from shared_state.shm import ShmStore, locate, lock_hash, lock_owner_word, owner_pid
 from shared_state.state import TaskiqState
 from shared_state.versions import slot_of
 
@@ -37,7 +38,7 @@ class SharedBackend:
         self._shm = shm
         self._slots = shm.slots
         self._cache: dict[str, tuple[int, int, Any, bool]] = {}
-        self._lock_keys: dict[str, bytes] = {}  # lock name -> LMDB key
+        self._lock_hashes: dict[str, int] = {}  # lock name -> its hash in the lock table
         self._origin = origin  # (address, authkey, version file): how to connect again
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -158,41 +159,41 @@ class SharedBackend:
         A held lock is polled (20 µs, doubling to 2 ms); its owner's death is the server's
         to decide: asked at once when the owner's pid is gone, else every 0.2 s of waiting.
         """
-        kb = self._lock_keys.get(name) or self._lock_key(name)
-        record = lock_record(pid, token.encode())
+        name_hash = self._lock_hashes.get(name) or self._lock_hash(name)
+        mine = lock_owner_word(pid, token)
         shm = self._shm
-        owner = shm.try_lock(kb, record)
-        if owner is None:
+        owner = shm.try_lock(name_hash, mine)
+        if owner == 0:
             return True
         deadline = time.monotonic() + max(timeout, 0.0)
         ask_at = deadline if timeout <= 0 else time.monotonic() + 0.2
         delay = 20e-6
         while True:
             now = time.monotonic()
-            if now >= ask_at or not _pid_alive(owner[0]):
+            if now >= ask_at or not _pid_alive(owner_pid(owner)):
                 ask_at = now + 0.2
-                if self._call("reap_lock", (name, owner[1])):
+                if self._call("reap_lock", (name_hash, owner)):
                     delay = 20e-6
             elif now >= deadline:
                 return False
             else:
                 time.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 0.002)
-            owner = shm.try_lock(kb, record)
-            if owner is None:
+            owner = shm.try_lock(name_hash, mine)
+            if owner == 0:
                 return True
             if timeout <= 0:
                 return False
 
     def release(self, name: str, token: str) -> bool:
-        kb = self._lock_keys.get(name) or self._lock_key(name)
-        return self._shm.unlock(kb, token.encode())
+        name_hash = self._lock_hashes.get(name) or self._lock_hash(name)
+        return self._shm.unlock(name_hash, lock_owner_word(_locks._pid, token))
 
-    def _lock_key(self, name: str) -> bytes:
-        if len(self._lock_keys) >= CACHE_LIMIT:
-            self._lock_keys.clear()
-        self._lock_keys[name] = kb = key_bytes(name)
-        return kb
+    def _lock_hash(self, name: str) -> int:
+        if len(self._lock_hashes) >= CACHE_LIMIT:
+            self._lock_hashes.clear()
+        self._lock_hashes[name] = name_hash = lock_hash(name)
+        return name_hash
 
     # --- init_once records ------------------------------------------------------------
     def once_done(self, name: str) -> bool:

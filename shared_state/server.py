@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from multiprocess.managers import BaseManager
 
 _STORE: Any = None
-STORE_METHODS = ("update", "reap_lock", "lock_owner", "length", "once_done", "mark_once", "info")
+STORE_METHODS = ("update", "reap_lock", "length", "once_done", "mark_once", "info")
 
 
 def _get_store() -> Any:

@@ -16,12 +16,13 @@ a writer that died) is not cached. A cached value is served while its slot is un
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 from zlib import crc32
 
 from shared_state import codec
-from shared_state.versions import SLOTS, VersionTable, slot_of
+from shared_state.versions import LOCK_SLOTS, SLOTS, VersionTable, slot_of
 
 if TYPE_CHECKING:
     import lmdb
@@ -33,7 +34,8 @@ _MAX_KEY = 480  # LMDB keys are at most 511 bytes: longer ones are stored under 
 _ALL: weakref.WeakSet[ShmStore] = weakref.WeakSet()
 # This process's environments, by identity of their data file: LMDB forbids opening one
 # environment twice in a process, and every ``ShmStore`` of a file shares it.
-_ENVS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+_ENVS: dict[tuple[int, int], tuple[Any, Any]] = {}
+_OPENING = threading.Lock()
 
 
 def data_path(version_file: str) -> str:
@@ -71,12 +73,21 @@ def _record_for(key: str, kb: bytes, rec: bytes) -> bytes:
     return codec.with_key(rec, key.encode("utf-8", "surrogatepass"))
 
 
-def lock_record(pid: int, token: bytes) -> bytes:
-    return pid.to_bytes(4, "little") + token
+def lock_hash(name: str) -> int:
+    """A lock name's 64-bit hash, never 0 (the mark of a free entry)."""
+    import hashlib
+
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1
 
 
-def _owner(rec: bytes) -> tuple[int, bytes]:
-    return int.from_bytes(rec[:4], "little"), rec[4:]
+def lock_owner_word(pid: int, token: str) -> int:
+    """The owner word of a holder: its pid, and a number its token makes."""
+    return (pid << 32) | (crc32(token.encode()) or 1)
+
+
+def owner_pid(owner: int) -> int:
+    return owner >> 32
 
 
 class ShmStore:
@@ -93,30 +104,31 @@ class ShmStore:
                     pass
         self.versions = VersionTable(version_file, writable=True, create=create)
         self.slots = self.versions.slots
+        self.locks = self.versions.locks
         self._env: lmdb.Environment | None = None
         self._values: Any = None
-        self._locks: Any = None
         if create:
             self._create_env()
         _ALL.add(self)
 
     # --- the environment ----------------------------------------------------------------
     def _open(self) -> lmdb.Environment:
-        info = os.stat(self.path)
-        ident = (info.st_dev, info.st_ino)
-        opened = _ENVS.get(ident)
-        if opened is None:
-            env = _lmdb_open(self.path, create=False)
-            opened = (env, env.open_db(b"values"), env.open_db(b"locks"))
-            _ENVS[ident] = opened
-        self._env, self._values, self._locks = opened
+        with _OPENING:  # threads of this process share one environment per file
+            info = os.stat(self.path)
+            ident = (info.st_dev, info.st_ino)
+            opened = _ENVS.get(ident)
+            if opened is None:
+                env = _lmdb_open(self.path, create=False)
+                opened = (env, env.open_db(b"values"))
+                _ENVS[ident] = opened
+            self._values = opened[1]
+            self._env = opened[0]
         return opened[0]
 
     def _create_env(self) -> None:
         """The server's: a new, empty environment, its files of mode 0600."""
         env = _lmdb_open(self.path, create=True)
         env.open_db(b"values")
-        env.open_db(b"locks")
         env.close()
         self._open()
 
@@ -252,49 +264,86 @@ class ShmStore:
             raise
         return int(version), new_rec
 
-    # --- named locks: a record (owner pid, owner token) per held lock ------------------
-    def try_lock(self, kb: bytes, record: bytes) -> tuple[int, bytes] | None:
-        """Take the lock of LMDB key ``kb`` with ``lock_record(pid, token)`` (``None``), or
-        tell who holds it: ``(pid, token)``."""
-        txn = (self._env or self._open()).begin(write=True, db=self._locks)
-        try:
-            held = None if txn.put(kb, record, overwrite=False) else txn.get(kb)
-            txn.commit()
-        except BaseException:
-            txn.abort()
-            raise
-        return None if held is None else _owner(held)
+    # --- named locks: a table in the version file, changed only under the writer mutex ---
+    # Entry i is words (name hash, owner) at 2 + 2i; owner 0 is free, else pid << 32 | serial.
+    # A name's entry stays assigned once free, so probing never breaks; when half the table
+    # is assigned, the next taker compacts it. Taking and releasing cost one empty LMDB
+    # write transaction each (its mutex, nothing written to LMDB).
+    def _find(self, name_hash: int) -> int:
+        """The entry of ``name_hash``, or the free one it would take; -1 when full."""
+        table = self.locks
+        i = name_hash % LOCK_SLOTS
+        for _ in range(LOCK_SLOTS):
+            held = table[2 + 2 * i]
+            if held == name_hash or held == 0:
+                return i
+            i = (i + 1) % LOCK_SLOTS
+        return -1
 
-    def unlock(self, kb: bytes, token: bytes) -> bool:
-        """Release the lock if ``token`` holds it (the server passes its owner's token)."""
-        txn = (self._env or self._open()).begin(write=True, db=self._locks)
-        try:
-            held = txn.pop(kb)
-            mine = held is not None and held[4:] == token
-            if held is not None and not mine:
-                txn.put(kb, held)  # another holder's: put back, in the same transaction
-            txn.commit()
-        except BaseException:
-            txn.abort()
-            raise
-        return mine
+    def _compact(self) -> None:
+        table = self.locks
+        held = [(table[2 + 2 * i], table[3 + 2 * i]) for i in range(LOCK_SLOTS) if table[3 + 2 * i]]
+        for i in range(2, len(table)):
+            table[i] = 0
+        for name_hash, owner in held:
+            i = self._find(name_hash)
+            table[2 + 2 * i], table[3 + 2 * i] = name_hash, owner
+        table[0] = len(held)
 
-    def held_locks(self) -> list[tuple[bytes, int, bytes]]:
-        """``(LMDB key, owner pid, owner token)`` of every held lock."""
-        env = self._env or self._open()
-        with env.begin(db=self._locks) as txn:
-            return [(kb, *_owner(rec)) for kb, rec in txn.cursor()]
+    def try_lock(self, name_hash: int, owner: int) -> int:
+        """Take the lock (0), or tell who holds it (the owner word)."""
+        table = self.locks
+        txn = (self._env or self._open()).begin(write=True)  # the writer mutex
+        try:
+            i = self._find(name_hash)
+            if i >= 0 and table[2 + 2 * i] == name_hash:
+                current = table[3 + 2 * i]
+                if current == 0:
+                    table[3 + 2 * i] = owner
+                return int(current)
+            if table[0] >= LOCK_SLOTS // 2:
+                self._compact()
+                i = self._find(name_hash)
+            if i < 0:
+                raise RuntimeError(f"more than {LOCK_SLOTS} state locks held at once")
+            table[3 + 2 * i] = owner
+            table[2 + 2 * i] = name_hash
+            table[0] += 1
+            return 0
+        finally:
+            txn.abort()
+
+    def unlock(self, name_hash: int, owner: int) -> bool:
+        """Release the lock if ``owner`` holds it (the server passes a dead owner's word)."""
+        table = self.locks
+        txn = (self._env or self._open()).begin(write=True)
+        try:
+            i = self._find(name_hash)
+            mine = i >= 0 and table[2 + 2 * i] == name_hash and table[3 + 2 * i] == owner
+            if mine:
+                table[3 + 2 * i] = 0
+            return mine
+        finally:
+            txn.abort()
+
+    def lock_owner(self, name_hash: int) -> int:
+        """The owner word of a lock (0: free); a glance, not under the mutex."""
+        i = self._find(name_hash)
+        return 0 if i < 0 or self.locks[2 + 2 * i] != name_hash else int(self.locks[3 + 2 * i])
+
+    def held_locks(self) -> list[tuple[int, int]]:
+        """``(name hash, owner word)`` of every held lock; a glance, not under the mutex."""
+        table = self.locks
+        return [
+            (int(table[2 + 2 * i]), int(table[3 + 2 * i]))
+            for i in range(LOCK_SLOTS)
+            if table[3 + 2 * i]
+        ]
 
     def reader_check(self) -> int:
         """Free the reader slots of dead processes (which would keep old pages alive)."""
         env = self._env or self._open()
         return int(env.reader_check())
-
-    def lock_owner(self, name: str) -> tuple[int, bytes] | None:
-        env = self._env or self._open()
-        with env.begin(db=self._locks) as txn:
-            held = txn.get(key_bytes(name))
-        return None if held is None else _owner(held)
 
 
 _patched = False
@@ -336,7 +385,7 @@ def _lmdb_open(path: str, *, create: bool) -> lmdb.Environment:
         sync=False,  # the state lives as long as its pool: no fsync
         metasync=False,
         lock=True,  # writers serialise on LMDB's process-shared (robust) mutex
-        max_dbs=2,
+        max_dbs=1,
         max_readers=MAX_READERS,
         max_spare_txns=4,
         readahead=False,
@@ -350,13 +399,15 @@ def _after_fork_in_child() -> None:
     """Environments must not cross ``fork``: in a child, each store opens its file again on
     next use. The inherited environments are kept alive, unused, for the child's lifetime:
     closing one would free the parent's reader slots."""
+    global _OPENING
+    _OPENING = threading.Lock()  # a thread of the parent may have held it
     if not _ENVS:
         return
     import ctypes
 
     for store in list(_ALL):
         store._env = None
-    for env, _, _ in _ENVS.values():
+    for env, _ in _ENVS.values():
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(env))
     _ENVS.clear()
 

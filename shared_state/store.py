@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from shared_state import codec
-from shared_state.shm import ShmStore, key_bytes, locate
+from shared_state.shm import ShmStore, locate, owner_pid
 
 REAP_EVERY = 1.0  # seconds between two rounds of the server's reaper
 
@@ -55,8 +55,8 @@ class StateStore:
         """
         self._shm.reader_check()
         released = 0
-        for kb, pid, token in self._shm.held_locks():
-            if owner_dead(pid) and self._shm.unlock(kb, token):
+        for name_hash, owner in self._shm.held_locks():
+            if owner_dead(owner_pid(owner)) and self._shm.unlock(name_hash, owner):
                 released += 1
         return released
 
@@ -72,15 +72,11 @@ class StateStore:
         reaper.start()
         return reaper
 
-    def reap_lock(self, name: str, token: bytes) -> bool:
-        """Release lock ``name`` if ``token`` still holds it and its owner process died."""
-        owner = self._shm.lock_owner(name)
-        if owner is None or owner[1] != token or not owner_dead(owner[0]):
+    def reap_lock(self, name_hash: int, owner: int) -> bool:
+        """Release a lock if ``owner`` still holds it and that process died."""
+        if self._shm.lock_owner(name_hash) != owner or not owner_dead(owner_pid(owner)):
             return False
-        return self._shm.unlock(key_bytes(name), token)
-
-    def lock_owner(self, name: str) -> tuple[int, bytes] | None:
-        return self._shm.lock_owner(name)
+        return self._shm.unlock(name_hash, owner)
 
     def length(self) -> int:
         return self._shm.length()

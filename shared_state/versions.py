@@ -17,6 +17,10 @@ import zlib
 
 SLOTS = 8192
 _WORD = 8
+# After the version slots: the lock table (see ``shm``), a header word (entries in use) and
+# LOCK_SLOTS entries of two words (name hash, owner).
+LOCK_SLOTS = 16384
+LOCK_WORDS = 2 + 2 * LOCK_SLOTS
 
 
 def slot_of(key: str) -> int:
@@ -31,7 +35,7 @@ class VersionTable:
     """
 
     def __init__(self, path: str, *, writable: bool = False, create: bool = False) -> None:
-        size = SLOTS * _WORD
+        size = (SLOTS + LOCK_WORDS) * _WORD
         if create:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         else:
@@ -43,7 +47,9 @@ class VersionTable:
             self._map = mmap.mmap(fd, size, access=access)
         finally:
             os.close(fd)
-        self.slots = memoryview(self._map).cast("Q")
+        self._words = memoryview(self._map).cast("Q")
+        self.slots = self._words[:SLOTS]
+        self.locks = self._words[SLOTS:]
 
     def read(self, slot: int) -> int:
         return int(self.slots[slot])
@@ -55,5 +61,6 @@ class VersionTable:
         return int(value)
 
     def close(self) -> None:
-        self.slots.release()
+        for view in (self.slots, self.locks, self._words):
+            view.release()
         self._map.close()

@@ -18,7 +18,7 @@ import multiprocess
 import pytest
 
 from shared_state import TaskiqState
-from shared_state.shm import files_of
+from shared_state.shm import files_of, owner_pid
 from tests.pool_support import RunningPool, wait_for
 from tests.test_state_shared import Server, run_in_processes, serving
 
@@ -160,7 +160,7 @@ def test_the_servers_reaper_releases_a_dead_owners_lock_with_no_one_waiting(
     try:
         assert taken.wait(10)
         shm = server.connect()._shared._shm  # type: ignore[attr-defined]
-        assert [pid for _, pid, _ in shm.held_locks()] == [proc.pid]
+        assert [owner_pid(owner) for _, owner in shm.held_locks()] == [proc.pid]
         proc.kill()
         proc.join(10)
         wait_for(lambda: shm.held_locks() == [], 10, "the reaper's round")
@@ -284,3 +284,41 @@ def test_the_pools_store_is_in_its_run_dir_mode_0600_and_removed_with_the_pool()
         assert running.stats()["state"]["keys"] >= 0
         assert running.stop() == 0
         assert not any(os.path.exists(path) for path in paths)
+
+
+def test_threads_of_one_process_share_the_store_from_their_first_call(server: Server) -> None:
+    import threading
+
+    state = server.connect()  # nothing opened yet: the threads race to open the store
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            for i in range(500):
+                state.incr("n")
+                with state.lock("shared"):
+                    state.set_value("last", i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and not any(thread.is_alive() for thread in threads)
+    assert server.connect().get_value("n") == 2000
+
+
+def test_many_lock_names_over_time_fit_in_the_lock_table(server: Server) -> None:
+    from shared_state.versions import LOCK_SLOTS
+
+    state = server.connect()
+    outer = state.lock("outer")
+    outer.acquire()
+    for n in range(LOCK_SLOTS + 100):  # each name once: the table compacts as it fills
+        with state.lock(f"item:{n}"):
+            pass
+    assert server.connect().lock("outer").acquire(timeout=0.05) is False  # still held
+    outer.release()
+    assert server.connect().lock("outer").acquire(timeout=1) is True
