@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+from zlib import crc32
 
 from shared_state import codec
 from shared_state import locks as _locks
@@ -160,7 +161,7 @@ class SharedBackend:
         to decide: asked at once when the owner's pid is gone, else every 0.2 s of waiting.
         """
         name_hash = self._lock_hashes.get(name) or self._lock_hash(name)
-        mine = lock_owner_word(pid, token)
+        mine = (pid << 32) | (crc32(token.encode()) or 1)  # lock_owner_word, inlined
         shm = self._shm
         owner = shm.try_lock(name_hash, mine)
         if owner == 0:

@@ -123,6 +123,9 @@ class StateLock:
         return self._held
 
     def __enter__(self) -> StateLock:
+        if not self._held and self._backend.acquire(self.name, self._token, _pid, _WAIT_SLICE):
+            self._held = True  # the common case, at the first try
+            return self
         self.acquire()
         return self
 

@@ -293,35 +293,48 @@ class ShmStore:
     def try_lock(self, name_hash: int, owner: int) -> int:
         """Take the lock (0), or tell who holds it (the owner word)."""
         table = self.locks
+        at = 2 + 2 * (name_hash % LOCK_SLOTS)  # where the name is, nearly always
         txn = (self._env or self._open()).begin(write=True)  # the writer mutex
         try:
-            i = self._find(name_hash)
-            if i >= 0 and table[2 + 2 * i] == name_hash:
-                current = table[3 + 2 * i]
-                if current == 0:
-                    table[3 + 2 * i] = owner
-                return int(current)
-            if table[0] >= LOCK_SLOTS // 2:
-                self._compact()
+            if table[at] != name_hash:
                 i = self._find(name_hash)
-            if i < 0:
-                raise RuntimeError(f"more than {LOCK_SLOTS} state locks held at once")
-            table[3 + 2 * i] = owner
-            table[2 + 2 * i] = name_hash
-            table[0] += 1
-            return 0
+                if i < 0 or table[2 + 2 * i] != name_hash:
+                    return self._claim(name_hash, owner, i)
+                at = 2 + 2 * i
+            current = table[at + 1]
+            if current == 0:
+                table[at + 1] = owner
+            return int(current)
         finally:
             txn.abort()
+
+    def _claim(self, name_hash: int, owner: int, i: int) -> int:
+        """Give a name its entry (free entry ``i``), holding the mutex; 0 (taken)."""
+        table = self.locks
+        if i < 0 or table[0] >= LOCK_SLOTS // 2:
+            self._compact()
+            i = self._find(name_hash)
+        if i < 0:
+            raise RuntimeError(f"more than {LOCK_SLOTS} state locks held at once")
+        table[3 + 2 * i] = owner
+        table[2 + 2 * i] = name_hash
+        table[0] += 1
+        return 0
 
     def unlock(self, name_hash: int, owner: int) -> bool:
         """Release the lock if ``owner`` holds it (the server passes a dead owner's word)."""
         table = self.locks
+        at = 2 + 2 * (name_hash % LOCK_SLOTS)
         txn = (self._env or self._open()).begin(write=True)
         try:
-            i = self._find(name_hash)
-            mine = i >= 0 and table[2 + 2 * i] == name_hash and table[3 + 2 * i] == owner
+            if table[at] != name_hash:
+                i = self._find(name_hash)
+                if i < 0:
+                    return False
+                at = 2 + 2 * i
+            mine = table[at] == name_hash and table[at + 1] == owner
             if mine:
-                table[3 + 2 * i] = 0
+                table[at + 1] = 0
             return mine
         finally:
             txn.abort()
