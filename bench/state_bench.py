@@ -35,11 +35,13 @@ def _per_op_us(fn: Callable[[int], Any], rounds: int) -> float:
     return median(samples)
 
 
-def _changed_get_us(change: Callable[[int], None], read: Callable[[], Any], rounds: int) -> float:
-    """Median of ``read()`` just after another process ran ``change(i)``.
+def _changed_gets_us(
+    change: Callable[[str, int], None], reads: dict[str, Callable[[], Any]], rounds: int
+) -> dict[str, float]:
+    """Median of each ``reads[side]()`` just after another process ran ``change(side, i)``.
 
     The other process is forked here and changes the value when told through a pipe, so
-    the pipe's round trip is outside the timed read.
+    the pipe's round trip is outside the timed read; the sides take turns, read by read.
     """
     import multiprocess
 
@@ -48,30 +50,32 @@ def _changed_get_us(change: Callable[[int], None], read: Callable[[], Any], roun
 
     def writer() -> None:
         while True:
-            i = theirs.recv()
-            if i is None:
+            order = theirs.recv()
+            if order is None:
                 return
-            change(i)
+            change(*order)
             theirs.send(True)
 
     proc = ctx.Process(target=writer, daemon=True)
     proc.start()
-    samples = []
+    samples: dict[str, list[float]] = {side: [] for side in reads}
     try:
-        read()
-        for i in range(rounds):
-            ours.send(i)
-            ours.recv()
-            start = time.perf_counter()
+        for read in reads.values():
             read()
-            samples.append((time.perf_counter() - start) * 1e6)
+        for i in range(rounds):
+            for side, read in reads.items():
+                ours.send((side, i))
+                ours.recv()
+                start = time.perf_counter()
+                read()
+                samples[side].append((time.perf_counter() - start) * 1e6)
         ours.send(None)
         proc.join(10)
     finally:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-    return median(samples)
+    return {side: median(values) for side, values in samples.items()}
 
 
 def time_state(state: Any, rounds: int) -> dict[str, float]:
@@ -107,87 +111,135 @@ def _state_server() -> Iterator[Callable[[], Any]]:
             server.shutdown()
 
 
-def time_state_standalone(rounds: int) -> dict[str, float]:
-    """Our state served by a state server, timed from this (client) process."""
-    with _state_server() as connect:
-        state = connect()
-        figures = time_state(state, rounds)
-        state.set_value("bench:changed", 0)
-        writer: list[Any] = []  # the other process's own client, made there once
+def _interleaved(
+    sides: dict[str, dict[str, Callable[[int], Any]]], rounds: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """Per side, the median µs of each operation, the sides taking turns batch by batch (so
+    that the load of a shared machine weighs on each side alike)."""
+    samples: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    for op, count in rounds.items():
+        for _ in range(max(1, count // BATCH)):
+            for side, ops in sides.items():
+                fn = ops[op]
+                start = time.perf_counter()
+                for i in range(BATCH):
+                    fn(i)
+                took = (time.perf_counter() - start) / BATCH * 1e6
+                samples[side].setdefault(f"{op}_us", []).append(took)
+    return {
+        side: {key: median(values) for key, values in ops.items()} for side, ops in samples.items()
+    }
 
-        def change(i: int) -> None:
-            if not writer:
-                writer.append(connect())
-            writer[0].set_value("bench:changed", i)
 
-        figures["get_changed_us"] = _changed_get_us(
-            change, lambda: state.get_value("bench:changed"), rounds
-        )
-        return figures
+def _state_ops(state: Any) -> dict[str, Callable[[int], Any]]:
+    state.set_value("bench:config", {"debug": False, "name": "bench"})
+    state.set_value("bench:n", 1)
+    state.get_value("bench:n")
+    state.get_value("bench:config")
+
+    def lock(_: int) -> None:
+        with state.lock("bench:lock"):
+            pass
+
+    return {
+        "get_unchanged": lambda i: state.get_value("bench:n"),
+        "get_unchanged_dict": lambda i: state.get_value("bench:config"),
+        "set": lambda i: state.set_value("bench:s", i),
+        "incr": lambda i: state.incr("bench:c"),
+        "lock": lock,
+    }
 
 
-def time_lmdb(rounds: int) -> dict[str, float]:
+_LMDB_OPTIONS: dict[str, Any] = {
+    "subdir": False,
+    "map_size": 1 << 28,
+    "writemap": True,
+    "sync": False,
+    "metasync": False,
+    "max_dbs": 2,
+}
+
+
+def _lmdb_ops(env: Any, db: Any) -> dict[str, Callable[[int], Any]]:
     """Raw py-lmdb, configured as pool's store: the shared-memory floor.
 
     Values are pickled as pool's are; ``lock`` is LMDB's writer mutex (an empty write
-    transaction), the cheapest cross-process lock it offers.
+    transaction), the cheapest cross-process lock it offers; ``get_unchanged`` has no cache
+    to serve it: it is a read transaction and an unpickling.
     """
+
+    def put(key: bytes, value: Any) -> None:
+        with env.begin(write=True, db=db) as txn:
+            txn.put(key, pickle.dumps(value, protocol=5))
+
+    def get(key: bytes) -> Any:
+        with env.begin(db=db) as txn:
+            return pickle.loads(txn.get(key))
+
+    def incr(_: int) -> None:
+        with env.begin(write=True, db=db) as txn:
+            blob = txn.get(b"c")
+            txn.put(b"c", pickle.dumps((0 if blob is None else pickle.loads(blob)) + 1, 5))
+
+    def lock(_: int) -> None:
+        with env.begin(write=True):
+            pass
+
+    put(b"n", 1)
+    put(b"x", 0)
+    return {
+        "get_unchanged": lambda i: get(b"n"),
+        "set": lambda i: put(b"s", i),
+        "incr": incr,
+        "lock": lock,
+        "get_changed": lambda i: get(b"x"),
+    }
+
+
+def time_pool_and_lmdb(rounds: int) -> dict[str, dict[str, float]]:
+    """pool's state (served by a state server, timed from a client process) and raw LMDB,
+    side by side."""
     import lmdb
 
-    with tempfile.TemporaryDirectory(prefix="sbl-", dir="/tmp") as tmp:
+    from shared_state.shm import _per_process_identity
+
+    with _state_server() as connect, tempfile.TemporaryDirectory(prefix="sbl-") as tmp:
         path = f"{tmp}/data.mdb"
-        options: dict[str, Any] = {
-            "subdir": False,
-            "map_size": 1 << 28,
-            "writemap": True,
-            "sync": False,
-            "metasync": False,
-            "max_dbs": 2,
-        }
-        env = lmdb.open(path, **options)
+        env = lmdb.open(path, **_LMDB_OPTIONS)
         db = env.open_db(b"values")
+        state = connect()
+        sides = {"pool_state": _state_ops(state), "lmdb": _lmdb_ops(env, db)}
+        figures = _interleaved(
+            sides,
+            {"get_unchanged": rounds * 10, "set": rounds, "incr": rounds, "lock": rounds},
+        )
+        figures["pool_state"]["get_unchanged_dict_us"] = _interleaved(
+            {"pool_state": sides["pool_state"]}, {"get_unchanged_dict": rounds * 10}
+        )["pool_state"]["get_unchanged_dict_us"]
+        state.set_value("bench:changed", 0)
+        writers: list[Any] = []  # the other process's own clients, made there once
 
-        def put(key: bytes, value: Any) -> None:
-            with env.begin(write=True, db=db) as txn:
-                txn.put(key, pickle.dumps(value, protocol=5))
+        def change(side: str, i: int) -> None:
+            if not writers:
+                _per_process_identity()  # LMDB's rule: a child opens its own environment
+                mine = lmdb.open(path, **_LMDB_OPTIONS)
+                writers.extend([connect(), mine, mine.open_db(b"values")])
+            if side == "pool_state":
+                writers[0].set_value("bench:changed", i)
+            else:
+                with writers[1].begin(write=True, db=writers[2]) as txn:
+                    txn.put(b"x", pickle.dumps(i, protocol=5))
 
-        def get(key: bytes) -> Any:
-            with env.begin(db=db) as txn:
-                return pickle.loads(txn.get(key))
-
-        def incr(_: int) -> None:
-            with env.begin(write=True, db=db) as txn:
-                blob = txn.get(b"c")
-                txn.put(b"c", pickle.dumps((0 if blob is None else pickle.loads(blob)) + 1, 5))
-
-        def lock(_: int) -> None:
-            with env.begin(write=True):
-                pass
-
-        put(b"n", 1)
-        writer: list[Any] = []
-
-        def change(i: int) -> None:
-            # the forked writer opens its own environment (LMDB's rule; pool's way around
-            # py-lmdb's guard against a second open in what it takes for the same process)
-            if not writer:
-                from shared_state.shm import _per_process_identity
-
-                _per_process_identity()
-                mine = lmdb.open(path, **options)
-                writer.append((mine, mine.open_db(b"values")))
-            mine, mine_db = writer[0]
-            with mine.begin(write=True, db=mine_db) as txn:
-                txn.put(b"x", pickle.dumps(i, protocol=5))
-
-        put(b"x", 0)
-        figures = {
-            "get_unchanged_us": _per_op_us(lambda i: get(b"n"), rounds * 10),
-            "set_us": _per_op_us(lambda i: put(b"s", i), rounds),
-            "incr_us": _per_op_us(incr, rounds),
-            "lock_us": _per_op_us(lock, rounds),
-            "get_changed_us": _changed_get_us(change, lambda: get(b"x"), rounds),
-        }
+        changed = _changed_gets_us(
+            change,
+            {
+                "pool_state": lambda: state.get_value("bench:changed"),
+                "lmdb": lambda: sides["lmdb"]["get_changed"](0),
+            },
+            rounds,
+        )
+        for side, value in changed.items():
+            figures[side]["get_changed_us"] = value
         env.close()
         return figures
 
@@ -249,11 +301,7 @@ def time_redis(rounds: int, url: str = "redis://127.0.0.1:6379/0") -> dict[str, 
 
 
 def run(rounds: int = 5000, redis: bool = True) -> dict[str, dict[str, float]]:
-    results = {
-        "pool_state": time_state_standalone(rounds),
-        "lmdb": time_lmdb(rounds),
-        "manager_dict": time_manager(rounds),
-    }
+    results = {**time_pool_and_lmdb(rounds), "manager_dict": time_manager(rounds)}
     if redis:
         try:
             results["redis"] = time_redis(rounds)
