@@ -13,7 +13,7 @@ from shared_state import codec
 from shared_state import locks as _locks
 from shared_state.locks import _pid_alive
 from shared_state.server import fast_dumps
-from shared_state.shm import ShmStore, locate, lock_hash, lock_owner_word, owner_pid
+from shared_state.shm import ShmStore, locate, lock_hash, owner_pid
 from shared_state.state import TaskiqState
 from shared_state.versions import slot_of
 
@@ -188,7 +188,7 @@ class SharedBackend:
 
     def release(self, name: str, token: str) -> bool:
         name_hash = self._lock_hashes.get(name) or self._lock_hash(name)
-        return self._shm.unlock(name_hash, lock_owner_word(_locks._pid, token))
+        return self._shm.unlock(name_hash, (_locks._pid << 32) | (crc32(token.encode()) or 1))
 
     def _lock_hash(self, name: str) -> int:
         if len(self._lock_hashes) >= CACHE_LIMIT:
