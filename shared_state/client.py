@@ -1,15 +1,21 @@
-"""The worker's side of the shared state: a manager proxy plus a version-checked read cache."""
+"""The worker's side of the shared state: the shared-memory store, a version-checked read
+cache, and a manager proxy to the state server for what only the server does."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
+from zlib import crc32
 
 from shared_state import codec
+from shared_state import locks as _locks
+from shared_state.locks import _pid_alive
 from shared_state.server import fast_dumps
+from shared_state.shm import ShmStore, locate, lock_hash, owner_pid
 from shared_state.state import TaskiqState
-from shared_state.versions import VersionTable, slot_of
+from shared_state.versions import slot_of
 
 _MISSING = object()
 # Entries kept per process before the cache starts over; a refetch is always correct.
@@ -17,19 +23,23 @@ CACHE_LIMIT = 50_000
 
 
 class SharedBackend:
-    """Talks to the state server; serves unchanged keys from a per-process cache.
+    """Reads and writes the shared-memory store directly; asks the state server for what
+    only it may do (``update``'s function, a lock whose owner died, ``init_once`` records).
 
-    A cache entry is ``(slot version, value, is_object)``: immutable values are kept as
-    objects, others as bytes and copied on every read, so callers get copies as they would
-    from the server.
+    A cache entry is ``(slot, version, value, is_object)``: immutable values are kept as
+    objects, others as their record and loaded again on every read, so callers get copies as
+    they would from the store. An entry is served while the version slot of its key is
+    unchanged.
     """
 
     def __init__(
-        self, store: Any, versions: VersionTable, origin: tuple[str, bytes, str] | None = None
+        self, store: Any, shm: ShmStore, origin: tuple[str, bytes, str] | None = None
     ) -> None:
         self._store = store
-        self._versions = versions
-        self._cache: dict[str, tuple[int, Any, bool]] = {}
+        self._shm = shm
+        self._slots = shm.slots
+        self._cache: dict[str, tuple[int, int, Any, bool]] = {}
+        self._lock_hashes: dict[str, int] = {}  # lock name -> its hash in the lock table
         self._origin = origin  # (address, authkey, version file): how to connect again
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -60,7 +70,7 @@ class SharedBackend:
         raise convert_to_error(kind, result)
 
     def encode(self, value: Any) -> bytes | None:
-        return codec.try_dumps(value)
+        return codec.try_record(value)
 
     # --- reads ----------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -72,76 +82,119 @@ class SharedBackend:
 
     def _lookup(self, key: str) -> Any:
         entry = self._cache.get(key)
-        if entry is not None and self._versions.read(slot_of(key)) == entry[0]:
-            return entry[1] if entry[2] else codec.loads(entry[1])
-        version, blob = self._call("get", (key,))
-        if blob is None:
-            self._remember(key, version, _MISSING, True)
+        if entry is not None and self._slots[entry[0]] == entry[1]:
+            return entry[2] if entry[3] else codec.load_record(entry[2])
+        kb, slot = locate(key)
+        version, rec, cacheable = self._shm.get(key, kb, slot)
+        if rec is None:
+            if cacheable:
+                self._remember(key, slot, version, _MISSING, True)
             return _MISSING
-        value = codec.loads(blob)
-        self._remember_value(key, version, value, blob)
+        value = codec.load_record(rec)
+        if cacheable:
+            self._remember_value(key, slot, version, value, rec)
         return value
 
-    def _remember(self, key: str, version: int, value: Any, is_object: bool) -> None:
+    def _remember(self, key: str, slot: int, version: int, value: Any, is_object: bool) -> None:
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
-        self._cache[key] = (version, value, is_object)
+        self._cache[key] = (slot, version, value, is_object)
 
-    def _remember_value(self, key: str, version: int, value: Any, blob: bytes) -> None:
+    def _remember_value(self, key: str, slot: int, version: int, value: Any, rec: bytes) -> None:
         if codec.is_immutable(value):
-            self._remember(key, version, value, True)
+            self._remember(key, slot, version, value, True)
         else:
-            self._remember(key, version, blob, False)
+            self._remember(key, slot, version, rec, False)
 
     def keys(self) -> list[str]:
-        return list(self._call("keys"))
+        return self._shm.keys()
 
     def items(self) -> list[tuple[str, Any]]:
-        return [(k, codec.loads(b)) for k, b in self._call("items")]
+        return [(k, codec.load_record(rec)) for k, rec in self._shm.items()]
 
     def length(self) -> int:
-        return int(self._call("length"))
+        return self._shm.length()
 
     # --- writes ---------------------------------------------------------------------
     def set(self, key: str, value: Any, blob: bytes) -> None:
-        version = self._call("set", (key, blob))
-        self._remember_value(key, version, value, blob)
+        kb, slot = locate(key)
+        version = self._shm.set(key, kb, slot, blob)
+        self._remember_value(key, slot, version, value, blob)
 
     def delete(self, key: str) -> None:
         self._cache.pop(key, None)
-        self._call("delete", (key,))
+        self._shm.delete(key, *locate(key))
 
     def clear(self) -> None:
         self._cache.clear()
-        self._call("clear")
+        self._shm.clear()
 
     def incr(self, key: str, amount: int | float) -> Any:
-        version, new = self._call("incr", (key, amount))
-        self._remember(key, version, new, True)
+        kb, slot = locate(key)
+        version, new = self._shm.incr(key, kb, slot, amount)
+        self._remember(key, slot, version, new, True)
         return new
 
     def update(self, key: str, fn: Callable[[Any], Any], default: Any) -> Any:
         try:
-            fn_blob, default_blob = codec.dumps(fn), codec.dumps(default)
+            fn_blob, default_rec = codec.dumps(fn), codec.record(default)
         except Exception as exc:
             raise TypeError(f"update of {key!r}: cannot send {fn!r} to the state: {exc}") from exc
-        version, blob = self._call("update", (key, fn_blob, default_blob))
-        value = codec.loads(blob)
-        self._remember_value(key, version, value, blob)
+        version, rec = self._call("update", (key, fn_blob, default_rec))
+        value = codec.load_record(rec)
+        self._remember_value(key, slot_of(key), version, value, rec)
         return value
 
     def setdefault(self, key: str, blob: bytes) -> Any:
-        version, current = self._call("setdefault", (key, blob))
-        value = codec.loads(current)
-        self._remember_value(key, version, value, current)
+        kb, slot = locate(key)
+        version, current, cacheable = self._shm.setdefault(key, kb, slot, blob)
+        value = codec.load_record(current)
+        if cacheable:
+            self._remember_value(key, slot, version, value, current)
         return value
 
     # --- locks ----------------------------------------------------------------------
     def acquire(self, name: str, token: str, pid: int, timeout: float) -> bool:
-        return bool(self._call("acquire", (name, token, pid, timeout)))
+        """Take lock ``name`` for ``token``, waiting up to ``timeout`` seconds.
+
+        A held lock is polled (20 µs, doubling to 2 ms); its owner's death is the server's
+        to decide: asked at once when the owner's pid is gone, else every 0.2 s of waiting.
+        """
+        name_hash = self._lock_hashes.get(name) or self._lock_hash(name)
+        mine = (pid << 32) | (crc32(token.encode()) or 1)  # lock_owner_word, inlined
+        shm = self._shm
+        owner = shm.try_lock(name_hash, mine)
+        if owner == 0:
+            return True
+        deadline = time.monotonic() + max(timeout, 0.0)
+        ask_at = deadline if timeout <= 0 else time.monotonic() + 0.2
+        delay = 20e-6
+        while True:
+            now = time.monotonic()
+            if now >= ask_at or not _pid_alive(owner_pid(owner)):
+                ask_at = now + 0.2
+                if self._call("reap_lock", (name_hash, owner)):
+                    delay = 20e-6
+            elif now >= deadline:
+                return False
+            else:
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.002)
+            owner = shm.try_lock(name_hash, mine)
+            if owner == 0:
+                return True
+            if timeout <= 0:
+                return False
 
     def release(self, name: str, token: str) -> bool:
-        return bool(self._call("release", (name, token)))
+        name_hash = self._lock_hashes.get(name) or self._lock_hash(name)
+        return self._shm.unlock(name_hash, (_locks._pid << 32) | (crc32(token.encode()) or 1))
+
+    def _lock_hash(self, name: str) -> int:
+        if len(self._lock_hashes) >= CACHE_LIMIT:
+            self._lock_hashes.clear()
+        self._lock_hashes[name] = name_hash = lock_hash(name)
+        return name_hash
 
     # --- init_once records ------------------------------------------------------------
     def once_done(self, name: str) -> bool:
@@ -167,7 +220,7 @@ def connect_backend(address: str, authkey: bytes, version_file: str) -> SharedBa
     manager = manager_class()(address=address, authkey=authkey)
     manager.connect()
     store = manager.get_store()
-    return SharedBackend(store, VersionTable(version_file), (address, authkey, version_file))
+    return SharedBackend(store, ShmStore(version_file), (address, authkey, version_file))
 
 
 def connect_state(address: str, authkey: bytes, version_file: str) -> TaskiqState:

@@ -107,3 +107,55 @@ def is_immutable(value: Any) -> bool:
     if isinstance(value, tuple):
         return all(is_immutable(item) for item in value)
     return type(value) in IMMUTABLE_TYPES
+
+
+# --- records of the shared-memory store -------------------------------------------------
+# A record is one flag byte and the pickle: ``p`` for the C pickler's bytes, ``d`` for dill's
+# (so a plain value is loaded by the C unpickler, ten times faster than dill). Upper case
+# (``P``/``D``) adds the key, 2-byte length first, for keys too long to be LMDB keys.
+PLAIN = 0x70  # b"p"
+DILL = 0x64  # b"d"
+_WITH_KEY = 0x20  # lower case minus this: upper case
+
+
+def try_record(value: Any) -> bytes | None:
+    """The record of a value of the shared tier, or ``None`` when it must stay local."""
+    import io
+
+    if _plain(value, [256]):
+        return b"p" + pickle.dumps(value, protocol=5)
+    buffer = io.BytesIO()
+    buffer.write(b"d")
+    try:
+        _value_pickler_class()(buffer, protocol=5).dump(value)
+    except PICKLE_ERRORS:
+        return None
+    return buffer.getvalue()
+
+
+def record(value: Any) -> bytes:
+    """``try_record`` for a value that must be stored (the result of ``update``)."""
+    rec = try_record(value)
+    if rec is None:
+        rec = b"d" + dumps(value)  # raises the pickling error itself
+    return rec
+
+
+def with_key(rec: bytes, key: bytes) -> bytes:
+    return bytes((rec[0] - _WITH_KEY,)) + len(key).to_bytes(2, "little") + key + rec[1:]
+
+
+def record_key(rec: bytes) -> str:
+    """The key stored in a record ``with_key`` made."""
+    size = int.from_bytes(rec[1:3], "little")
+    return rec[3 : 3 + size].decode("utf-8", "surrogatepass")
+
+
+def load_record(rec: bytes) -> Any:
+    flag = rec[0]
+    if flag == PLAIN:
+        return pickle.loads(rec[1:])
+    if flag == DILL:
+        return loads(rec[1:])
+    payload = rec[3 + int.from_bytes(rec[1:3], "little") :]
+    return pickle.loads(payload) if flag + _WITH_KEY == PLAIN else loads(payload)

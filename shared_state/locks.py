@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 import time
-import uuid
 from types import TracebackType
 from typing import Protocol
 
@@ -19,6 +19,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# Lock tokens: unique per process (a random prefix, new in a forked child) and per lock.
+_token_prefix = os.urandom(8).hex()
+_token_count = itertools.count()
+_pid = os.getpid()
+
+
+def _new_token() -> str:
+    return f"{_token_prefix}{next(_token_count)}"
+
+
+def _after_fork_in_child() -> None:
+    global _token_prefix, _pid
+    _token_prefix = os.urandom(8).hex()
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LockBackend(Protocol):
@@ -70,12 +89,16 @@ class StateLock:
             raise TypeError(f"lock names are str, not {type(name).__name__}")
         self._backend = backend
         self.name = name
-        self._token = uuid.uuid4().hex
+        self._token = _new_token()
         self._held = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if self._held:
             raise RuntimeError(f"lock {self.name!r} is already held by this holder")
+        unbounded = blocking and (timeout is None or timeout < 0)
+        if unbounded and self._backend.acquire(self.name, self._token, _pid, _WAIT_SLICE):
+            self._held = True  # the common case, at the first try
+            return True
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             if not blocking:
@@ -84,7 +107,7 @@ class StateLock:
                 wait = _WAIT_SLICE
             else:
                 wait = max(0.0, min(_WAIT_SLICE, deadline - time.monotonic()))
-            if self._backend.acquire(self.name, self._token, os.getpid(), wait):
+            if self._backend.acquire(self.name, self._token, _pid, wait):
                 self._held = True
                 return True
             if not blocking or (deadline is not None and time.monotonic() >= deadline):
@@ -100,6 +123,9 @@ class StateLock:
         return self._held
 
     def __enter__(self) -> StateLock:
+        if not self._held and self._backend.acquire(self.name, self._token, _pid, _WAIT_SLICE):
+            self._held = True  # the common case, at the first try
+            return self
         self.acquire()
         return self
 
@@ -114,7 +140,7 @@ class StateLock:
     async def __aenter__(self) -> StateLock:
         if self._held:
             raise RuntimeError(f"lock {self.name!r} is already held by this holder")
-        pid = os.getpid()
+        pid = _pid
         if not self._backend.acquire(self.name, self._token, pid, 0.0):
             await self._wait_in_thread(pid)
         self._held = True

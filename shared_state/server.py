@@ -16,23 +16,7 @@ if TYPE_CHECKING:
     from multiprocess.managers import BaseManager
 
 _STORE: Any = None
-STORE_METHODS = (
-    "get",
-    "set",
-    "delete",
-    "clear",
-    "keys",
-    "items",
-    "length",
-    "contains",
-    "incr",
-    "update",
-    "setdefault",
-    "acquire",
-    "release",
-    "once_done",
-    "mark_once",
-)
+STORE_METHODS = ("update", "reap_lock", "length", "once_done", "mark_once", "info")
 
 
 def _get_store() -> Any:
@@ -110,22 +94,24 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _serve_init(version_file: str, parent_pid: int) -> None:
     global _STORE
+    from shared_state.shm import ShmStore
     from shared_state.store import StateStore
-    from shared_state.versions import VersionTable
 
     # Ctrl+C reaches the whole process group; the supervisor decides when the state goes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _exit_with_parent(parent_pid)
-    _STORE = StateStore(VersionTable(version_file, writable=True))
+    _STORE = StateStore(ShmStore(version_file, create=True))
+    _STORE.start_reaper()
 
 
 class StateServer:
     """Handle on a running state server."""
 
-    def __init__(self, manager: BaseManager, address: str) -> None:
+    def __init__(self, manager: BaseManager, address: str, version_file: str = "") -> None:
         self._manager = manager
         self.address = address
+        self.version_file = version_file
 
     @property
     def pid(self) -> int:
@@ -145,8 +131,17 @@ class StateServer:
         return self._manager._process.exitcode
 
     def shutdown(self) -> None:
-        """Stop the server (idempotent); it is killed if it does not stop in time."""
+        """Stop the server (idempotent; it is killed if it does not stop in time) and remove
+        the shared-memory store it created."""
         self._manager.shutdown()
+        if self.version_file:
+            from shared_state.shm import files_of
+
+            for path in files_of(self.version_file):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
 
 def start_state_server(address: str, authkey: bytes, version_file: str) -> StateServer:
@@ -161,4 +156,4 @@ def start_state_server(address: str, authkey: bytes, version_file: str) -> State
     manager = manager_class()(address=address, authkey=authkey, ctx=ctx)
     manager.start(initializer=_serve_init, initargs=(version_file, os.getpid()))
     os.chmod(address, 0o600)
-    return StateServer(manager, address)
+    return StateServer(manager, address, version_file)

@@ -1,106 +1,91 @@
-"""The object that holds the shared state inside the state server process.
+"""What the state server does for the shared state, beside the shared-memory store it owns.
 
-Values are kept as dill bytes exactly as clients sent them, so the server never has to
-import a user's classes just to store them; only ``incr`` and ``update`` look inside.
+The values themselves live in the shared-memory store (``shm``), which every process reads
+and writes directly; the server creates it empty, and keeps for itself what only it may
+do: run the function of ``update`` (once, under LMDB's writer mutex), decide that the owner
+of a lock died, and keep the ``init_once`` records.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from typing import Any
 
 from shared_state import codec
-from shared_state.locks import LockTable
-from shared_state.versions import VersionTable, slot_of
+from shared_state.shm import ShmStore, locate, owner_pid
 
-Blob = bytes
-Versioned = tuple[int, Any]
+REAP_EVERY = 1.0  # seconds between two rounds of the server's reaper
+
+
+def owner_dead(pid: int) -> bool:
+    """True when process ``pid`` is gone, or a zombie (it will never release anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 class StateStore:
-    """Key -> blob map with atomic read-modify-write operations and named locks."""
+    """The server's side: ``update`` functions, dead lock owners, ``init_once`` records."""
 
-    def __init__(self, versions: VersionTable) -> None:
-        self._data: dict[str, Blob] = {}
-        self._mutex = threading.Lock()
-        self._versions = versions
-        self._locks = LockTable()
+    def __init__(self, shm: ShmStore) -> None:
+        self._shm = shm
         self._once: set[str] = set()
 
-    # --- plain access -------------------------------------------------------------------
-    def get(self, key: str) -> tuple[int, Blob | None]:
-        with self._mutex:
-            return self._versions.read(slot_of(key)), self._data.get(key)
-
-    def set(self, key: str, blob: Blob) -> int:
-        with self._mutex:
-            self._data[key] = blob
-            return self._versions.bump(slot_of(key))
-
-    def delete(self, key: str) -> int:
-        with self._mutex:
-            self._data.pop(key, None)
-            return self._versions.bump(slot_of(key))
-
-    def clear(self) -> None:
-        with self._mutex:
-            for key in self._data:
-                self._versions.bump(slot_of(key))
-            self._data.clear()
-
-    def keys(self) -> list[str]:
-        with self._mutex:
-            return list(self._data)
-
-    def items(self) -> list[tuple[str, Blob]]:
-        with self._mutex:
-            return list(self._data.items())
-
-    def length(self) -> int:
-        return len(self._data)
-
-    def contains(self, key: str) -> bool:
-        return key in self._data
-
-    # --- atomic read-modify-write -------------------------------------------------------
-    def incr(self, key: str, amount: int | float) -> Versioned:
-        with self._mutex:
-            blob = self._data.get(key)
-            old = 0 if blob is None else codec.loads(blob)
-            if not isinstance(old, (int, float)) or isinstance(old, bool):
-                raise TypeError(f"cannot incr {key!r}: it holds a {type(old).__name__}")
-            new = old + amount
-            self._data[key] = codec.dumps(new)
-            return self._versions.bump(slot_of(key)), new
-
-    def update(self, key: str, fn_blob: Blob, default_blob: Blob) -> tuple[int, Blob]:
+    def update(self, key: str, fn_blob: bytes, default_rec: bytes) -> tuple[int, bytes]:
         """Apply a dill-pickled ``fn`` to the value, once, while no other write can happen."""
         fn = codec.loads(fn_blob)
-        with self._mutex:
-            blob = self._data.get(key)
-            old = codec.loads(default_blob if blob is None else blob)
-            new_blob = codec.dumps(fn(old))
-            self._data[key] = new_blob
-            return self._versions.bump(slot_of(key)), new_blob
+        kb, slot = locate(key)
+        return self._shm.update(key, kb, slot, fn, default_rec)
 
-    def setdefault(self, key: str, blob: Blob) -> tuple[int, Blob]:
-        with self._mutex:
-            current = self._data.get(key)
-            if current is None:
-                self._data[key] = current = blob
-                self._versions.bump(slot_of(key))
-            return self._versions.read(slot_of(key)), current
+    def reap(self) -> int:
+        """Release every lock whose owner died, free dead readers' slots; the count released.
 
-    # --- named locks --------------------------------------------------------------------
-    def acquire(self, name: str, token: str, pid: int, timeout: float) -> bool:
-        return self._locks.acquire(name, token, pid, timeout)
+        The server runs this every ``REAP_EVERY`` seconds; a waiter also asks for its own
+        lock (``reap_lock``) as soon as it sees the owner's pid gone.
+        """
+        self._shm.reader_check()
+        released = 0
+        for name_hash, owner in self._shm.held_locks():
+            if owner_dead(owner_pid(owner)) and self._shm.unlock(name_hash, owner):
+                released += 1
+        return released
 
-    def release(self, name: str, token: str) -> bool:
-        return self._locks.release(name, token)
+    def start_reaper(self) -> threading.Thread:
+        def reap_forever() -> None:
+            while not threading.Event().wait(REAP_EVERY):
+                try:
+                    self.reap()
+                except Exception:  # never the reaper's end: the next round tries again
+                    logging.getLogger(__name__).exception("state reaper")
 
-    # --- init_once records --------------------------------------------------------------
+        reaper = threading.Thread(target=reap_forever, name="state-reaper", daemon=True)
+        reaper.start()
+        return reaper
+
+    def reap_lock(self, name_hash: int, owner: int) -> bool:
+        """Release a lock if ``owner`` still holds it and that process died."""
+        if self._shm.lock_owner(name_hash) != owner or not owner_dead(owner_pid(owner)):
+            return False
+        return self._shm.unlock(name_hash, owner)
+
+    def length(self) -> int:
+        return self._shm.length()
+
     def once_done(self, name: str) -> bool:
         return name in self._once
 
     def mark_once(self, name: str) -> None:
         self._once.add(name)
+
+    def info(self) -> dict[str, Any]:
+        return {"path": self._shm.path, "pid": os.getpid()}
