@@ -74,20 +74,28 @@ def fast_dumps(obj: Any) -> bytes:
         return bytes(ForkingPickler.dumps(obj))
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Make sure the server never outlives the process that started it."""
+def _exit_with_parent(parent_pid: int, version_file: str) -> None:
+    """Make sure the server never outlives the process that started it, and takes its
+    store's files (in memory) with it: the supervisor may have died without a word."""
+    from shared_state.shm import remove_files
+
+    def leave(*_: object) -> None:
+        remove_files(version_file)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, leave)  # also how a shutdown that hangs is ended
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             threading.Event().wait(0.5)
-        os._exit(0)
+        leave()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -99,8 +107,7 @@ def _serve_init(version_file: str, parent_pid: int) -> None:
 
     # Ctrl+C reaches the whole process group; the supervisor decides when the state goes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _exit_with_parent(parent_pid)
+    _exit_with_parent(parent_pid, version_file)
     _STORE = StateStore(ShmStore(version_file, create=True))
     _STORE.start_reaper()
 
@@ -135,13 +142,9 @@ class StateServer:
         the shared-memory store it created."""
         self._manager.shutdown()
         if self.version_file:
-            from shared_state.shm import files_of
+            from shared_state.shm import remove_files
 
-            for path in files_of(self.version_file):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            remove_files(self.version_file)
 
 
 def start_state_server(address: str, authkey: bytes, version_file: str) -> StateServer:

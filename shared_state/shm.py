@@ -47,6 +47,39 @@ def files_of(version_file: str) -> list[str]:
     return [data_path(version_file), data_path(version_file) + "-lock"]
 
 
+# Where the store's pages live: a memory filesystem when there is one, so that the shared
+# state is memory the workers map, and a full disk under the run directory can never make
+# a write through the mapping fail with SIGBUS. The run directory holds symlinks to them.
+SHM_DIR = os.environ.get("POOL_STATE_SHM_DIR", "/dev/shm")
+
+
+def create_files(version_file: str) -> None:
+    """Fresh store files of mode 0600: in ``SHM_DIR`` (linked from beside the version
+    file) when it can be written, else beside the version file."""
+    import tempfile
+
+    remove_files(version_file)
+    if not (SHM_DIR and os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)):
+        return
+    for link in files_of(version_file):
+        fd, target = tempfile.mkstemp(prefix="pool-state-", suffix=".mdb", dir=SHM_DIR)
+        os.close(fd)  # made with O_EXCL and mode 0600: nobody else's file
+        os.symlink(target, link)
+
+
+def remove_files(version_file: str) -> None:
+    """Remove the store's files, and their targets in ``SHM_DIR``."""
+    for path in files_of(version_file):
+        try:
+            if os.path.islink(path):
+                target = os.readlink(path)
+                if os.path.dirname(target) == os.path.abspath(SHM_DIR):
+                    os.unlink(target)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def key_bytes(key: str) -> bytes:
     return locate(key)[0]
 
@@ -97,11 +130,7 @@ class ShmStore:
         self.version_file = version_file
         self.path = data_path(version_file)
         if create:
-            for path in files_of(version_file):
-                try:
-                    os.unlink(path)  # the state starts empty with every pool
-                except FileNotFoundError:
-                    pass
+            create_files(version_file)  # the state starts empty with every pool
         self.versions = VersionTable(version_file, writable=True, create=create)
         self.slots = self.versions.slots
         self.locks = self.versions.locks

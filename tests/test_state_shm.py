@@ -255,14 +255,20 @@ def test_a_new_server_starts_with_an_empty_store(tmp_path: Path) -> None:
         first.connect().set_value("left", "over")
         versions = first.versions
         # a pool SIGKILLed leaves its files; the next one on the run directory clears them
-        kept = {path: tmp_path / Path(path).name for path in files_of(versions)}
-        for path, copy in kept.items():
-            os.link(path, copy)
+        # (hard links keep the files: the store may be symlinks to a memory filesystem)
+        kept = {}
+        for path in files_of(versions):
+            real, linked = os.path.realpath(path), os.path.islink(path)
+            copy = real + ".kept" if linked else str(tmp_path / Path(path).name)
+            kept[path] = (real, copy, linked)
+            os.link(real, copy)
     short = Path(versions).parent
     short.mkdir(mode=0o700)
     try:
-        for path, copy in kept.items():
-            os.link(copy, path)
+        for path, (real, copy, linked) in kept.items():
+            os.rename(copy, real)  # real is path itself when not linked
+            if linked:
+                os.symlink(real, path)
         srv = Server(short)
         try:
             assert srv.connect().keys() == []
@@ -322,3 +328,37 @@ def test_many_lock_names_over_time_fit_in_the_lock_table(server: Server) -> None
     assert server.connect().lock("outer").acquire(timeout=0.05) is False  # still held
     outer.release()
     assert server.connect().lock("outer").acquire(timeout=1) is True
+
+
+def test_the_store_pages_live_in_memory_not_under_the_run_directory() -> None:
+    """With a memory filesystem, the run directory holds links only: a full disk there
+    cannot make a write through the mapping fail (SIGBUS)."""
+    from shared_state.shm import SHM_DIR
+
+    if not os.path.isdir(SHM_DIR):
+        pytest.skip(f"no {SHM_DIR} here: the store lives in the run directory")
+    with serving() as srv:
+        srv.connect().set_value("x", 1)
+        for path in files_of(srv.versions):
+            assert os.path.islink(path)
+            target = os.readlink(path)
+            assert os.path.dirname(target) == SHM_DIR
+            assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+        targets = [os.readlink(path) for path in files_of(srv.versions)]
+        srv.handle.shutdown()
+        assert not any(os.path.exists(target) for target in targets)
+
+
+def test_a_supervisor_killed_with_sigkill_leaves_no_store_in_memory() -> None:
+    import signal
+
+    from shared_state.shm import SHM_DIR
+
+    if not os.path.isdir(SHM_DIR):
+        pytest.skip(f"no {SHM_DIR} here: the store lives in the run directory")
+    with RunningPool(workers=1) as running:
+        links = files_of(str(Path(running.run_dir) / "state.ver"))
+        targets = [os.readlink(path) for path in links]
+        assert all(os.path.exists(target) for target in targets)
+        running.signal(signal.SIGKILL)
+        wait_for(lambda: not any(os.path.exists(t) for t in targets), 20, "the store's files gone")
