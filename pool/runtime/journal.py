@@ -18,6 +18,7 @@ tasks still held once it has grown past a quarter of the free space it found (at
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -179,23 +180,22 @@ class Journal:
                 return False
             self.next_compaction = time.monotonic() + 1.0
         entries = list(live)
-        tmp = self.path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                data = b"".join(
-                    [
-                        *(Settled(task_id, result).encode() for task_id, result in results.items()),
-                        *(spooled(e) for e in entries),
-                    ]
+                data = self._replace_file(entries, results)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or not results:
+                    raise
+                # the tasks come first: without the stored results (producers still
+                # connected get theirs from memory) the new file may fit beside the old
+                data = self._replace_file(entries, {})
+                logger.warning(
+                    "no room for %d stored result(s) in the task journal %s: it keeps the "
+                    "%d task(s) only; a pool restarted after a crash will not have them",
+                    len(results),
+                    self.path,
+                    len(entries),
                 )
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
         except OSError as exc:
             logger.log(
                 logging.WARNING if compacting else logging.CRITICAL,
@@ -204,10 +204,6 @@ class Journal:
                 exc,
                 len(entries),
             )
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             self.compact_at = self.written + COMPACT_MIN  # not again at every turn
             return False
         self.close()
@@ -225,6 +221,34 @@ class Journal:
             free = COMPACT_AT
         self.compact_at = min(COMPACT_AT, max(COMPACT_MIN, free // 4))
         return True
+
+    def _replace_file(self, entries: list[Entry], results: Mapping[str, bytes]) -> bytes:
+        """Write a new file holding ``results`` and ``entries``, then rename it over the
+        journal (atomic); the data written, or OSError with no new file left behind."""
+        tmp = self.path.with_suffix(".tmp")
+        data = b"".join(
+            [
+                *(Settled(task_id, result).encode() for task_id, result in results.items()),
+                *(spooled(e) for e in entries),
+            ]
+        )
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        return data
 
     def close(self) -> None:
         if self.fd is not None:
