@@ -215,8 +215,7 @@ async def test_sigterm_at_full_disk_leaves_a_journal_the_next_run_reads() -> Non
 async def test_a_small_disk_holds_the_tasks_not_the_history() -> None:
     """2.4 MiB of tasks through a 1 MiB run directory, workers keeping up: the journal is
     rewritten to the tasks still held (and the stored results, while they fit), none is
-    lost, and the pool never stays frozen. (The stored results stay in the journal: up to 10,000 of them
-    need room of their own.)"""
+    lost, and the pool never stays frozen."""
     with tiny_filesystem() as mount:
         run_dir = mount / "run"
         running = RunningPool(workers=2, run_dir=str(run_dir))
