@@ -371,7 +371,18 @@ class PoolBroker(AsyncBroker):
         client.send_raw(frame)
         self._unconfirmed.append((message.task_id, frame))
         self.pool_results.expect(message.task_id)
-        await client.drain()
+        while True:
+            try:
+                await client.drain()
+                return
+            except ConnectionError:
+                # Lost while waiting (the pool stops or restarts): a new connection sends
+                # every unconfirmed task again, this one included; after connect_timeout
+                # without a pool, PoolUnavailableError says so.
+                try:
+                    client = await self.connection()
+                except ConnectionError:
+                    continue
 
     async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:
         """In a worker of the pool: the tasks the supervisor hands this worker."""
