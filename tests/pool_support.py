@@ -40,6 +40,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "c
         time.sleep(0.02)
 
 
+async def until(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """``wait_for`` for a test whose event loop must keep running (a producer on it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 class RunningPool:
     """``python -m pool run`` in a subprocess with its own short run directory."""
 

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from taskiq.exceptions import SendTaskError
 from pool import PoolBroker
 from pool.extensions.handles import PoolTask
 from pool.runtime.journal import Journal
-from tests.pool_support import RunningPool, kicker
+from tests.pool_support import RunningPool, kicker, until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,19 +56,6 @@ def tiny_filesystem(size: str = "1m") -> Iterator[Path]:
 def grow(mount: Path, size: str) -> None:
     """Give the filesystem more room, keeping its files (the operator frees space)."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` without blocking the event loop (the producer runs on it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Flood:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from taskiq.exceptions import SendTaskError
 
 from pool import AsyncKicker
-from tests.pool_support import RunningPool, wait_for
+from tests.pool_support import RunningPool, until, wait_for
 from tests.redis_support import PrivateRedis, RedisSpace, redis_space
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,15 +44,6 @@ def producer(space: RedisSpace, url: str | None = None) -> Any:
 
 async def send(broker: Any, task: str, count: int, *args: Any) -> list[Any]:
     return [await AsyncKicker(task, broker, {}).kiq(*args) for _ in range(count)]
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait (on the event loop, bounded) until ``predicate()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def state_of(space: RedisSpace, url: str | None = None) -> Any:

@@ -46,6 +46,7 @@ from taskiq.receiver import Receiver
 
 from pool.extensions.errors import WorkerCrashedError
 from pool.extensions.handles import PoolTask, PushedResults
+from tests.pool_support import until
 from tests.redis_support import (
     REDIS_URL,
     UNREACHABLE_URL,
@@ -198,15 +199,6 @@ def why(exc: BaseException) -> str:
     """An error's message and its cause's: taskiq's ``kiq`` wraps what ``kick`` raised in a
     bare ``SendTaskError`` (pool's kicker unwraps it again)."""
     return f"{exc} / {exc.__cause__}"
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait (polling the event loop, bounded) until ``predicate()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- import surface
