@@ -254,6 +254,7 @@ async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, An
     cmd = request.get("cmd")
     try:
         if cmd == "stats":
+            await sup.health.fresh_state_keys()
             reply = {"ok": True, "stats": sup.stats()}
         elif cmd == "scale":
             count = int(request["workers"])

@@ -119,6 +119,13 @@ class HealthMonitor:
         self._counting = asyncio.get_running_loop().run_in_executor(None, len, state)
         self._counting.add_done_callback(self._counted)
 
+    async def fresh_state_keys(self, timeout: float = 0.5) -> None:
+        """Count the keys now for a ``stats`` reply, waiting at most ``timeout`` (a frozen
+        state server leaves the last count, and the reply is not held up longer)."""
+        self.count_state_keys()
+        assert self._counting is not None
+        await asyncio.wait({self._counting}, timeout=timeout)
+
     def _counted(self, future: asyncio.Future[int]) -> None:
         if future.cancelled() or future.exception() is not None:
             self.state_keys = -1
