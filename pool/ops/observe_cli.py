@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from typing import Any
@@ -45,11 +44,18 @@ def run_command(args: argparse.Namespace) -> int:
 def _events(run_dir: str | None, as_json: bool) -> int:
     from taskiq.exceptions import SendTaskError
 
-    from pool.runtime.events import events
+    from pool.runtime.events import event_batches, event_lines
 
     async def follow() -> None:
-        async for item in events(run_dir):
-            print(json.dumps(item) if as_json else describe(item), flush=True)
+        out = sys.stdout.buffer
+        if as_json:  # the supervisor's own lines, one write for each of its frames
+            async for blob in event_lines(run_dir):
+                out.write(blob + b"\n")
+                out.flush()
+            return
+        async for batch in event_batches(run_dir):
+            out.write("".join(f"{describe(item)}\n" for item in batch).encode())
+            out.flush()
 
     try:
         asyncio.run(follow())

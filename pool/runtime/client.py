@@ -12,6 +12,7 @@ from typing import Any
 from pool.extensions.errors import PoolUnavailableError
 from pool.runtime.protocol import (
     Accepted,
+    Events,
     Frame,
     FrameError,
     FrameProtocol,
@@ -44,8 +45,8 @@ class ControlClient(FrameProtocol):
         self.lost_callbacks: list[Callable[[], None]] = []
         # told how many of this connection's Kick frames the supervisor has in its journal
         self.on_accepted: Callable[[int], None] | None = None
-        # replies that carry events of a subscription (``{"cmd": "events"}``; events.py)
-        self.on_events: Callable[[dict[str, Any]], None] | None = None
+        # the events of a subscription (``{"cmd": "events"}``; events.py), as JSON lines
+        self.on_events: Callable[[bytes], None] | None = None
 
     @property
     def peer(self) -> str:
@@ -67,8 +68,9 @@ class ControlClient(FrameProtocol):
             waiter = self._replies.pop(reply_id, None) if isinstance(reply_id, int) else None
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
-            elif waiter is None and self.on_events is not None and "events" in reply:
-                self.on_events(reply)
+        elif isinstance(frame, Events):
+            if self.on_events is not None:
+                self.on_events(frame.lines)
         else:
             raise FrameError(f"unexpected {type(frame).__name__} frame from the supervisor")
 

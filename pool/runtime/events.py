@@ -17,9 +17,14 @@ Events (each a JSON object with ``event``, ``time`` (Unix seconds) and the field
                                                killed by the supervisor, failed to start)
     dropped     count                          this subscriber missed ``count`` events
 
-Where they come from: the supervisor (received for a PoolBroker, worker_*, cancelled) and
-the workers (the rest, in one ``Request`` frame per turn of the worker's loop, sent only
-while somebody subscribes: without subscribers the stream costs one test per task).
+Where they come from: for a PoolBroker, the supervisor derives received, retried and started
+(when it hands the task to a worker, which runs it at once unless ``--max-prefetch`` holds
+it) and succeeded (from the worker's acknowledgement, which carries the outcome and the duration)
+from what it sees anyway; a worker sends only what the supervisor cannot see: failed with
+its traceback, and, when taskiq's ``OpenTelemetryMiddleware`` traces its tasks, started
+(and retried) with the trace's ids. For other brokers the workers send every task event. A
+worker's events go in one ``Request`` frame per turn of its loop, and only while somebody
+subscribes: without subscribers the stream costs one test per task.
 
 Bounded per subscriber: each holds at most ``SUBSCRIBER_BUFFER`` events in the supervisor
 and ``SUBSCRIBER_UNREAD`` bytes in its connection; past that, the oldest events are dropped
@@ -32,21 +37,26 @@ Subscribe with ``async for event in pool.events(run_dir)`` or ``python -m pool e
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from pool.runtime.control import ControlConnection
     from pool.runtime.supervisor import Supervisor, WorkerHandle
+    from pool.runtime.taskqueue import Entry
 
 SUBSCRIBER_BUFFER = 2000
 SUBSCRIBER_UNREAD = 256 * 1024
 BATCH = 500
 FLUSH_RETRY = 0.05  # s: a subscriber whose connection is full is tried again after this
+# s: events wait this long to leave together, so that a busy pool sends its subscribers a
+# few large frames rather than one per turn of its loop (each costs a read and a write)
+FLUSH_DELAY = 0.01
 TRACEBACK_LIMIT = 16 * 1024
 KINDS = (
     "received",
@@ -65,20 +75,124 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"event": kind, "time": time.time(), **fields}
 
 
+def traces_tasks(broker: Any) -> bool:
+    """Whether taskiq's OpenTelemetry middleware traces the app's tasks: then a worker sends
+    its ``started`` events itself (they carry the span's ids, which only the worker knows).
+
+    The supervisor and its workers load the same app, so both answer alike."""
+    return any(
+        type(m).__name__ == "OpenTelemetryMiddleware" for m in getattr(broker, "middlewares", ())
+    )
+
+
 def format_traceback(error: BaseException) -> str:
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return text if len(text) <= TRACEBACK_LIMIT else "...\n" + text[-TRACEBACK_LIMIT:]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_NAMES: dict[str, str] = {}  # task name -> its JSON string (the app's few names)
+
+
+def _json_str(text: str) -> str:
+    return f'"{text}"' if text.isalnum() else _ENCODER.encode(text)
+
+
+# The supervisor's own task events (received, started, succeeded: one of each per task) stay
+# tuples until they are rendered, several times cheaper than dicts and the JSON encoder:
+# (event, time, task_id, task_name, worker, duration); worker None for received, duration
+# 0.0 but for succeeded. Every other event is a dict.
+TaskEvent: TypeAlias = "tuple[str, float, str, str, int | None, float]"
+Item: TypeAlias = "dict[str, Any] | TaskEvent"
+
+
+_last_time, _last_time_text = 0.0, "0.0"
+
+
+def _json_name(name: str) -> str:
+    quoted = _NAMES.get(name)
+    if quoted is None:
+        quoted = _ENCODER.encode(name)
+        if len(_NAMES) < 1024:
+            _NAMES[name] = quoted
+    return quoted
+
+
+def render(item: Item) -> str:
+    """One event as one line of JSON."""
+    if type(item) is not tuple:
+        return _ENCODER.encode(item)
+    kind, when, task_id, name, worker, duration = item
+    global _last_time, _last_time_text
+    if when != _last_time:  # the events of one turn of the loop share their time
+        _last_time, _last_time_text = when, repr(when)
+    head = (
+        f'{{"event":"{kind}","time":{_last_time_text},"task_id":{_json_str(task_id)},'
+        f'"task_name":{_json_name(name)}'
+    )
+    if kind == "received":
+        return head + "}"
+    if kind == "started":
+        return f'{head},"worker":{worker}}}'
+    return f'{head},"worker":{worker},"duration":{duration!r}}}'
+
+
+def as_event(item: Item) -> dict[str, Any]:
+    """An event as a dict (what a subscriber gets), whichever form it travels in."""
+    if type(item) is not tuple:
+        return item  # type: ignore[return-value]
+    kind, when, task_id, name, worker, duration = item
+    fields: dict[str, Any] = {"event": kind, "time": when, "task_id": task_id, "task_name": name}
+    if kind != "received":
+        fields["worker"] = worker
+    if kind == "succeeded":
+        fields["duration"] = duration
+    return fields
+
+
 # ----------------------------------------------------------------- supervisor side
 class _Subscriber:
-    __slots__ = ("conn", "dropped", "pending", "request_id")
+    """A subscriber that gets every event: a queue per connection, sent in batches."""
 
-    def __init__(self, conn: ControlConnection, request_id: Any) -> None:
+    __slots__ = ("conn", "dropped", "pending")
+
+    def __init__(self, conn: ControlConnection) -> None:
         self.conn = conn
-        self.request_id = request_id
-        self.pending: deque[dict[str, Any]] = deque()
+        self.pending: deque[Item] = deque()
         self.dropped = 0
+
+    def add(self, item: Item) -> None:
+        if len(self.pending) >= SUBSCRIBER_BUFFER:
+            self.pending.popleft()
+            self.dropped += 1
+        self.pending.append(item)
+
+    def flush(self) -> bool:
+        """Send what waits, as far as the connection takes it; True when some is left."""
+        from pool.runtime.protocol import Events
+
+        conn, pending = self.conn, self.pending
+        while pending or self.dropped:
+            if conn.unread_bytes > SUBSCRIBER_UNREAD:
+                return True
+            lines: list[str] = []
+            if self.dropped:
+                lines.append(render(event("dropped", count=self.dropped)))
+                self.dropped = 0
+            for _ in range(min(len(pending), BATCH)):
+                lines.append(render(pending.popleft()))
+            conn.send(Events("\n".join(lines).encode()))
+        return False
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a subscriber (a connection's queue, or the dashboard's digest)."""
+
+    conn: Any
+
+    def add(self, item: Item) -> None: ...
+
+    def flush(self) -> bool: ...
 
 
 class EventHub:
@@ -86,27 +200,49 @@ class EventHub:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self.subscribers: dict[ControlConnection, _Subscriber] = {}
+        self.subscribers: dict[Any, Subscriber] = {}
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
         self.published = 0
+        self._turn_time: float | None = None
+
+    def now(self) -> float:
+        """The time of this turn of the supervisor's loop: the events of a burst share it
+        (they happened within microseconds), which makes them cheaper to render."""
+        now = self._turn_time
+        if now is None:
+            now = self._turn_time = time.time()
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        return now
+
+    def _next_turn(self) -> None:
+        self._turn_time = None
 
     @property
     def active(self) -> bool:
         return bool(self.subscribers)
 
-    def subscribe(self, conn: ControlConnection, request_id: Any) -> None:
+    def subscribe(self, conn: ControlConnection) -> None:
+        """A connection that asked for every event (``{"cmd": "events"}``)."""
+        self.attach(_Subscriber(conn))
+
+    def attach(self, sub: Subscriber) -> None:
         was_active = self.active
-        self.subscribers[conn] = _Subscriber(conn, request_id)
+        self.subscribers[sub.conn] = sub
         if not was_active:
-            self._tell_workers(True)
+            self._turned(True)
 
-    def forget(self, conn: ControlConnection) -> None:
+    def forget(self, conn: Any) -> None:
         if self.subscribers.pop(conn, None) is not None and not self.active:
-            self._tell_workers(False)
+            self._turned(False)
 
-    def _tell_workers(self, on: bool) -> None:
-        for handle in self.supervisor.workers.values():
+    def _turned(self, on: bool) -> None:
+        """The first subscriber came, or the last left: the supervisor's own task events
+        (started at dispatch; a PoolBroker's only) and the workers' follow."""
+        sup = self.supervisor
+        derive = on and sup.embedded and not traces_tasks(sup.broker)
+        sup.router.started = self.task_started if derive else None
+        for handle in sup.workers.values():
             self.tell_worker(handle, on)
 
     def tell_worker(self, handle: WorkerHandle, on: bool | None = None) -> None:
@@ -117,16 +253,15 @@ class EventHub:
             handle.pipe.send(Request({"events": self.active if on is None else on}))
 
     # ------------------------------------------------------------- publishing
-    def publish(self, item: dict[str, Any]) -> None:
+    def publish(self, item: Item) -> None:
         if not self.subscribers:
             return
         self.published += 1
         for sub in self.subscribers.values():
-            if len(sub.pending) >= SUBSCRIBER_BUFFER:
-                sub.pending.popleft()
-                sub.dropped += 1
-            sub.pending.append(item)
-        self._schedule_flush()
+            sub.add(item)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.subscribers:
@@ -143,7 +278,31 @@ class EventHub:
 
     # hooks of the supervisor -------------------------------------------------
     def task_received(self, task_id: str, task_name: str) -> None:
-        self.emit("received", task_id=task_id, task_name=task_name)
+        if self.subscribers:
+            self.publish(("received", self.now(), task_id, task_name, None, 0.0))
+
+    def task_started(self, handle: WorkerHandle, entry: Entry) -> None:
+        """A PoolBroker's task handed to a worker (the router calls it while subscribed)."""
+        now = self.now()
+        retry = entry.get("retry")
+        if retry:
+            self.publish(
+                event(
+                    "retried",
+                    task_id=entry.task_id,
+                    task_name=entry.task_name,
+                    worker=handle.slot,
+                    attempt=retry,
+                )
+            )
+        self.publish(("started", now, entry.task_id, entry.task_name, handle.slot, 0.0))
+
+    def task_succeeded(
+        self, handle: WorkerHandle, task_id: str, task_name: str, duration: float
+    ) -> None:
+        """A PoolBroker's task acknowledged as succeeded (its ``Done`` frame says so)."""
+        if self.subscribers:
+            self.publish(("succeeded", self.now(), task_id, task_name, handle.slot, duration))
 
     def task_cancelled(
         self, task_id: str, task_name: str, worker: int | None = None, reason: str = ""
@@ -165,33 +324,15 @@ class EventHub:
         )
 
     # ------------------------------------------------------------- delivery
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
     def flush(self) -> None:
         """Send each subscriber what waits for it, as far as its connection takes it."""
-        from pool.runtime.protocol import Reply
-
         self._flush_scheduled = False
         behind = False
         for sub in list(self.subscribers.values()):
-            conn = sub.conn
-            if not conn.is_open:
-                self.forget(conn)
+            if not sub.conn.is_open:
+                self.forget(sub.conn)
                 continue
-            while sub.pending or sub.dropped:
-                if conn.unread_bytes > SUBSCRIBER_UNREAD:
-                    behind = True
-                    break
-                batch: list[dict[str, Any]] = []
-                if sub.dropped:
-                    batch.append(event("dropped", count=sub.dropped))
-                    sub.dropped = 0
-                while sub.pending and len(batch) < BATCH:
-                    batch.append(sub.pending.popleft())
-                conn.send(Reply({"id": sub.request_id, "events": batch}))
+            behind = sub.flush() or behind
         if behind and self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(FLUSH_RETRY, self._retry_flush)
 
@@ -236,12 +377,18 @@ class WorkerEvents:
     """A worker's task events, batched into one frame per turn of its loop; sent only
     while the supervisor says somebody subscribes."""
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], announce_received: bool) -> None:
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
         self.send = send
         self.enabled = False
-        # a PoolBroker's supervisor announces "received" itself
-        self.announce_received = announce_received
+        # a PoolBroker's: the supervisor announces received, started and succeeded itself
+        self.supervisor_sees = False
+        # taskiq's OpenTelemetry middleware traces the tasks: started carries the span's ids
+        self.traced = False
         self._batch: list[dict[str, Any]] = []
+
+    def serve(self, broker: Any, supervisor_sees: bool) -> None:
+        self.supervisor_sees = supervisor_sees
+        self.traced = traces_tasks(broker)
 
     def _add(self, item: dict[str, Any]) -> None:
         if not self._batch:
@@ -257,20 +404,26 @@ class WorkerEvents:
         if not self.enabled:
             return
         ids = {"task_id": message.task_id, "task_name": message.task_name}
-        if self.announce_received:
+        if not self.supervisor_sees:
             self._add(event("received", **ids))
+        if self.supervisor_sees and not self.traced:
+            return
         retries = message.labels.get("_retries")
         if retries:
             self._add(event("retried", attempt=_int(retries), **ids))
-        trace = _trace_ids()
-        self._add(event("started", **ids, **trace))
+        self._add(event("started", **ids, **_trace_ids()))
 
-    def finished(self, message: Any, error: BaseException | None, duration: float) -> None:
+    def finished(
+        self, message: Any, error: BaseException | None, duration: float, acknowledged: bool
+    ) -> None:
+        """``acknowledged``: before it ended (``--ack-type when_received``), so the
+        supervisor's ``Done`` frame could not tell how it ended."""
         if not self.enabled:
             return
         ids = {"task_id": message.task_id, "task_name": message.task_name}
         if error is None:
-            self._add(event("succeeded", duration=duration, **ids))
+            if not self.supervisor_sees or acknowledged:
+                self._add(event("succeeded", duration=duration, **ids))
             return
         self._add(
             event(
@@ -316,33 +469,70 @@ async def events(
     ``async for event in pool.events(run_dir): ...``. A consumer that falls behind gets a
     ``dropped`` event telling how many it missed.
     """
+    batches = event_batches(run_dir, connect_timeout)
+    try:
+        async for batch in batches:
+            for item in batch:
+                yield item
+    finally:
+        await batches.aclose()  # closes the connection as soon as this reader stops
+
+
+async def event_batches(
+    run_dir: str | Path | None = None, connect_timeout: float = 5.0
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The events as they arrive, a list at a time (one per frame from the supervisor)."""
+    lines = event_lines(run_dir, connect_timeout)
+    try:
+        async for blob in lines:
+            yield [json.loads(line) for line in blob.split(b"\n")]
+    finally:
+        await lines.aclose()
+
+
+async def event_lines(
+    run_dir: str | Path | None = None, connect_timeout: float = 5.0
+) -> AsyncGenerator[bytes, None]:
+    """The events as the supervisor sent them: JSON objects, one per line (no newline at the
+    end), a frame at a time; ``pool events --json`` writes them as they are."""
     from pool.runtime.client import connect
 
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    missed = 0
+    arrived: deque[bytes | None] = deque()
+    woken = asyncio.Event()
+    held = missed = 0
 
-    def on_events(reply: dict[str, Any]) -> None:
-        nonlocal missed
-        for item in reply.get("events", ()):
-            if queue.qsize() >= CLIENT_BUFFER:
-                missed += 1
-            else:
-                queue.put_nowait(item)
+    def on_events(blob: bytes) -> None:
+        nonlocal held, missed
+        count = blob.count(b"\n") + 1
+        if held + count > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
+            missed += count
+            return
+        held += count
+        arrived.append(blob)
+        woken.set()
+
+    def on_lost() -> None:
+        arrived.append(None)
+        woken.set()
 
     client = await connect(run_dir, timeout=connect_timeout)
     client.on_events = on_events
-    client.lost_callbacks.append(lambda: queue.put_nowait(None))
+    client.lost_callbacks.append(on_lost)
     try:
         reply = await client.request({"cmd": "events"}, connect_timeout)
         if not reply.get("ok"):
             raise RuntimeError(f"the pool refused the subscription: {reply.get('error')}")
         while True:
-            item = await queue.get()
-            if missed:
-                yield event("dropped", count=missed)
-                missed = 0
-            if item is None:
-                return
-            yield item
+            await woken.wait()
+            woken.clear()
+            while arrived:
+                blob = arrived.popleft()
+                if missed:
+                    yield render(event("dropped", count=missed)).encode()
+                    missed = 0
+                if blob is None:
+                    return
+                held -= blob.count(b"\n") + 1
+                yield blob
     finally:
         client.close()

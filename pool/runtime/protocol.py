@@ -52,6 +52,7 @@ class Op(enum.IntEnum):
     REQUEST = 20
     REPLY = 21
     ACCEPTED = 22
+    EVENTS = 23
     # supervisor <-> worker (pipe)
     TASK = 30
     DONE = 31
@@ -261,6 +262,15 @@ class Progress(Frame):
 @dataclass(slots=True)
 class Reply(Frame):
     body: dict
+
+
+@frame(Op.EVENTS)
+@dataclass(slots=True)
+class Events(Frame):
+    """Events for a subscriber (events.py): JSON objects, one per line, rendered once by the
+    supervisor so that ``pool events --json`` writes them as they came."""
+
+    lines: bytes
 
 
 # supervisor -> worker -------------------------------------------------------------------

@@ -50,6 +50,8 @@ class TaskRouter:
         self.wake: Callable[[], None] = lambda: None
         # called for each delivery of a task with a control (steering arms its timeout)
         self.dispatched: Callable[[WorkerHandle, int, Entry], None] | None = None
+        # called for each delivery while somebody subscribes to the task events (events.py)
+        self.started: Callable[[WorkerHandle, Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -188,6 +190,7 @@ class TaskRouter:
         self.rotation = (self.rotation + 1) % len(workers)  # ties go round-robin
         workers = workers[self.rotation :] + workers[: self.rotation]
         capacity = self.capacity
+        started = self.started
         frames: dict[WorkerHandle, list[bytes]] = {}
         while queue and workers:
             handle = min(workers, key=lambda h: len(h.in_flight))
@@ -209,6 +212,8 @@ class TaskRouter:
             handle.in_flight[self.next_delivery] = entry
             if entry.control is not None and self.dispatched is not None:
                 self.dispatched(handle, self.next_delivery, entry)
+            if started is not None:
+                started(handle, entry)
             frames.setdefault(handle, []).append(
                 Task(self.next_delivery, entry.task_id, entry.payload).encode()
             )

@@ -195,7 +195,7 @@ class Worker:
         self._unacked: dict[str, int] = {}
         self._stashed: dict[str, bytes] = {}
         self._outcomes: dict[str, tuple[int, float]] = {}
-        self.events = WorkerEvents(self._send_events, announce_received=True)
+        self.events = WorkerEvents(self._send_events)
 
     def _send_events(self, body: dict[str, Any]) -> None:
         if self.pipe is not None:
@@ -252,9 +252,9 @@ class Worker:
         if isinstance(broker, PoolBroker):
             broker.run_dir = self.config.run_dir
             broker.worker_link = self
-            self.events.announce_received = False  # the supervisor announces it
         else:
             _cancel_safe_listen(broker)
+        self.events.serve(broker, supervisor_sees=isinstance(broker, PoolBroker))
         _plugins_write_locally(broker, options)
         _bound_shutdown(broker, options.shutdown_timeout)
         self.broker = broker
@@ -312,9 +312,11 @@ class Worker:
     # ----------------------------------------------------------------- the rest
     def _finished(self, message: Any, result: Any, duration: float) -> None:
         """A task ran to its end: tell the supervisor, for stats and metrics."""
+        told_with_ack = message.task_id in self._unacked
         if self.events.enabled:
-            self.events.finished(message, task_error(result) if result.is_err else None, duration)
-        if message.task_id in self._unacked:  # told with the acknowledgement, in one frame
+            error = task_error(result) if result.is_err else None
+            self.events.finished(message, error, duration, acknowledged=not told_with_ack)
+        if told_with_ack:  # told with the acknowledgement, in one frame
             self._outcomes[message.task_id] = (2 if result.is_err else 1, duration)
         else:
             assert self.pipe is not None

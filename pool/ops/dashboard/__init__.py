@@ -5,13 +5,18 @@ connection)::
 
     GET  /             the page (index.html beside this module: plain HTML, CSS and JS)
     GET  /api/stats    the supervisor's stats (``stats --json``) and the state's key names
-    GET  /api/events   the event stream (``pool.runtime.events``) as server-sent events
+    GET  /api/events   a digest of the event stream (``pool.runtime.events``) as server-sent
+                       events, one every ``DIGEST_EVERY`` seconds
     POST /api/scale    {"workers": N}: set the worker count
 
 Loopback by default; beyond loopback every request needs the metrics token (the run
 directory's ``metrics.token``), as ``Authorization: Bearer`` or ``?token=`` (the page passes
-it on from its own address), compared in constant time. The event stream is one more
-subscriber of the supervisor's ``EventHub``, bounded like any other.
+it on from its own address), compared in constant time.
+
+The page is one more subscriber of the supervisor's ``EventHub``, but it gets a digest rather
+than every event: how many tasks finished, a sample of their durations, the tasks running
+now, the failures with their tracebacks. A page open beside a busy pool then costs a few
+small messages a second, not a message per task (``make bench`` measures it).
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ import asyncio
 import hmac
 import json
 import logging
+import random
 from importlib import resources
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
+
+from pool.runtime.events import Item, as_event
 
 if TYPE_CHECKING:
     from pool.runtime.supervisor import Supervisor
@@ -33,6 +42,11 @@ MAX_REQUEST = 16 * 1024
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 STATE_KEYS_SHOWN = 200
+DIGEST_EVERY = 0.5  # s
+DURATIONS_KEPT = 256  # per digest: a uniform sample of the durations
+RUNNING_KEPT = 10_000  # tasks the digest follows as running (the newest)
+RUNNING_SHOWN = 50
+FAILURES_KEPT = 20
 
 
 class _SSE:
@@ -50,9 +64,63 @@ class _SSE:
     def unread_bytes(self) -> int:
         return self.writer.transport.get_write_buffer_size()
 
-    def send(self, reply: Any) -> None:
+    def send(self, payload: Any) -> None:
         if self.is_open:
-            self.writer.write(f"data: {json.dumps(reply.body['events'])}\n\n".encode())
+            self.writer.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+
+class _Digest:
+    """The page's subscription: folds each event into what the page shows, sent as one
+    message every ``DIGEST_EVERY`` seconds. Bounded whatever the rate of tasks."""
+
+    def __init__(self, sse: _SSE) -> None:
+        self.conn = sse
+        self.finished = 0
+        self.durations: list[float] = []
+        self.running: dict[str, tuple[str, int | None, float]] = {}
+        self.failures: list[dict[str, Any]] = []
+
+    def add(self, item: Item) -> None:
+        item = as_event(item)
+        kind = item["event"]
+        if kind == "started":
+            running = self.running
+            running[item["task_id"]] = (item["task_name"], item.get("worker"), item["time"])
+            if len(running) > RUNNING_KEPT:
+                del running[next(iter(running))]
+        elif kind in ("succeeded", "failed"):
+            self.running.pop(item["task_id"], None)
+            self.finished += 1
+            durations = self.durations
+            if len(durations) < DURATIONS_KEPT:
+                durations.append(item["duration"])
+            else:  # reservoir sampling: every duration is kept with the same chance
+                slot = random.randrange(self.finished)
+                if slot < DURATIONS_KEPT:
+                    durations[slot] = item["duration"]
+            if kind == "failed":
+                self.failures = [item, *self.failures[: FAILURES_KEPT - 1]]
+        elif kind == "cancelled":
+            self.running.pop(item["task_id"], None)
+        elif kind == "worker_gone":
+            gone = item.get("worker")
+            self.running = {k: v for k, v in self.running.items() if v[1] != gone}
+
+    def flush(self) -> bool:
+        return False  # the page's stream sends the digest on its own clock
+
+    def take(self) -> dict[str, Any]:
+        """What happened since the last digest, and what runs now."""
+        newest = islice(reversed(self.running.items()), RUNNING_SHOWN)
+        digest = {
+            "finished": self.finished,
+            "durations": self.durations,
+            "running": len(self.running),
+            "newest_running": [[k, n, w, t] for k, (n, w, t) in newest],
+            "failures": self.failures,
+        }
+        self.finished, self.durations, self.failures = 0, [], []
+        return digest
 
 
 class Dashboard:
@@ -146,17 +214,18 @@ class Dashboard:
             b"Connection: close\r\n\r\n: subscribed\n\n"
         )
         sse = _SSE(writer)
+        digest = _Digest(sse)
         hub = self.supervisor.events
-        hub.subscribe(sse, None)  # type: ignore[arg-type]
+        hub.attach(digest)
         try:
             while sse.is_open and not self.supervisor.stopping:
-                await asyncio.sleep(0.5)
-                writer.write(b": keep-alive\n\n")
+                await asyncio.sleep(DIGEST_EVERY)
+                sse.send(digest.take())
                 await writer.drain()
         except (ConnectionError, RuntimeError):  # the page went away (uvloop: RuntimeError)
             pass
         finally:
-            hub.forget(sse)  # type: ignore[arg-type]
+            hub.forget(sse)
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
