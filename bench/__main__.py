@@ -217,18 +217,30 @@ def _control_section(results: dict[str, Any]) -> list[str]:
 
 
 def _observe_section(results: dict[str, Any]) -> list[str]:
-    rows: list[tuple[str, ...]] = [("subscriber", "without tasks/s", "with tasks/s", "cost")]
+    rows: list[tuple[str, ...]] = [(
+        "subscriber", "without tasks/s", "with tasks/s", "cost",
+        "CPU µs/task without", "with", "CPU cost", "events seen per task",
+    )]  # fmt: skip
     for fig in results["observe"]:
+        seen = fig.get("events_seen_per_task")
         rows.append((
             fig["subscriber"],
             f"{fig['without_subscriber_tasks_per_s']:.0f}",
             f"{fig['with_subscriber_tasks_per_s']:.0f}",
             f"{fig['cost_percent']:.1f}%",
+            f"{fig.get('cpu_us_per_task_without', 0):.1f}",
+            f"{fig.get('cpu_us_per_task_with', 0):.1f}",
+            f"{fig.get('cpu_cost_percent', 0):.1f}%",
+            "digest" if seen is None else f"{seen:.2f}",
         ))  # fmt: skip
     return [
         "## 9. Seeing the pool: throughput with an event subscriber or the dashboard open",
         _table(rows),
-        "Alternating rounds on one pool of 2 workers, medians. Reproduce: "
+        "Alternating rounds on one pool of 2 workers, medians. *CPU µs/task* sums every "
+        "process involved (producer, supervisor, workers, state server, the subscriber's "
+        "processes), which the machine's other load does not change; *events seen per task* "
+        "is 3 when the subscriber kept up (received, started, succeeded). The page reads a "
+        "digest twice a second. Reproduce: "
         "`python -m bench.observe_bench [--in-process | --dashboard]`.",
     ]
 

@@ -9,6 +9,10 @@ Chromium, reading the stream as server-sent events).
     python -m bench.observe_bench [--workers 2] [--tasks 20000] [--rounds 5]
                                   [--in-process | --dashboard]
 
+Beside throughput (noisy on a shared machine) it reports the CPU time per task summed over
+every process involved (the producer, the supervisor and its children, the subscriber's
+processes): that cost does not depend on what else the machine runs.
+
 A round with a subscriber starts once the subscriber has subscribed and its processes have
 settled (Chromium's start takes seconds of CPU: that is not the cost of an open page). The
 figures also say how many events per task the subscriber saw, so that a subscriber which
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,6 +103,31 @@ class Subscriber:
         self.output.close()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and their children, as far as they still run."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def measured_round(
+    broker: Any, noop: Any, total: int, pids: list[int]
+) -> tuple[float, float]:
+    """Tasks/s of one round, and its CPU µs per task over ``pids`` (and their children)."""
+    before = cpu_seconds(pids)
+    rate = await throughput(broker, noop, total)
+    return rate, (cpu_seconds(pids) - before) * 1e6 / total
+
+
 def settle(pid: int, idle_percent: float = 10.0, timeout: float = 20.0) -> None:
     """Wait until the process ``pid`` and its children use less than ``idle_percent`` of a
     core over half a second (a browser's start is not the cost of its open page)."""
@@ -125,6 +155,8 @@ async def measure(
 
     without: list[float] = []
     with_sub: list[float] = []
+    cpu_without: list[float] = []
+    cpu_with: list[float] = []
     seen = dropped = 0
     if dashboard and shutil.which("chromium") is None:
         raise SystemExit("--dashboard needs chromium (apt-get install chromium)")
@@ -135,10 +167,17 @@ async def measure(
         await broker.startup()
         try:
             await throughput(broker, noop, 1000)  # warm up
+            assert bench_pool.proc is not None
+            pids = [os.getpid(), bench_pool.proc.pid]
             for _ in range(rounds):
-                without.append(await throughput(broker, noop, total))
+                rate, cpu = await measured_round(broker, noop, total, pids)
+                without.append(rate)
+                cpu_without.append(cpu)
                 async with Subscriber(bench_pool, in_process, page) as sub:
-                    with_sub.append(await throughput(broker, noop, total))
+                    subscriber = [sub.proc.pid] if sub.proc is not None else []
+                    rate, cpu = await measured_round(broker, noop, total, pids + subscriber)
+                    with_sub.append(rate)
+                    cpu_with.append(cpu)
                 seen, dropped = seen + sub.events, dropped + sub.dropped
         finally:
             await broker.shutdown()
@@ -150,6 +189,9 @@ async def measure(
         "without_subscriber_tasks_per_s": round(base, 1),
         "with_subscriber_tasks_per_s": round(observed, 1),
         "cost_percent": round(100 * (1 - observed / base), 1),
+        "cpu_us_per_task_without": round(median(cpu_without), 1),
+        "cpu_us_per_task_with": round(median(cpu_with), 1),
+        "cpu_cost_percent": round(100 * (median(cpu_with) / median(cpu_without) - 1), 1),
         # 3 when it kept up (received, started, succeeded); None: the page's digest is not
         # counted
         "events_seen_per_task": None if dashboard else round(seen / (total * rounds), 2),

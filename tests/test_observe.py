@@ -538,3 +538,21 @@ def test_started_events_carry_the_trace_of_taskiqs_opentelemetry_middleware() ->
         assert started["trace_id"] == f"{trace_id:032x}" == in_task
         assert len(started["span_id"]) == 16
         running.stop()
+
+
+@pytest.mark.parametrize(
+    "task_id", ["0f3a5c2b9d8e4f7a", "ünïcödé", 'quote"and\\back', "ünï-cödé id", "a\nb"]
+)
+def test_the_supervisor_s_own_events_render_as_the_json_of_their_fields(task_id: str) -> None:
+    from pool.runtime.events import render
+
+    name = 'app:odd "name"'
+    started = json.loads(render(("started", 1.25, task_id, name, 3, 0.0)))
+    assert started == {
+        "event": "started", "time": 1.25, "task_id": task_id, "task_name": name, "worker": 3
+    }  # fmt: skip
+    received = json.loads(render(("received", 2.5, task_id, name, None, 0.0)))
+    assert received == {"event": "received", "time": 2.5, "task_id": task_id, "task_name": name}
+    succeeded = json.loads(render(("succeeded", 3.0, task_id, name, 0, 0.125)))
+    assert succeeded["duration"] == 0.125 and succeeded["worker"] == 0
+    assert "\n" not in render(("started", 1.0, task_id, name, 1, 0.0))  # one event, one line

@@ -137,19 +137,6 @@ def render(item: Item) -> str:
     return f'{head},"worker":{worker},"duration":{duration!r}}}'
 
 
-def as_event(item: Item) -> dict[str, Any]:
-    """An event as a dict (what a subscriber gets), whichever form it travels in."""
-    if type(item) is not tuple:
-        return item  # type: ignore[return-value]
-    kind, when, task_id, name, worker, duration = item
-    fields: dict[str, Any] = {"event": kind, "time": when, "task_id": task_id, "task_name": name}
-    if kind != "received":
-        fields["worker"] = worker
-    if kind == "succeeded":
-        fields["duration"] = duration
-    return fields
-
-
 # ----------------------------------------------------------------- supervisor side
 class _Subscriber:
     """A subscriber that gets every event: a queue per connection, sent in batches."""
@@ -485,7 +472,9 @@ async def event_batches(
     lines = event_lines(run_dir, connect_timeout)
     try:
         async for blob in lines:
-            yield [json.loads(line) for line in blob.split(b"\n")]
+            # one parse for the frame: a JSON text never holds a raw newline, so the lines
+            # joined with commas are an array
+            yield json.loads(b"[%s]" % blob.replace(b"\n", b","))
     finally:
         await lines.aclose()
 

@@ -31,7 +31,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from pool.runtime.events import Item, as_event
+from pool.runtime.events import Item
 
 if TYPE_CHECKING:
     from pool.runtime.supervisor import Supervisor
@@ -81,23 +81,19 @@ class _Digest:
         self.failures: list[dict[str, Any]] = []
 
     def add(self, item: Item) -> None:
-        item = as_event(item)
+        if type(item) is tuple:  # the supervisor's own: received, started, succeeded
+            kind, when, task_id, name, worker, duration = item
+            if kind == "started":
+                self._started(task_id, name, worker, when)
+            elif kind == "succeeded":
+                self._finished(task_id, duration)
+            return
+        assert isinstance(item, dict)
         kind = item["event"]
         if kind == "started":
-            running = self.running
-            running[item["task_id"]] = (item["task_name"], item.get("worker"), item["time"])
-            if len(running) > RUNNING_KEPT:
-                del running[next(iter(running))]
+            self._started(item["task_id"], item["task_name"], item.get("worker"), item["time"])
         elif kind in ("succeeded", "failed"):
-            self.running.pop(item["task_id"], None)
-            self.finished += 1
-            durations = self.durations
-            if len(durations) < DURATIONS_KEPT:
-                durations.append(item["duration"])
-            else:  # reservoir sampling: every duration is kept with the same chance
-                slot = random.randrange(self.finished)
-                if slot < DURATIONS_KEPT:
-                    durations[slot] = item["duration"]
+            self._finished(item["task_id"], item["duration"])
             if kind == "failed":
                 self.failures = [item, *self.failures[: FAILURES_KEPT - 1]]
         elif kind == "cancelled":
@@ -105,6 +101,23 @@ class _Digest:
         elif kind == "worker_gone":
             gone = item.get("worker")
             self.running = {k: v for k, v in self.running.items() if v[1] != gone}
+
+    def _started(self, task_id: str, name: str, worker: int | None, when: float) -> None:
+        running = self.running
+        running[task_id] = (name, worker, when)
+        if len(running) > RUNNING_KEPT:
+            del running[next(iter(running))]
+
+    def _finished(self, task_id: str, duration: float) -> None:
+        self.running.pop(task_id, None)
+        self.finished += 1
+        durations = self.durations
+        if len(durations) < DURATIONS_KEPT:
+            durations.append(duration)
+        else:  # reservoir sampling: every duration is kept with the same chance
+            slot = random.randrange(self.finished)
+            if slot < DURATIONS_KEPT:
+                durations[slot] = duration
 
     def flush(self) -> bool:
         return False  # the page's stream sends the digest on its own clock
