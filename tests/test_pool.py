@@ -23,7 +23,7 @@ from pool import (
     WorkerCrashedError,
 )
 from pool.runtime.rundir import RunDir
-from tests.pool_support import RunningPool, call, kicker, wait_for, wait_for_gone
+from tests.pool_support import RunningPool, call, kicker, until, wait_for, wait_for_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -409,6 +409,42 @@ async def test_tasks_held_by_a_supervisor_killed_with_sigkill_run_in_the_next_po
         if second is not None:
             second.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_handles_not_waited_on_through_a_restart_still_get_their_results() -> None:
+    """The producer holds 3 handles, waits on none, and the pool is SIGKILLed: it reconnects
+    to the next pool at once and asks for their results, so they reach it though that pool
+    keeps only its newest 20 results and 100 others finish after them."""
+    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+    gate = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "open"
+    extra = ["--max-stored-results", "20"]
+    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+    second: RunningPool | None = None
+    try:
+        broker = PoolBroker(run_dir=run_dir, connect_timeout=20)
+        held = [await kicker(broker, "block_until").kiq(str(gate), f"h{i}") for i in range(3)]
+        first.wait_mark("running-h0")
+        first.signal(signal.SIGKILL)
+        first.proc.wait(10)  # type: ignore[union-attr]
+        first.close()
+        second = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+        awaited = second.stats
+        await until(lambda: awaited()["results_awaited"] == 3, 20, "the producer to ask again")
+        gate.touch()
+        other = second.broker()
+        others = [await kicker(other, "count_run").kiq(f"o{i}") for i in range(100)]
+        assert not [r for r in [await h.wait_result(timeout=30) for h in others] if r.is_err]
+        await other.shutdown()
+        results = [await h.wait_result(timeout=10) for h in held]
+        lost = [r for r in results if r.is_err]
+        assert lost == [], f"{len(lost)} of 3 results lost"
+        await broker.shutdown()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(gate.parent, ignore_errors=True)
 
 
 async def test_a_waiting_producer_learns_when_the_pool_is_gone() -> None:

@@ -111,6 +111,19 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self._live_handles.pop(task_id, None)
         self._pinned.pop(task_id, None)
 
+    def reconnected(self, client: ControlClient) -> None:
+        """A new connection: ask at once for the result of every task a live handle still
+        waits for, so the supervisor pushes it when it comes. Asking only when somebody
+        waits could be too late: a restarted supervisor keeps only its newest results."""
+        for task_id in list(self._live_handles):
+            if task_id not in self._pushed and self._stored(task_id) is None:
+                client.send(Subscribe(task_id))
+
+    @property
+    def awaited(self) -> bool:
+        """Whether a live handle still waits for its result."""
+        return any(self._stored(task_id) is None for task_id in self._live_handles)
+
     def connection_lost(self) -> None:
         self._pushed.clear()
         for table in (self._waiters, self._progress_waiters):
@@ -312,6 +325,8 @@ class PoolBroker(AsyncBroker):
         self._all_confirmed: asyncio.Event | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def connection(self) -> ControlClient:
         """The open connection to the supervisor, made on first use (and again after loss)."""
@@ -332,7 +347,7 @@ class PoolBroker(AsyncBroker):
             client = await connect(
                 self.run_dir, results.deliver, results.deliver_progress, self.connect_timeout
             )
-            client.lost_callbacks.append(results.connection_lost)
+            client.lost_callbacks.append(self._connection_lost)
             client.on_accepted = self._accepted
             self._client = client
             self._client_loop = loop
@@ -340,8 +355,25 @@ class PoolBroker(AsyncBroker):
             for task_id, frame in self._unconfirmed:  # sent before, never confirmed
                 client.send_raw(frame)
                 results.expect(task_id)
+            results.reconnected(client)
             await client.drain()
             return client
+
+    def _connection_lost(self) -> None:
+        self.pool_results.connection_lost()
+        if self._closing or not self.pool_results.awaited:
+            return
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """The pool went away while handles wait for results: connect again at once (which
+        asks for them again) rather than when somebody next waits; a pool restarted on the
+        run directory within ``connect_timeout`` then pushes each result as it comes."""
+        try:
+            await self.connection()
+        except (ConnectionError, SendTaskError) as exc:
+            logger.warning("could not reconnect to the pool to wait for results: %s", exc)
 
     def _accepted(self, count: int) -> None:
         """The supervisor has the first ``count`` tasks sent on this connection on disk."""
@@ -397,9 +429,17 @@ class PoolBroker(AsyncBroker):
             delivery, task_id, data = await inbox.get()
             yield AckableMessage(data=data, ack=_Ack(acknowledge, delivery, task_id))
 
+    async def startup(self) -> None:
+        self._closing = False
+        await super().startup()
+
     async def shutdown(self) -> None:
         await super().shutdown()
         await self._wait_confirmed()
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            self._reconnecting = None
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -385,6 +385,14 @@ def _add_pool_options(group: Any, default: Any) -> None:
         "(default: %(default)s)",
     )
     group.add_argument(
+        "--max-stored-results",
+        type=_positive_int,
+        default=default("max_stored_results"),
+        metavar="N",
+        help="PoolBroker results the supervisor keeps for producers that ask later, newest "
+        "first (a result its producer waits for is pushed to it at once) (default: %(default)s)",
+    )
+    group.add_argument(
         "--no-journal",
         dest="journal",
         action="store_false",
@@ -540,6 +548,7 @@ def run_config(args: argparse.Namespace) -> Any:
         run_dir=args.run_dir,
         start_method=args.start_method,
         queue_size=args.queue_size,
+        max_stored_results=args.max_stored_results,
         journal=args.journal,
     )
 

@@ -58,6 +58,8 @@ def collect_stats(sup: Supervisor) -> dict[str, Any]:
         "failed_starts": sup.failed_starts,
         "startup_errors": list(sup.recent_startup_errors),
         "event_subscribers": len(sup.events.subscribers),
+        # tasks whose result a producer asked for and that have none yet
+        "results_awaited": len(sup.results.subscribers),
         "dashboard_url": sup.dashboard_url,
         "metrics_url": sup.metrics_url,
     }
