@@ -53,6 +53,31 @@ async def until(predicate: Callable[[], Any], timeout: float, what: str = "condi
         await asyncio.sleep(0.02)
 
 
+class Restarts:
+    """Pools started one after another on one run directory, as a restart does:
+    ``with Restarts() as pools: first = pools.start(...)``. At the end every pool is closed
+    and the directory removed."""
+
+    def __init__(self) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
+        self.pools: list[RunningPool] = []
+
+    def start(
+        self, workers: int = 1, extra: list[str] | None = None, wait_ready: bool = True
+    ) -> RunningPool:
+        running = RunningPool(workers=workers, extra=extra, run_dir=self.run_dir)
+        self.pools.append(running)
+        return running.start(wait_ready=wait_ready)
+
+    def __enter__(self) -> Restarts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for running in self.pools:
+            running.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 class RunningPool:
     """``python -m pool run`` in a subprocess with its own short run directory."""
 

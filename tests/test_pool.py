@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import struct
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -23,7 +21,15 @@ from pool import (
     WorkerCrashedError,
 )
 from pool.runtime.rundir import RunDir
-from tests.pool_support import RunningPool, call, kicker, until, wait_for, wait_for_gone
+from tests.pool_support import (
+    Restarts,
+    RunningPool,
+    call,
+    kicker,
+    until,
+    wait_for,
+    wait_for_gone,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -229,26 +235,23 @@ async def test_a_second_stop_signal_stops_at_once() -> None:
 
 @pytest.mark.parametrize("journal", [[], ["--no-journal"]], ids=["journal", "no-journal"])
 async def test_unstarted_tasks_survive_a_graceful_restart(journal: list[str]) -> None:
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
     extra = ["--max-async-tasks", "1", "--wait-tasks-timeout", "1", *journal]
-    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
-    release = Path(run_dir) / "release"  # outlives the first pool's marks
-    try:
+    with Restarts() as pools:
+        first = pools.start(extra=extra)
+        release = Path(pools.run_dir) / "release"  # outlives the first pool's marks
         broker = first.broker()
         blocker = await kicker(broker, "block_until").kiq(str(release), "held")
         first.wait_mark("running-held")
         waiting = [await kicker(broker, "add").kiq(i, i) for i in range(5)]
         wait_for(lambda: first.stats()["totals"]["queued"] == 5, 10, "5 queued tasks")
         # with --no-journal nothing is written while the pool runs
-        assert RunDir.at(run_dir).spool_file.exists() == (not journal)
+        assert RunDir.at(pools.run_dir).spool_file.exists() == (not journal)
         assert first.stop() == 0
         await broker.shutdown()
-    finally:
         first.close()
-    assert RunDir.at(run_dir).spool_file.exists()
-    release.touch()
-    second = RunningPool(workers=1, run_dir=run_dir).start()
-    try:
+        assert RunDir.at(pools.run_dir).spool_file.exists()
+        release.touch()
+        second = pools.start()
         broker = second.broker()
         assert (await blocker.wait_result(timeout=30)).return_value[0] == "held"
         # the handles made before the restart still find their results
@@ -256,9 +259,6 @@ async def test_unstarted_tasks_survive_a_graceful_restart(journal: list[str]) ->
             handle.result_backend = broker.result_backend
             assert (await handle.wait_result(timeout=30)).return_value == 2 * i
         await broker.shutdown()
-    finally:
-        second.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_garbage_on_every_socket_does_not_hurt_the_pool(pool2: RunningPool) -> None:
@@ -388,46 +388,36 @@ async def test_tasks_that_shared_a_worker_with_a_poison_task_are_not_blamed() ->
 async def test_tasks_held_by_a_supervisor_killed_with_sigkill_run_in_the_next_pool() -> None:
     """SIGKILL the supervisor with 2,000 tasks sent: the next pool on its run dir runs them all
     and every waiting handle gets its result (at least once: some may run twice)."""
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    extra = ["--max-async-tasks", "2"]
-    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
-    second: RunningPool | None = None
-    try:
+    with Restarts() as pools:
+        first = pools.start(extra=["--max-async-tasks", "2"])
         broker = first.broker()
         handles = [await kicker(broker, "count_run").kiq(f"k{i}") for i in range(2000)]
         assert first.stats()["totals"]["queued"] > 0  # most are still waiting
         first.signal(signal.SIGKILL)
         first.proc.wait(10)  # type: ignore[union-attr]
         first.close()  # its workers and state server exit on their own (checked)
-        second = RunningPool(workers=2, run_dir=run_dir).start()
+        pools.start(workers=2)
         results = [await h.wait_result(timeout=60) for h in handles]
         lost = [r for r in results if r.is_err or r.return_value < 1]
         assert lost == []
         await broker.shutdown()
-    finally:
-        first.close()
-        if second is not None:
-            second.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_handles_not_waited_on_through_a_restart_still_get_their_results() -> None:
     """The producer holds 3 handles, waits on none, and the pool is SIGKILLed: it reconnects
     to the next pool at once and asks for their results, so they reach it though that pool
     keeps only its newest 20 results and 100 others finish after them."""
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    gate = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")) / "open"
     extra = ["--max-stored-results", "20"]
-    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
-    second: RunningPool | None = None
-    try:
-        broker = PoolBroker(run_dir=run_dir, connect_timeout=20)
+    with Restarts() as pools:
+        gate = Path(pools.run_dir) / "open"
+        first = pools.start(extra=extra)
+        broker = PoolBroker(run_dir=pools.run_dir, connect_timeout=20)
         held = [await kicker(broker, "block_until").kiq(str(gate), f"h{i}") for i in range(3)]
         first.wait_mark("running-h0")
         first.signal(signal.SIGKILL)
         first.proc.wait(10)  # type: ignore[union-attr]
         first.close()
-        second = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
+        second = pools.start(extra=extra)
         awaited = second.stats
         await until(lambda: awaited()["results_awaited"] == 3, 20, "the producer to ask again")
         gate.touch()
@@ -439,12 +429,6 @@ async def test_handles_not_waited_on_through_a_restart_still_get_their_results()
         lost = [r for r in results if r.is_err]
         assert lost == [], f"{len(lost)} of 3 results lost"
         await broker.shutdown()
-    finally:
-        first.close()
-        if second is not None:
-            second.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(gate.parent, ignore_errors=True)
 
 
 async def test_a_waiting_producer_learns_when_the_pool_is_gone() -> None:
@@ -464,11 +448,9 @@ async def test_a_waiting_producer_learns_when_the_pool_is_gone() -> None:
 async def test_tasks_sent_while_the_pool_stops_run_in_the_next_pool() -> None:
     """A producer keeps sending while the pool shuts down gracefully: every task it sent
     runs, in this pool or (confirmed or sent again) in the next one on the same run dir."""
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    first = RunningPool(workers=1, extra=["--max-async-tasks", "2"], run_dir=run_dir).start()
-    second: RunningPool | None = None
-    try:
-        broker = PoolBroker(run_dir=run_dir, connect_timeout=20)
+    with Restarts() as pools:
+        first = pools.start(extra=["--max-async-tasks", "2"])
+        broker = PoolBroker(run_dir=pools.run_dir, connect_timeout=20)
         handles = [await kicker(broker, "count_run").kiq(f"s{i}") for i in range(200)]
         first.signal(signal.SIGTERM)
         # go on sending while it stops (kiq waits, or its tasks wait to be sent again)
@@ -476,27 +458,19 @@ async def test_tasks_sent_while_the_pool_stops_run_in_the_next_pool() -> None:
             asyncio.gather(*(kicker(broker, "count_run").kiq(f"t{i}") for i in range(300)))
         )
         assert first.proc.wait(30) == 0  # type: ignore[union-attr]
-        second = RunningPool(workers=2, run_dir=run_dir).start()
+        pools.start(workers=2)
         handles += await asyncio.wait_for(sending, 30)
         results = [await h.wait_result(timeout=60) for h in handles]
         assert [r for r in results if r.is_err or r.return_value < 1] == []
         await broker.shutdown()
-    finally:
-        first.close()
-        if second is not None:
-            second.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_the_death_of_the_state_server_stops_the_pool_loudly_and_keeps_its_tasks() -> None:
     """SIGKILL of the state server: the pool says so and exits 5 at once (no worker starts
     one by one against a dead server), and its queued tasks run in the next pool."""
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    extra = ["--max-async-tasks", "1", "--wait-tasks-timeout", "1"]
-    first = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
-    second: RunningPool | None = None
-    release = Path(run_dir) / "release"
-    try:
+    with Restarts() as pools:
+        first = pools.start(extra=["--max-async-tasks", "1", "--wait-tasks-timeout", "1"])
+        release = Path(pools.run_dir) / "release"
         broker = first.broker()
         blocker = await kicker(broker, "block_until").kiq(str(release), "held")
         first.wait_mark("running-held")
@@ -511,18 +485,13 @@ async def test_the_death_of_the_state_server_stops_the_pool_loudly_and_keeps_its
         assert "shared state server" in log and "killed by signal 9" in log
         assert "failed to start" not in log
         release.touch()
-        second = RunningPool(workers=1, run_dir=run_dir).start()
+        pools.start()
         for i, handle in enumerate(queued):
             handle.result_backend = broker.result_backend
             assert (await handle.wait_result(timeout=30)).return_value == i + 1
         blocker.result_backend = broker.result_backend
         assert (await blocker.wait_result(timeout=30)).return_value[0] == "held"
         await broker.shutdown()
-    finally:
-        first.close()
-        if second is not None:
-            second.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_stats_answer_while_the_state_server_is_frozen() -> None:
@@ -544,64 +513,52 @@ def test_stats_answer_while_the_state_server_is_frozen() -> None:
 async def test_a_task_that_outlives_every_stop_is_not_run_again_without_bound() -> None:
     """A task still running when each stop's wait runs out is delivered again, up to
     --max-task-failures (3) times in all; then its producer gets an error result."""
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
     extra = ["--wait-tasks-timeout", "0.3"]
-    never = os.path.join(run_dir, "never")
-    pools: list[RunningPool] = []
-    try:
-        broker = PoolBroker(run_dir=run_dir)
+    with Restarts() as pools:
+        never = os.path.join(pools.run_dir, "never")
+        broker = PoolBroker(run_dir=pools.run_dir)
         for run in range(3):
-            pools.append(RunningPool(workers=1, extra=extra, run_dir=run_dir).start())
+            running = pools.start(extra=extra)
             if run == 0:
                 handle = await kicker(broker, "block_until").kiq(never, "forever", 600)
-            pools[-1].wait_mark("running-forever")
-            assert pools[-1].stop() == 0
-        assert "giving up" in pools[-1].log()
-        last = RunningPool(workers=1, extra=extra, run_dir=run_dir).start()
-        pools.append(last)
+            running.wait_mark("running-forever")
+            assert running.stop() == 0
+        assert "giving up" in running.log()
+        last = pools.start(extra=extra)
         result = await handle.wait_result(timeout=30)
         assert isinstance(result.error, WorkerCrashedError)
         assert "still running when its worker's stop timed out" in str(result.error)
         assert not last.mark_path("running-forever").exists(), "not run a fourth time"
         await broker.shutdown()
-    finally:
-        for running in pools:
-            running.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_requests_through_a_pool_restart_all_succeed() -> None:
     """A web app's pattern: each request sends a task and waits for its result. A stop
     and start of the pool on the same run directory in the middle fails none of them
     (kiq and wait_result reconnect within the broker's connect_timeout)."""
-    run_dir = tempfile.mkdtemp(prefix="pl-", dir="/tmp")
-    pools = [RunningPool(workers=2, run_dir=run_dir).start()]
-    broker = PoolBroker(run_dir=run_dir, connect_timeout=20)
     failures: list[str] = []
+    with Restarts() as pools:
+        first = pools.start(workers=2)
+        broker = PoolBroker(run_dir=pools.run_dir, connect_timeout=20)
 
-    async def web_request(i: int) -> None:
-        try:
-            handle = await kicker(broker, "add").kiq(i, 1)
-            result = await handle.wait_result(timeout=30)
-            if result.is_err or result.return_value != i + 1:
-                failures.append(f"{i}: {result.error or result.return_value}")
-        except Exception as exc:  # what a web handler would turn into a 500
-            failures.append(f"{i}: {type(exc).__name__}: {exc}")
+        async def web_request(i: int) -> None:
+            try:
+                handle = await kicker(broker, "add").kiq(i, 1)
+                result = await handle.wait_result(timeout=30)
+                if result.is_err or result.return_value != i + 1:
+                    failures.append(f"{i}: {result.error or result.return_value}")
+            except Exception as exc:  # what a web handler would turn into a 500
+                failures.append(f"{i}: {type(exc).__name__}: {exc}")
 
-    try:
         requests = []
         for i in range(600):
             requests.append(asyncio.ensure_future(web_request(i)))
             if i == 200:
-                pools[0].signal(signal.SIGTERM)
+                first.signal(signal.SIGTERM)
             if i == 300:
-                await asyncio.get_running_loop().run_in_executor(None, pools[0].wait, 30)
-                pools.append(RunningPool(workers=2, run_dir=run_dir).start(wait_ready=False))
+                await asyncio.get_running_loop().run_in_executor(None, first.wait, 30)
+                pools.start(workers=2, wait_ready=False)
             await asyncio.sleep(0.002)  # requests keep arriving while the pool restarts
         await asyncio.wait_for(asyncio.gather(*requests), 60)
         assert failures == []
         await broker.shutdown()
-    finally:
-        for running in pools:
-            running.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
