@@ -285,3 +285,27 @@ async def test_a_result_over_the_frame_limit_is_an_error_result_of_that_task_alo
         assert [w["pid"] for w in stats["workers"]] == pids
         assert stats["totals"]["restarts"] == 0
         await broker.shutdown()
+
+
+async def test_a_client_that_stops_reading_is_dropped_though_it_holds_little() -> None:
+    """5 MiB of results unread stays under POOL_MAX_UNREAD (16 MiB), but a peer that reads
+    none of it for POOL_UNREAD_TIMEOUT is dropped: before, it held them for ever."""
+    with bounds_pool(env={"POOL_UNREAD_TIMEOUT": "1"}) as running:
+        assert running.proc is not None
+        pid = running.proc.pid
+        broker = running.broker()
+        handle = await kicker(broker, "blob").kiq(MiB)
+        assert (await handle.wait_result(timeout=30)).is_err is False
+        await broker.shutdown()
+        baseline = unix_sockets(pid)
+        client = await connect(running.run_dir)
+        assert client.transport is not None
+        client.transport.pause_reading()  # never reads again
+        client.send_raw(Subscribe(handle.task_id).encode() * 5)
+        await client.drain()
+        wait_for(lambda: log_lines(running, "unread for"), 30, "the drop")
+        (line,) = log_lines(running, "unread for")
+        assert "POOL_UNREAD_TIMEOUT" in line and "dropped it" in line
+        assert not log_lines(running, "POOL_MAX_UNREAD")  # not the size bound: the time
+        wait_for(lambda: unix_sockets(pid) <= baseline, 10, "the connection closed")
+        client.transport.abort()

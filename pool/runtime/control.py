@@ -6,8 +6,9 @@ small frame, ``HANDSHAKE_TIMEOUT`` seconds, and at most ``MAX_UNAUTHENTICATED`` 
 connections at once (the others are closed at once; one log line per burst). After it:
 while the peer does not read, replies and results wait here (results as the very bytes of
 the ResultStore, not copies) and nothing more is read from it; past ``MAX_UNREAD`` bytes
-waiting, the connection is dropped with a log line. Its results stay in the ResultStore,
-so a new connection can still ``Subscribe`` to them.
+waiting, or once it has read nothing for ``UNREAD_TIMEOUT`` seconds while its replies wait,
+the connection is dropped with a log line. Its results stay in the ResultStore, so a new
+connection can still ``Subscribe`` to them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ MAX_UNAUTHENTICATED = 64
 # WRITE_HIGH_WATER they wait here (and the peer is not read); above MAX_UNREAD it is dropped.
 WRITE_HIGH_WATER = 1024 * 1024
 MAX_UNREAD = int(os.environ.get("POOL_MAX_UNREAD", 16 * 1024 * 1024))
+# s: a peer whose replies wait (its socket is full) and that reads none of them for this
+# long is dropped, whatever little it holds: a peer that stopped reading holds nothing for ever
+UNREAD_TIMEOUT = float(os.environ.get("POOL_UNREAD_TIMEOUT", 60))
 _BURST = 1.0  # s: refusals and failed handshakes within this window share one log line
 
 
@@ -108,6 +112,7 @@ class ControlConnection(FrameProtocol):
         self._held: deque[tuple[bytes | tuple[str, bytes], int]] = deque()
         self._held_bytes = 0
         self._read_blocks: set[str] = set()
+        self._stalled: asyncio.TimerHandle | None = None
 
     @property
     def peer(self) -> str:
@@ -228,10 +233,34 @@ class ControlConnection(FrameProtocol):
         if not held:
             self._unblock_reading("unread")
 
+    def pause_writing(self) -> None:
+        """The peer's socket is full: it must read some within ``UNREAD_TIMEOUT``."""
+        super().pause_writing()
+        if self._stalled is None:
+            self._stalled = self._loop.call_later(UNREAD_TIMEOUT, self._drop_stalled)
+
     def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         super().resume_writing()
         if self._held:
             self._release()
+
+    def _drop_stalled(self) -> None:
+        self._stalled = None
+        if not self._paused or not self.is_open:
+            return
+        logger.warning(
+            "control connection: dropped it: its peer left %d bytes of replies and results "
+            "unread for %g s (POOL_UNREAD_TIMEOUT); the results stay in the pool, for a new "
+            "connection to ask for",
+            self.unread_bytes,
+            UNREAD_TIMEOUT,
+        )
+        self._held.clear()
+        self._held_bytes = 0
+        self.abort()
 
     def flush(self) -> None:
         super().flush()
@@ -239,6 +268,9 @@ class ControlConnection(FrameProtocol):
             self._release()
 
     def connection_closed(self, exc: Exception | None) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         if self._gated:
             self._gated = False
             self._gate.leave()
