@@ -18,6 +18,7 @@ def add_parser(commands: Any) -> None:
     )
     cancel.add_argument("task_id", metavar="TASK_ID")
     cancel.add_argument("--run-dir", default=None, help="run directory of the pool")
+    cancel.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

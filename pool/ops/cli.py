@@ -279,6 +279,7 @@ def _add_run_parser(commands: Any) -> argparse.ArgumentParser:
     ignored.add_argument("--max-fails", type=_any_int, default=-1, metavar="N")
     ignored.add_argument("--hardkill-count", type=_any_int, default=3, metavar="N")
     _add_pool_options(run.add_argument_group("pool's options"), default)
+    run.set_defaults(handler=_cmd_run)
     return run
 
 
@@ -432,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("--watch", action="store_true", help="refresh every second until Ctrl+C")
     stats.add_argument("--run-dir", default=None, help="run directory of the pool")
+    stats.set_defaults(handler=_cmd_stats)
 
     scale = commands.add_parser(
         "scale",
@@ -448,14 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the workers (default: %(default)s)",
     )
     scale.add_argument("--run-dir", default=None, help="run directory of the pool")
+    scale.set_defaults(handler=_cmd_scale)
 
-    from pool.ops import cancel_cli
+    # commands of their own modules: each sets its parser's handler, as those above
+    from pool.ops import cancel_cli, observe_cli
 
     cancel_cli.add_parser(commands)
-
-    from pool.ops.observe_cli import add_observe_commands
-
-    add_observe_commands(commands)
+    observe_cli.add_observe_commands(commands)
 
     from pool.ops.scheduler_cli import DESCRIPTION, HELP
 
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tasks", type=_positive_int, default=300)
     demo.add_argument("--workers", type=_positive_int, default=2)
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
@@ -491,18 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from pool.ops import cancel_cli
-
-    handler = {
-        "cancel": cancel_cli.run,
-        "run": _cmd_run,
-        "stats": _cmd_stats,
-        "scale": _cmd_scale,
-        "demo": _cmd_demo,
-        "health": _cmd_observe,
-        "events": _cmd_observe,
-    }[args.command]
-    return int(handler(args))
+    return int(args.handler(args))
 
 
 def run_config(args: argparse.Namespace) -> Any:
@@ -633,12 +624,6 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     else:
         print(f"{reply['workers']} worker(s) ready")
     return 0
-
-
-def _cmd_observe(args: argparse.Namespace) -> int:
-    from pool.ops.observe_cli import run_command
-
-    return run_command(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ def add_observe_commands(commands: Any) -> None:
     health.add_argument(
         "--timeout", type=float, default=5.0, metavar="SECONDS", help="(default: %(default)s)"
     )
+    health.set_defaults(handler=run_command)
     events = commands.add_parser(
         "events",
         help="print the pool's task and worker events as they happen",
@@ -29,6 +30,7 @@ def add_observe_commands(commands: Any) -> None:
     )
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.add_argument("--run-dir", default=None, help="run directory of the pool")
+    events.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
