@@ -1,17 +1,18 @@
 """Throughput of one pool with and without an event subscriber attached, in the same run.
 
 Rounds alternate (without, with, without, with, ...) on the same pool, so that both see the
-same machine; the figure of each is the median of its rounds. The subscriber is ``python -m pool
-events --json`` in a process of its own (``--in-process``: ``pool.events`` in the producer's
-loop, which then shares the producer's CPU; ``--dashboard``: the dashboard open in headless
-Chromium, reading the stream as server-sent events).
+same machine; the figure of each is the median of its rounds. What watches the pool
+(``--subscriber``): by default the dashboard open in headless Chromium together with
+``python -m pool events --json`` in a process of its own; or one of them alone; or
+``pool.events`` in the producer's own loop, which then shares the producer's CPU.
 
     python -m bench.observe_bench [--workers 2] [--tasks 20000] [--rounds 5]
-                                  [--in-process | --dashboard]
+                                  [--subscriber both|cli|in_process|dashboard]
 
-Beside throughput (noisy on a shared machine) it reports the CPU time per task summed over
-every process involved (the producer, the supervisor and its children, the subscriber's
-processes): that cost does not depend on what else the machine runs.
+Beside throughput (noisy on a shared machine: the subscriber's processes share its cores)
+it reports the CPU time per task of the producer and the pool's processes (the supervisor and
+its children), and apart from it that of the subscriber's own processes: those costs do not
+depend on what else the machine runs.
 
 A round with a subscriber starts once the subscriber has subscribed and its processes have
 settled (Chromium's start takes seconds of CPU: that is not the cost of an open page). The
@@ -36,70 +37,86 @@ from bench.pool_bench import throughput
 from bench.pool_run import BenchPool, stop
 from bench.stats import median
 
+SUBSCRIBERS = {
+    "both": "the dashboard open in headless chromium and `pool events --json`",
+    "cli": "`pool events --json`",
+    "in_process": "`pool.events` in the producer's own loop",
+    "dashboard": "the dashboard open in headless chromium",
+}
+
 
 class Subscriber:
-    """``pool events --json`` in a process of its own, as an operator would run it (its
-    output is discarded); or, with ``in_process``, ``pool.events`` in the producer's loop."""
+    """What watches the pool during a round (``SUBSCRIBERS``): ``pool events --json`` in a
+    process of its own, as an operator would run it; ``pool.events`` in the producer's loop;
+    the dashboard in headless Chromium; or the page and ``pool events`` together."""
 
-    def __init__(self, bench_pool: BenchPool, in_process: bool = False, page: str = "") -> None:
+    def __init__(self, bench_pool: BenchPool, kind: str, page: str = "") -> None:
         self.bench_pool = bench_pool
-        self.in_process = in_process
-        self.page = page  # the dashboard's address: open it in headless Chromium instead
+        self.kind = kind
+        self.page = page
         self.events = 0
         self.dropped = 0
         self.task: asyncio.Task[None] | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
         # what ``pool events --json`` printed; closed in __aexit__
         self.output = tempfile.TemporaryFile()  # noqa: SIM115
+
+    @property
+    def counts_events(self) -> bool:
+        return self.kind != "dashboard"
+
+    def _count(self, item: dict[str, Any]) -> None:
+        if item["event"] == "dropped":
+            self.dropped += item["count"]
+        else:
+            self.events += 1
 
     async def _read(self) -> None:
         import pool
 
         async for item in pool.events(self.bench_pool.run_dir):
-            if item["event"] == "dropped":
-                self.dropped += item["count"]
-            else:
-                self.events += 1
+            self._count(item)
 
     async def __aenter__(self) -> Subscriber:
-        if self.in_process:
+        if self.kind == "in_process":
             self.task = asyncio.create_task(self._read())
-        elif self.page:
+        if self.kind in ("dashboard", "both"):
             profile = tempfile.mkdtemp(prefix="pb-chromium-")
             args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-            self.proc = subprocess.Popen(
+            self.procs.append(subprocess.Popen(
                 [*args, f"--user-data-dir={profile}", "--remote-debugging-port=0", self.page],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )
-        else:
+            ))  # fmt: skip
+        if self.kind in ("cli", "both"):
             args = [sys.executable, "-m", "pool", "events", "--json"]
-            self.proc = subprocess.Popen(
+            self.procs.append(subprocess.Popen(
                 [*args, "--run-dir", self.bench_pool.run_dir], stdout=self.output
-            )
+            ))  # fmt: skip
+        want = 2 if self.kind == "both" else 1
         deadline = time.monotonic() + 30
-        while (await self.bench_pool.stats())["event_subscribers"] < 1:
+        while (await self.bench_pool.stats())["event_subscribers"] < want:
             if time.monotonic() > deadline:
                 raise RuntimeError("the subscriber did not subscribe in 30 s")
             await asyncio.sleep(0.02)
-        if self.proc is not None:
-            await asyncio.to_thread(settle, self.proc.pid)
+        for proc in self.procs:
+            await asyncio.to_thread(settle, proc.pid)
         return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
 
     async def __aexit__(self, *exc: object) -> None:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        if self.proc is not None:
-            stop(self.proc)
-            if not self.page:
-                self.output.seek(0)
-                for line in self.output:
-                    item = json.loads(line)
-                    if item["event"] == "dropped":
-                        self.dropped += item["count"]
-                    else:
-                        self.events += 1
+        for proc in self.procs:
+            stop(proc)
+        if self.kind in ("cli", "both"):
+            self.output.seek(0)
+            for line in self.output:
+                self._count(json.loads(line))
         self.output.close()
 
 
@@ -120,12 +137,14 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 async def measured_round(
-    broker: Any, noop: Any, total: int, pids: list[int]
-) -> tuple[float, float]:
-    """Tasks/s of one round, and its CPU µs per task over ``pids`` (and their children)."""
-    before = cpu_seconds(pids)
+    broker: Any, noop: Any, total: int, pool_pids: list[int], watcher_pids: list[int]
+) -> tuple[float, float, float]:
+    """Tasks/s of one round, and its CPU µs per task: over the producer and the pool, and over
+    the subscriber's own processes (each with their children)."""
+    before, watchers_before = cpu_seconds(pool_pids), cpu_seconds(watcher_pids)
     rate = await throughput(broker, noop, total)
-    return rate, (cpu_seconds(pids) - before) * 1e6 / total
+    pool_cpu = (cpu_seconds(pool_pids) - before) * 1e6 / total
+    return rate, pool_cpu, (cpu_seconds(watcher_pids) - watchers_before) * 1e6 / total
 
 
 def settle(pid: int, idle_percent: float = 10.0, timeout: float = 20.0) -> None:
@@ -145,24 +164,21 @@ def settle(pid: int, idle_percent: float = 10.0, timeout: float = 20.0) -> None:
 
 
 async def measure(
-    workers: int = 2,
-    total: int = 20000,
-    rounds: int = 5,
-    in_process: bool = False,
-    dashboard: bool = False,
+    workers: int = 2, total: int = 20000, rounds: int = 5, kind: str = "both"
 ) -> dict[str, Any]:
+    """Alternating rounds without and with the subscriber ``kind`` (``SUBSCRIBERS``)."""
     from bench.apps import broker, noop
 
-    without: list[float] = []
-    with_sub: list[float] = []
-    cpu_without: list[float] = []
-    cpu_with: list[float] = []
+    rates: dict[str, list[float]] = {"without": [], "with": []}
+    pool_cpu: dict[str, list[float]] = {"without": [], "with": []}
+    watcher_cpu: list[float] = []
     seen = dropped = 0
-    if dashboard and shutil.which("chromium") is None:
-        raise SystemExit("--dashboard needs chromium (apt-get install chromium)")
-    extra = ["--dashboard-port", "0"] if dashboard else []
+    page_needed = kind in ("dashboard", "both")
+    if page_needed and shutil.which("chromium") is None:
+        raise SystemExit(f"{kind} needs chromium (apt-get install chromium)")
+    extra = ["--dashboard-port", "0"] if page_needed else []
     async with BenchPool(workers, "bench.apps:broker", *extra) as bench_pool:
-        page = (await bench_pool.stats())["dashboard_url"] if dashboard else ""
+        page = (await bench_pool.stats())["dashboard_url"] if page_needed else ""
         broker.run_dir = bench_pool.run_dir
         await broker.startup()
         try:
@@ -170,39 +186,40 @@ async def measure(
             assert bench_pool.proc is not None
             pids = [os.getpid(), bench_pool.proc.pid]
             for _ in range(rounds):
-                rate, cpu = await measured_round(broker, noop, total, pids)
-                without.append(rate)
-                cpu_without.append(cpu)
-                async with Subscriber(bench_pool, in_process, page) as sub:
-                    subscriber = [sub.proc.pid] if sub.proc is not None else []
-                    rate, cpu = await measured_round(broker, noop, total, pids + subscriber)
-                    with_sub.append(rate)
-                    cpu_with.append(cpu)
+                rate, cpu, _ = await measured_round(broker, noop, total, pids, [])
+                rates["without"].append(rate)
+                pool_cpu["without"].append(cpu)
+                async with Subscriber(bench_pool, kind, page) as sub:
+                    rate, cpu, watching = await measured_round(broker, noop, total, pids, sub.pids)
+                    rates["with"].append(rate)
+                    pool_cpu["with"].append(cpu)
+                    watcher_cpu.append(watching)
                 seen, dropped = seen + sub.events, dropped + sub.dropped
         finally:
             await broker.shutdown()
-    base, observed = median(without), median(with_sub)
+    base, observed = median(rates["without"]), median(rates["with"])
+    cpu_without, cpu_with = median(pool_cpu["without"]), median(pool_cpu["with"])
+    watching = median(watcher_cpu)
+    counted = kind != "dashboard"
     return {
         "workers": workers,
         "tasks_per_round": total,
         "rounds": rounds,
+        "kind": kind,
+        "subscriber": SUBSCRIBERS[kind],
         "without_subscriber_tasks_per_s": round(base, 1),
         "with_subscriber_tasks_per_s": round(observed, 1),
         "cost_percent": round(100 * (1 - observed / base), 1),
-        "cpu_us_per_task_without": round(median(cpu_without), 1),
-        "cpu_us_per_task_with": round(median(cpu_with), 1),
-        "cpu_cost_percent": round(100 * (median(cpu_with) / median(cpu_without) - 1), 1),
-        # 3 when it kept up (received, started, succeeded); None: the page's digest is not
-        # counted
-        "events_seen_per_task": None if dashboard else round(seen / (total * rounds), 2),
-        "events_dropped": None if dashboard else dropped,
-        "subscriber": (
-            "the dashboard in headless chromium"
-            if dashboard
-            else "pool.events in the producer"
-            if in_process
-            else "pool events --json"
-        ),
+        # CPU per task of the producer and the pool's processes
+        "pool_cpu_us_per_task_without": round(cpu_without, 1),
+        "pool_cpu_us_per_task_with": round(cpu_with, 1),
+        "pool_cpu_cost_percent": round(100 * (cpu_with / cpu_without - 1), 1),
+        # and of the subscriber's own processes (chromium, pool events)
+        "subscriber_cpu_us_per_task": round(watching, 1),
+        "all_cpu_cost_percent": round(100 * ((cpu_with + watching) / cpu_without - 1), 1),
+        # 3 when it kept up (received, started, succeeded); None: the page's digest only
+        "events_seen_per_task": round(seen / (total * rounds), 2) if counted else None,
+        "events_dropped": dropped if counted else None,
     }
 
 
@@ -212,15 +229,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
-        "--in-process", action="store_true", help="subscribe in the producer's own loop"
-    )
-    parser.add_argument(
-        "--dashboard", action="store_true", help="the dashboard open in headless chromium"
+        "--subscriber",
+        choices=sorted(SUBSCRIBERS),
+        default="both",
+        help="what watches the pool: " + "; ".join(f"{k}: {v}" for k, v in SUBSCRIBERS.items()),
     )
     args = parser.parse_args()
-    figures = asyncio.run(
-        measure(args.workers, args.tasks, args.rounds, args.in_process, args.dashboard)
-    )
+    figures = asyncio.run(measure(args.workers, args.tasks, args.rounds, args.subscriber))
     print(json.dumps(figures, indent=1))
 
 

@@ -94,10 +94,6 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _NAMES: dict[str, str] = {}  # task name -> its JSON string (the app's few names)
 
 
-def _json_str(text: str) -> str:
-    return f'"{text}"' if text.isalnum() else _ENCODER.encode(text)
-
-
 # The supervisor's own task events (received, started, succeeded: one of each per task) stay
 # tuples until they are rendered, several times cheaper than dicts and the JSON encoder:
 # (event, time, task_id, task_name, worker, duration); worker None for received, duration
@@ -118,6 +114,14 @@ def _json_name(name: str) -> str:
     return quoted
 
 
+_TEMPLATES = {
+    "received": '{"event":"received","time":%s,"task_id":%s,"task_name":%s}',
+    "started": '{"event":"started","time":%s,"task_id":%s,"task_name":%s,"worker":%d}',
+    "succeeded": '{"event":"succeeded","time":%s,"task_id":%s,"task_name":%s,"worker":%d,'
+    '"duration":%r}',
+}
+
+
 def render(item: Item) -> str:
     """One event as one line of JSON."""
     if type(item) is not tuple:
@@ -126,15 +130,12 @@ def render(item: Item) -> str:
     global _last_time, _last_time_text
     if when != _last_time:  # the events of one turn of the loop share their time
         _last_time, _last_time_text = when, repr(when)
-    head = (
-        f'{{"event":"{kind}","time":{_last_time_text},"task_id":{_json_str(task_id)},'
-        f'"task_name":{_json_name(name)}'
-    )
+    task = f'"{task_id}"' if task_id.isalnum() else _ENCODER.encode(task_id)
     if kind == "received":
-        return head + "}"
+        return _TEMPLATES[kind] % (_last_time_text, task, _json_name(name))
     if kind == "started":
-        return f'{head},"worker":{worker}}}'
-    return f'{head},"worker":{worker},"duration":{duration!r}}}'
+        return _TEMPLATES[kind] % (_last_time_text, task, _json_name(name), worker)
+    return _TEMPLATES[kind] % (_last_time_text, task, _json_name(name), worker, duration)
 
 
 # ----------------------------------------------------------------- supervisor side
@@ -266,12 +267,13 @@ class EventHub:
     # hooks of the supervisor -------------------------------------------------
     def task_received(self, task_id: str, task_name: str) -> None:
         if self.subscribers:
-            self.publish(("received", self.now(), task_id, task_name, None, 0.0))
+            now = self._turn_time or self.now()
+            self.publish(("received", now, task_id, task_name, None, 0.0))
 
     def task_started(self, handle: WorkerHandle, entry: Entry) -> None:
         """A PoolBroker's task handed to a worker (the router calls it while subscribed)."""
-        now = self.now()
-        retry = entry.get("retry")
+        now = self._turn_time or self.now()
+        retry = entry.control and entry.control.get("retry")
         if retry:
             self.publish(
                 event(
@@ -289,7 +291,8 @@ class EventHub:
     ) -> None:
         """A PoolBroker's task acknowledged as succeeded (its ``Done`` frame says so)."""
         if self.subscribers:
-            self.publish(("succeeded", self.now(), task_id, task_name, handle.slot, duration))
+            now = self._turn_time or self.now()
+            self.publish(("succeeded", now, task_id, task_name, handle.slot, duration))
 
     def task_cancelled(
         self, task_id: str, task_name: str, worker: int | None = None, reason: str = ""
