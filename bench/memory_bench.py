@@ -11,6 +11,11 @@ the per-kind split (anonymous memory, files) say where the memory is.
 Python process costs at all, ``import taskiq`` what taskiq's own imports cost one process
 (aiohttp, pydantic; FastAPI too when it is installed, through taskiq_dependencies).
 
+Where the memory goes: ``import_layers`` adds the supervisor's imports one layer at a time
+to a fresh interpreter, and ``fork_floor`` is what a child forked from those imports costs
+when it does nothing, or runs an idle event loop (the least a worker or the state server
+can cost: every page either process writes after the fork exists twice).
+
 Reproduce: ``python -m bench.memory_bench`` (``--python PATH`` measures another
 interpreter's environment, e.g. a venv with ``pip install taskiq-pool`` only).
 """
@@ -122,18 +127,101 @@ def have_fastapi() -> bool:
     return subprocess.run([sys.executable, "-c", check]).returncode == 0
 
 
+# What the supervisor imports, layer by layer, in the order one layer needs the next.
+LAYERS = (
+    ("asyncio", "import asyncio"),
+    ("pydantic", "import pydantic"),
+    ("aiohttp (taskiq.middlewares)", "import aiohttp"),
+    ("fastapi (taskiq_dependencies)", "import importlib.util\n"
+     "if importlib.util.find_spec('fastapi'): import fastapi"),
+    ("the rest of taskiq", "import taskiq"),
+    ("the app (PoolBroker, tasks)", "import bench.apps"),
+    ("pool's runtime (cli, supervisor, ...)",
+     "import pool.ops.cli, pool.runtime.runner, pool.runtime.supervisor, uvloop"),
+)  # fmt: skip
+
+_LAYER_SCRIPT = """
+import json, sys
+def rollup():
+    out = {}
+    for line in open("/proc/self/smaps_rollup"):
+        key, _, rest = line.partition(":")
+        if key in ("Pss", "Anonymous"):
+            out[key] = int(rest.split()[0]) / 1024
+    return out
+rows = [("interpreter", rollup())]
+for name, code in json.loads(sys.argv[1]):
+    exec(code, {})
+    rows.append((name, rollup()))
+print(json.dumps(rows))
+"""
+
+
+def import_layers() -> list[dict[str, Any]]:
+    """MiB each layer adds to one fresh process (anonymous memory: its own heap and arenas;
+    PSS also counts its files, shared with other processes)."""
+    argv = [sys.executable, "-c", _LAYER_SCRIPT, json.dumps(LAYERS)]
+    done = subprocess.run(argv, capture_output=True, check=True, cwd=str(ROOT), env=ENV)
+    rows, prev = [], {"Pss": 0.0, "Anonymous": 0.0}
+    for name, now in json.loads(done.stdout):
+        rows.append({
+            "layer": name,
+            "anon_mib": now["Anonymous"] - prev["Anonymous"],
+            "pss_mib": now["Pss"] - prev["Pss"],
+        })  # fmt: skip
+        prev = now
+    return rows
+
+
+_FORK_SCRIPT = """
+import asyncio, gc, os, sys, time
+import psutil, uvloop
+import bench.apps, pool.ops.cli, pool.runtime.runner, pool.runtime.supervisor
+gc.freeze()
+kids = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        if sys.argv[1] == "loop":
+            uvloop.new_event_loop().run_until_complete(asyncio.sleep(30))
+        else:
+            time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+time.sleep(float(sys.argv[2]))
+print(sum(psutil.Process(pid).memory_full_info().uss for pid in kids) / 2 / 2**20)
+for pid in kids:
+    os.kill(pid, 9)
+"""
+
+
+def fork_floor(what: str) -> float:
+    """USS of a child forked from a process with the supervisor's imports, that does
+    nothing (``sleep``) or runs an idle event loop (``loop``): the least a worker costs."""
+    argv = [sys.executable, "-c", _FORK_SCRIPT, what, str(SETTLE_S)]
+    done = subprocess.run(argv, capture_output=True, check=True, cwd=str(ROOT), env=ENV)
+    return float(done.stdout)
+
+
 def measure() -> dict[str, Any]:
     return {
         "python": sys.executable,
+        "python_version": sys.version.split()[0],
         "fastapi_installed": have_fastapi(),
         "pool": pool_idle(),
         "bare": {code: bare(code) for code in ("pass", "import taskiq")},
+        "layers": import_layers(),
+        "forked_child_uss_mib": {what: fork_floor(what) for what in ("sleep", "loop")},
     }
 
 
 def show(fig: dict[str, Any]) -> str:
     head = f"{'process':14s} {'PSS':>6s} {'anon':>6s} {'files':>6s} {'USS':>6s} {'RSS':>6s}"
-    lines = [f"{fig['python']} (FastAPI installed: {fig['fastapi_installed']})", head]
+    lines = [
+        f"{fig['python']} (Python {fig['python_version']}, FastAPI installed: "
+        f"{fig['fastapi_installed']})",
+        head,
+    ]
     rows = {**fig["pool"]["processes"], "TOTAL": fig["pool"]["total"]}
     rows.update({f"bare: {k}": v for k, v in fig["bare"].items()})
     for name, row in rows.items():
@@ -141,7 +229,16 @@ def show(fig: dict[str, Any]) -> str:
             f"{name[:14]:14s} {row['pss_mib']:6.1f} {row['pss_anon_mib']:6.1f} "
             f"{row['pss_files_mib']:6.1f} {row['uss_mib']:6.1f} {row['rss_mib']:6.1f}"
         )
-    return "\n".join(lines) + "\n(MiB; anon and files split the PSS)"
+    lines.append("(MiB; anon and files split the PSS)")
+    lines.append("imports, in one fresh process:            anon MiB  PSS MiB")
+    for row in fig["layers"]:
+        lines.append(f"  {row['layer'][:40]:40s} {row['anon_mib']:6.1f} {row['pss_mib']:8.1f}")
+    floor = fig["forked_child_uss_mib"]
+    lines.append(
+        f"a child forked from the supervisor's imports: USS {floor['sleep']:.1f} MiB asleep, "
+        f"{floor['loop']:.1f} MiB with an idle event loop"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
