@@ -271,6 +271,36 @@ def _release_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _memory_section(results: dict[str, Any]) -> list[str]:
+    fig = results["memory"]
+    rows: list[tuple[str, ...]] = [("process (idle)", "PSS MiB", "anon", "files", "USS MiB")]
+    procs = {**fig["pool"]["processes"], "**total**": fig["pool"]["total"]}
+    procs.update({f"one interpreter, `{code}`": row for code, row in fig["bare"].items()})
+    for name, row in procs.items():
+        rows.append((
+            name, f"{row['pss_mib']:.1f}", f"{row['pss_anon_mib']:.1f}",
+            f"{row['pss_files_mib']:.1f}", f"{row['uss_mib']:.1f}",
+        ))  # fmt: skip
+    layers: list[tuple[str, ...]] = [("import (one fresh process, in this order)", "anon MiB",
+                                      "PSS MiB")]  # fmt: skip
+    for row in fig["layers"]:
+        layers.append((row["layer"], f"{row['anon_mib']:.1f}", f"{row['pss_mib']:.1f}"))
+    floor = fig["forked_child_uss_mib"]
+    return [
+        "## 10. Idle memory: supervisor, state server and 2 workers (PoolBroker)",
+        _table(rows),
+        f"Python {fig['python_version']}, FastAPI installed: {fig['fastapi_installed']}. "
+        "PSS splits a shared page among the processes that map it, so the total is what the "
+        "pool costs the machine; USS is a process's own pages. What one process pays for "
+        "each import:",
+        _table(layers),
+        f"A child forked from the supervisor's imports costs {floor['sleep']:.1f} MiB (USS) "
+        f"asleep, {floor['loop']:.1f} MiB with an idle event loop: the least a worker can "
+        "cost. Reproduce: `python -m bench.memory_bench` (`--python PATH` for another "
+        "environment, e.g. a venv with `pip install taskiq-pool` only).",
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     parts = [
         "# Benchmark results",
@@ -290,6 +320,8 @@ def render(results: dict[str, Any]) -> str:
         parts += _control_section(results)
     if "observe" in results:
         parts += _observe_section(results)
+    if "memory" in results:
+        parts += _memory_section(results)
     return "\n\n".join(parts) + "\n"
 
 
@@ -324,17 +356,36 @@ def main() -> None:
         help="run only the task control and observation sections, into the existing results",
     )
     parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="run only the idle memory section, into the existing results",
+    )
+    parser.add_argument(
         "--chaos-only",
         action="store_true",
         help="run only the chaos and fault sections, into the existing results",
     )
     args = parser.parse_args()
 
-    from bench import chaos, faults, pool_bench, release_peer, scale_bench, state_bench, taskiq_peer
+    from bench import (
+        chaos,
+        faults,
+        memory_bench,
+        pool_bench,
+        release_peer,
+        scale_bench,
+        state_bench,
+        taskiq_peer,
+    )
 
     if args.features_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
         results.update(_features())
+        _write(results, args.out)
+        return
+    if args.memory_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        results["memory"] = memory_bench.measure()
         _write(results, args.out)
         return
     if args.chaos_only:
@@ -364,6 +415,7 @@ def main() -> None:
     results["state"] = state_bench.run()
     if not args.quick:
         results["ops"] = asyncio.run(scale_bench.measure())
+        results["memory"] = memory_bench.measure()
         results["chaos"] = asyncio.run(chaos.measure(args.tasks))
         results["faults"] = asyncio.run(faults.measure(args.tasks))
         results.update(_features())
@@ -390,7 +442,10 @@ def _now() -> str:
 def _write(results: dict[str, Any], out: Path) -> None:
     out.write_text(render(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    try:
+        plot(results, out.with_suffix(".png"))
+    except ImportError:  # matplotlib comes with `make bench` (the bench extra)
+        print("no matplotlib: the plot is not redrawn")
     print(out.read_text())
 
 
