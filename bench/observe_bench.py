@@ -121,14 +121,16 @@ class Subscriber:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes and their children, as far as they still run."""
+    """User + system CPU of these processes and their children, as far as they still run
+    (this process's own alone: the pool and the subscribers are its children)."""
     import psutil
 
     total = 0.0
     for pid in pids:
         try:
             root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
+            tree = [root] if pid == os.getpid() else [root, *root.children(recursive=True)]
+            for proc in tree:
                 times = proc.cpu_times()
                 total += times.user + times.system
         except psutil.Error:
