@@ -193,21 +193,30 @@ def test_unauthenticated_connections_are_capped_and_logged_once_per_burst() -> N
 
 
 # --------------------------------------------------------------------- a peer that never reads
+async def a_stored_blob(running: RunningPool) -> tuple[int, Any, int]:
+    """The supervisor's pid, the handle of a 1 MiB result it holds, its count of sockets."""
+    assert running.proc is not None
+    broker = running.broker()
+    handle = await kicker(broker, "blob").kiq(MiB)
+    assert (await handle.wait_result(timeout=30)).is_err is False
+    await broker.shutdown()
+    return running.proc.pid, handle, unix_sockets(running.proc.pid)
+
+
+async def a_client_that_never_reads(running: RunningPool) -> Any:
+    client = await connect(running.run_dir)
+    assert client.transport is not None
+    client.transport.pause_reading()  # never reads again
+    return client
+
+
 async def test_a_client_that_never_reads_is_dropped_and_the_memory_comes_back() -> None:
     """Before: Subscribe 500 times to a 1 MiB result without reading: +500 MiB, for ever."""
     with bounds_pool() as running:
-        assert running.proc is not None
-        pid = running.proc.pid
-        broker = running.broker()
-        handle = await kicker(broker, "blob").kiq(MiB)
-        assert (await handle.wait_result(timeout=30)).is_err is False
-        await broker.shutdown()
-        baseline = unix_sockets(pid)
+        pid, handle, baseline = await a_stored_blob(running)
         before = rss(pid)
         with peak_rss(pid) as peak:
-            client = await connect(running.run_dir)
-            assert client.transport is not None
-            client.transport.pause_reading()  # never reads again
+            client = await a_client_that_never_reads(running)
             # one write: the supervisor reads them together (it stops reading from a peer
             # that does not read, so frames arriving later would never be read)
             client.send_raw(Subscribe(handle.task_id).encode() * 500)
@@ -222,7 +231,8 @@ async def test_a_client_that_never_reads_is_dropped_and_the_memory_comes_back() 
         assert "left" in line and "unread" in line and "POOL_MAX_UNREAD" in line
         wait_for(lambda: unix_sockets(pid) <= baseline, 10, "the connection closed")
         if client.transport is not None:
-            client.transport.abort()
+            assert client.transport is not None
+        client.transport.abort()
         after = rss(pid)
         assert (after - before) / MiB < 24, f"{(after - before) / MiB:.0f} MiB still held"
         # the result stays in the pool: a new connection gets it
@@ -291,16 +301,8 @@ async def test_a_client_that_stops_reading_is_dropped_though_it_holds_little() -
     """5 MiB of results unread stays under POOL_MAX_UNREAD (16 MiB), but a peer that reads
     none of it for POOL_UNREAD_TIMEOUT is dropped: before, it held them for ever."""
     with bounds_pool(env={"POOL_UNREAD_TIMEOUT": "1"}) as running:
-        assert running.proc is not None
-        pid = running.proc.pid
-        broker = running.broker()
-        handle = await kicker(broker, "blob").kiq(MiB)
-        assert (await handle.wait_result(timeout=30)).is_err is False
-        await broker.shutdown()
-        baseline = unix_sockets(pid)
-        client = await connect(running.run_dir)
-        assert client.transport is not None
-        client.transport.pause_reading()  # never reads again
+        pid, handle, baseline = await a_stored_blob(running)
+        client = await a_client_that_never_reads(running)
         client.send_raw(Subscribe(handle.task_id).encode() * 5)
         await client.drain()
         wait_for(lambda: log_lines(running, "unread for"), 30, "the drop")
@@ -308,4 +310,5 @@ async def test_a_client_that_stops_reading_is_dropped_though_it_holds_little() -
         assert "POOL_UNREAD_TIMEOUT" in line and "dropped it" in line
         assert not log_lines(running, "POOL_MAX_UNREAD")  # not the size bound: the time
         wait_for(lambda: unix_sockets(pid) <= baseline, 10, "the connection closed")
+        assert client.transport is not None
         client.transport.abort()
