@@ -433,13 +433,13 @@ return n
 # The blame hash (KEYS[2]) holds, for each entry taken over from a dead consumer (a
 # suspect), how many times it started running *alone* on a consumer and never finished.
 # Only such runs count: a consumer that died running several entries says nothing about
-# which of them killed it. The first time an entry of a dead consumer is taken over, every
-# entry that consumer holds becomes a suspect (blame 0), at once, so that a consumer's
-# last entry left is not mistaken for its only one; and the death counts against the entry
-# if it was the only one that consumer held. The consumer taking a suspect over runs it
-# alone (it is idle, and takes nothing else until the suspect is done): its blame goes up
-# by one now, and the acknowledgement deletes it. An entry whose blame reached the limit is
-# claimed but not run: the caller answers it with an error result.
+# which of them killed it. The consumer taking a suspect over runs it alone (it is idle, and
+# takes nothing else until the suspect is done): its blame goes up by one now, and its
+# acknowledgement deletes it. The first take-over from a dead consumer also counts that
+# death against the entry if it was the only one the consumer held, and otherwise notes
+# "dead:<consumer>", so that the consumer's last entry left is not taken for its only one;
+# the take-over of its last entry forgets the consumer (the group's and this note). An entry
+# whose blame reached the limit is claimed but not run: the caller answers it with an error.
 #
 # KEYS: stream, blame hash. ARGV: group, consumer, min idle (ms), start of the scan ("-" or
 # "(<id>", exclusive), scan window, limit (max_deliveries), "claim" or "peek".
@@ -467,20 +467,23 @@ if not found then return {next_start} end
 if ARGV[7] == 'peek' then return {ARGV[4], found[1]} end
 
 local id, owner = found[1], found[2]
+local note = 'dead:' .. owner
 local deaths = redis.call('HGET', KEYS[2], id)
 if deaths then
   deaths = tonumber(deaths)
+elseif owner == me or redis.call('HEXISTS', KEYS[2], note) == 1 then
+  deaths = 0
+elseif #redis.call('XPENDING', KEYS[1], group, '-', '+', 2, owner) == 1 then
+  deaths = 1
 else
-  local held, from = 0, '-'
-  repeat
-    local owned = redis.call('XPENDING', KEYS[1], group, from, '+', 1000, owner)
-    for _, row in ipairs(owned) do redis.call('HSETNX', KEYS[2], row[1], 0) end
-    held = held + #owned
-    if #owned > 0 then from = '(' .. owned[#owned][1] end
-  until #owned < 1000
-  deaths = (held == 1) and 1 or 0
+  deaths = 0
+  redis.call('HSET', KEYS[2], note, 1)
 end
 local claimed = redis.call('XCLAIM', KEYS[1], group, me, min_idle, id)
+if #redis.call('XPENDING', KEYS[1], group, '-', '+', 1, owner) == 0 then
+  redis.call('HDEL', KEYS[2], note)
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, owner)
+end
 if type(claimed[1]) ~= 'table' then
   redis.call('XACK', KEYS[1], group, id)
   redis.call('HDEL', KEYS[2], id)
@@ -539,7 +542,8 @@ class _Held:
     a restarted Redis) is forgotten here and, if it was still waiting, never handed out.
     ``released`` are handed-out entries whose result could not be saved: no longer kept alive,
     and given back instead of acknowledged if the receiver still acknowledges them.
-    The listener is *idle* when it holds nothing handed out (``wait_idle``).
+    The listener is *idle* when it holds nothing handed out (``wait_idle``). ``suspects`` are
+    the entries it took over from dead consumers (each has an entry in the blame hash).
     """
 
     def __init__(self) -> None:
@@ -547,11 +551,13 @@ class _Held:
         self.waiting: deque[_Entry] = deque()
         self.handed: dict[bytes, bytes] = {}
         self.released: set[bytes] = set()
+        self.suspects: set[bytes] = set()
         self._emptied = asyncio.Event()
 
     def forget(self, entry_id: bytes) -> None:
         self.ids.discard(entry_id)
         self.handed.pop(entry_id, None)
+        self.suspects.discard(entry_id)
         if not self.handed:
             self._emptied.set()
 
@@ -656,6 +662,9 @@ class RedisStreamBroker(AsyncBroker):
         self.suspect_wait = max(idle, 10.0)
         # how often a listener refreshes the idle time of the entries it holds
         self.keepalive_interval = max(idle / 3, 0.05)
+        # no take-over this soon after Redis was unreachable: every entry looks abandoned
+        # then, until the live consumers refresh theirs
+        self.claim_grace = 2 * self.keepalive_interval
         self.delayed_interval = 0.5
         # how long a message whose result could not be saved is offered back to the stream
         self.give_back_timeout = 30.0
@@ -762,6 +771,8 @@ class RedisStreamBroker(AsyncBroker):
         try:
             async for batch, suspect in self._batches(consumer, held):
                 held.add(batch)
+                if suspect:
+                    held.suspects.update(eid for eid, _ in batch)
                 while (entry := held.next_waiting()) is not None:
                     message = await self._ackable(entry, held)
                     if message is not None:
@@ -818,7 +829,7 @@ class RedisStreamBroker(AsyncBroker):
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
-                if str(exc).startswith("NOGROUP"):
+                if "NOGROUP" in str(exc):  # Redis 6 reports it inside a script error
                     # Redis lost the stream (restart without persistence, or deleted)
                     logger.warning(
                         "consumer group %r of stream %r is missing in Redis at %s; "
@@ -834,6 +845,7 @@ class RedisStreamBroker(AsyncBroker):
                         f"{self.queue_name!r}: {exc}"
                     ) from exc
                 await outage.pause(exc)
+                next_claim = loop.time() + self.claim_grace
                 continue
             except Exception as exc:
                 if not is_transient(exc):
@@ -843,6 +855,7 @@ class RedisStreamBroker(AsyncBroker):
                     ) from exc
                 group_ready = False  # a restarted Redis may have lost the group
                 await outage.pause(exc)
+                next_claim = loop.time() + self.claim_grace
                 continue
             outage.over()
             if batch:
@@ -948,7 +961,7 @@ class RedisStreamBroker(AsyncBroker):
                 if take_unsaved is not None:
                     take_unsaved(message.task_id)
                 return  # stays pending: tried again at the next claim
-        await self._ack(entry_id)
+        await self._ack(entry_id, blamed=True)
 
     async def _read(self, client: aioredis.Redis, consumer: str, wait: float) -> list[_Entry]:
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
@@ -978,8 +991,9 @@ class RedisStreamBroker(AsyncBroker):
                 "dropping stream entry %s of %r: it has no 'data' field",
                 entry_id.decode(errors="replace"), self.queue_name,
             )  # fmt: skip
+            blamed = entry_id in held.suspects
             held.forget(entry_id)
-            await self._ack(entry_id)
+            await self._ack(entry_id, blamed)
             return None
 
         held.handed[entry_id] = data
@@ -989,7 +1003,7 @@ class RedisStreamBroker(AsyncBroker):
                 if entry_id in held.released or self._result_unsaved(data):
                     await self._give_back(entry_id)
                 else:
-                    await self._ack(entry_id)
+                    await self._ack(entry_id, entry_id in held.suspects)
             finally:
                 held.forget(entry_id)
                 held.released.discard(entry_id)
@@ -1055,9 +1069,10 @@ class RedisStreamBroker(AsyncBroker):
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, 2.0)
 
-    async def _ack(self, entry_id: bytes) -> None:
-        """``XACK`` then ``XDEL``, retried briefly; if it still fails the entry stays pending
-        and is delivered again after ``idle_timeout`` (at least once)."""
+    async def _ack(self, entry_id: bytes, blamed: bool = False) -> None:
+        """``XACK`` then ``XDEL`` (and, for an entry taken over from a dead consumer, its
+        blame), retried briefly; if it still fails the entry stays pending and is delivered
+        again after ``idle_timeout`` (at least once)."""
         delay = 0.05
         last: BaseException | None = None
         for _ in range(5):
@@ -1066,7 +1081,8 @@ class RedisStreamBroker(AsyncBroker):
                 async with client.pipeline(transaction=True) as pipe:
                     pipe.xack(self.queue_name, self.consumer_group_name, entry_id)
                     pipe.xdel(self.queue_name, entry_id)
-                    pipe.hdel(f"{self.queue_name}:blame", entry_id)
+                    if blamed:
+                        pipe.hdel(f"{self.queue_name}:blame", entry_id)
                     await pipe.execute()
                 return
             except ResponseError as exc:
