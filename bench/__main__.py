@@ -156,6 +156,9 @@ def _faults_section(results: dict[str, Any]) -> list[str]:
         ("poison", "worker-killing tasks among the others (2 workers)",
          lambda f: f"{f['poison']} poison, {f['poison_failed_as_crash']} answered with "
                    f"WorkerCrashedError; {f['workers_restarted']} worker restarts"),
+        ("redis_poison", "worker-killing tasks among the others, pool's Redis broker (2 workers)",
+         lambda f: f"{f['poison']} poison, {f['poison_failed_as_crash']} answered with "
+                   f"WorkerCrashedError; {f['workers_restarted']} worker restarts"),
         ("full_disk", "run dir on a 1 MiB tmpfs: full, SIGTERM, next run on 256 MiB",
          lambda f: f"critical log: {'yes' if f['critical_logged'] else 'NO'}; "
                    f"{f['journaled_at_sigterm']:,} in the journal at SIGTERM, "

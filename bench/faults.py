@@ -1,5 +1,6 @@
 """Faults, counted: what a producer's exit, a supervisor's SIGKILL, a graceful stop under
-load, poison tasks and a full disk lose; and what the journal costs (``--no-journal``).
+load, poison tasks (on the embedded broker and on pool's Redis broker) and a full disk
+lose; and what the journal costs (``--no-journal``).
 
 Every task appends its tag to a file (``$BENCH_RUNS_FILE``) when it runs, so runs are
 counted across pools: *lost* is a task whose ``kiq`` returned and that never ran (or whose
@@ -239,6 +240,61 @@ async def poison(total: int = 20_000, poisons: int = 20) -> dict[str, Any]:
         runs.close()
 
 
+async def redis_poison(total: int = 3000, poisons: int = 5) -> dict[str, Any]:
+    """``poisons`` worker-killing tasks spread among ``total`` on pool's Redis broker (2
+    workers, a stream of this run's own): only they may fail."""
+    import uuid
+
+    from bench import redis_fault_apps as apps
+    from pool import AsyncKicker
+    from pool.extensions.errors import WorkerCrashedError
+
+    why = apps.unreachable()
+    if why is not None:
+        return {"skipped": why}
+    queue = f"bench-poison-{uuid.uuid4().hex[:8]}"
+    runs = Runs()
+    env = {**runs.env, "BENCH_QUEUE": queue}
+    try:
+        async with BenchPool(2, "bench.redis_fault_apps:broker", "--max-async-tasks", "20",
+                             env=env) as pool:  # fmt: skip
+            broker = apps.make_broker(queue=queue)
+            await broker.startup()
+            every = total // poisons
+            kinds: list[str] = []
+            handles = []
+            tags = []
+            try:
+                for i in range(total):
+                    if i % every == every // 2:
+                        kinds.append("poison")
+                        handles.append(await AsyncKicker("poison", broker, {}).kiq())
+                    else:
+                        kinds.append("ok")
+                        tags.append(f"r{i}")
+                        handles.append(await AsyncKicker("fault_run", broker, {}).kiq(tags[-1]))
+                results = await results_of(handles)
+            finally:
+                await broker.shutdown()
+            counts = await runs.wait_all(tags, 30)
+            innocent = [r for k, r in zip(kinds, results, strict=True) if k == "ok"]
+            poisoned = [r for k, r in zip(kinds, results, strict=True) if k == "poison"]
+            figures = tally(tags, counts, sum(1 for r in innocent if isinstance(r, BaseException)))
+            figures["sent"] = total
+            figures["innocent_failures"] = sum(1 for r in innocent if failed(r))
+            figures["poison"] = len(poisoned)
+            figures["poison_failed_as_crash"] = sum(
+                1
+                for r in poisoned
+                if not isinstance(r, BaseException) and isinstance(r.error, WorkerCrashedError)
+            )
+            figures["workers_restarted"] = (await pool.stats())["totals"]["restarts"]
+            return figures
+    finally:
+        runs.close()
+        apps.delete_keys(queue)
+
+
 def _mount_tiny(size: str = "1m") -> tuple[Path | None, str]:
     if os.geteuid() != 0:
         return None, "mounting a tmpfs needs root"
@@ -374,6 +430,7 @@ async def measure(total: int = 20_000, in_flight: int = 5000) -> dict[str, Any]:
         "supervisor_sigkill": await supervisor_sigkill(in_flight),
         "graceful_stop": await graceful_stop(in_flight),
         "poison": await poison(total),
+        "redis_poison": await redis_poison(),
         "full_disk": await full_disk(total),
         "journal_cost": await journal_cost(total),
     }

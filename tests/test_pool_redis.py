@@ -222,3 +222,44 @@ async def test_a_poison_message_gets_an_error_result_after_three_deliveries(
         [alive] = await send(broker, "whoami", 1)
         assert not (await alive.wait_result(timeout=30)).is_err
         await broker.shutdown()
+
+
+@pytest.mark.timeout(300)
+async def test_tasks_that_shared_a_worker_with_a_poison_task_are_not_blamed(
+    space: RedisSpace,
+) -> None:
+    """3 worker-killing tasks among 1,500: exactly those 3 fail, each with a
+    ``WorkerCrashedError``; every other task gets its result, none is lost or blamed."""
+    from taskiq import TaskiqResultTimeoutError
+
+    from pool import WorkerCrashedError
+
+    total, poisons = 1500, 3
+    every = total // poisons
+    with redis_pool(space, workers=2, extra=["--max-async-tasks", "20"]):
+        broker = producer(space)
+        await broker.startup()
+        sent: list[tuple[str, Any]] = []
+        for i in range(total):
+            if i % every == every // 2:
+                sent.append(("poison", await AsyncKicker("poison", broker, {}).kiq()))
+            else:
+                sent.append(("ok", await AsyncKicker("whoami", broker, {}).kiq(0.01)))
+
+        async def outcome(handle: Any) -> Any:
+            try:
+                return await handle.wait_result(timeout=240)
+            except TaskiqResultTimeoutError:
+                return None  # lost: no result
+
+        results = await asyncio.gather(*(outcome(h) for _, h in sent))
+        await broker.shutdown()
+    innocent = [r for (kind, _), r in zip(sent, results, strict=True) if kind == "ok"]
+    poisoned = [r for (kind, _), r in zip(sent, results, strict=True) if kind == "poison"]
+    lost = sum(1 for r in innocent if r is None)
+    blamed = [r for r in innocent if r is not None and r.is_err]
+    assert (lost, len(blamed)) == (0, 0), (
+        f"{lost} innocent task(s) lost, {len(blamed)} failed: {[r.error for r in blamed[:3]]}"
+    )
+    assert len(poisoned) == poisons
+    assert all(r is not None and isinstance(r.error, WorkerCrashedError) for r in poisoned)

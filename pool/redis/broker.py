@@ -9,10 +9,10 @@ says (by default once the result is saved). Parameter names and units follow tas
 
 Delivery is at least once. A worker reads an entry with ``XREADGROUP``; the entry stays in the
 group's pending list until it is acknowledged (``XACK`` then ``XDEL``). An entry left pending
-longer than ``idle_timeout`` (its consumer died) is taken over by a live consumer with
-``XAUTOCLAIM``. While a consumer holds an entry (running it, or read and not yet handed to
-the receiver) it keeps the entry's idle time fresh, so a task that runs longer than
-``idle_timeout`` is not taken over as long as its consumer lives.
+longer than ``idle_timeout`` (its consumer died) is taken over by a live consumer
+(``XPENDING`` then ``XCLAIM``, in one script). While a consumer holds an entry (running it, or
+read and not yet handed to the receiver) it keeps the entry's idle time fresh, so a task that
+runs longer than ``idle_timeout`` is not taken over as long as its consumer lives.
 
 Where pool goes beyond taskiq-redis:
 
@@ -21,10 +21,15 @@ Where pool goes beyond taskiq-redis:
   and is moved into the stream by the listeners;
 - the listeners reconnect, with backoff, after Redis went away, and recreate the consumer group
   when a restarted Redis lost it;
-- a message taken over after ``max_deliveries`` deliveries that were never acknowledged (each
-  consumer died running it) is a poison message: it gets a
-  :class:`~pool.extensions.errors.WorkerCrashedError` result through the result backend and
-  is dropped, instead of killing workers forever;
+- only the culprit is blamed for a dead consumer: the entries taken over from it are
+  suspects, claimed one at a time, each run alone by an idle consumer that takes nothing else
+  until the suspect is done (a busy consumer stops reading to become idle, for at most
+  ``suspect_wait`` seconds). A death counts against a message only when the message was the
+  one entry its consumer held (counted per entry in the hash ``<queue>:blame``), so the
+  messages that merely ran beside a poison one are never blamed. A message that killed
+  ``max_deliveries`` consumers that way is a poison message:
+  it gets a :class:`~pool.extensions.errors.WorkerCrashedError` result through the result
+  backend and is dropped, instead of killing workers forever;
 - nothing is ever trimmed from the stream (taskiq-redis: ``XADD MAXLEN ~``, which drops tasks
   that never ran): ``maxlen`` caps the tasks of a queue not yet acknowledged (waiting, running
   or delayed), and at the cap ``kick`` raises :class:`RedisQueueFullError`; ``approximate`` is
@@ -403,18 +408,93 @@ return 0
 """
 
 # Give entries back: add a copy at the end of the stream, then acknowledge and delete them.
+# KEYS: stream, blame hash. ARGV: group, "keep" (the copy keeps the entry's blame: it never
+# ran here) or "clear" (it ran to its end), entry ids.
 _REQUEUE = """
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  local blame = redis.call('HGET', KEYS[2], ARGV[i])
   if #entry > 0 then
-    redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+    local copy = redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+    if blame and ARGV[2] == 'keep' then redis.call('HSET', KEYS[2], copy, blame) end
     n = n + 1
   end
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
   redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
 end
 return n
+"""
+
+# Take over one entry left pending longer than the idle timeout by a consumer that died (or
+# peek whether there is one), and decide who is to blame for that death.
+#
+# The blame hash (KEYS[2]) holds, for each entry taken over from a dead consumer (a
+# suspect), how many times it started running *alone* on a consumer and never finished.
+# Only such runs count: a consumer that died running several entries says nothing about
+# which of them killed it. The consumer taking a suspect over runs it alone (it is idle, and
+# takes nothing else until the suspect is done): its blame goes up by one now, and its
+# acknowledgement deletes it. The first take-over from a dead consumer also counts that
+# death against the entry if it was the only one the consumer held, and otherwise notes
+# "dead:<consumer>", so that the consumer's last entry left is not taken for its only one;
+# the take-over of its last entry forgets the consumer (the group's and this note). An entry
+# whose blame reached the limit is claimed but not run: the caller answers it with an error.
+#
+# KEYS: stream, blame hash. ARGV: group, consumer, min idle (ms), start of the scan ("-" or
+# "(<id>", exclusive), scan window, limit (max_deliveries), "claim" or "peek".
+# Reply: {next start} when nothing is idle in the window; with "peek", {start, id}; with
+# "claim", {next start, id, fields, deaths, "run" | "poison"}, or {next start} when the
+# entry had been deleted from the stream (its pending entry is cleared).
+_TAKE_OVER = """
+local group, me = ARGV[1], ARGV[2]
+local min_idle, window, limit = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local rows = redis.call('XPENDING', KEYS[1], group, ARGV[4], '+', window)
+local found = nil
+for _, row in ipairs(rows) do
+  if tonumber(row[3]) >= min_idle then
+    found = row
+    break
+  end
+end
+local next_start = '-'
+if found then
+  next_start = '(' .. found[1]
+elseif #rows == window then
+  next_start = '(' .. rows[#rows][1]
+end
+if not found then return {next_start} end
+if ARGV[7] == 'peek' then return {ARGV[4], found[1]} end
+
+local id, owner = found[1], found[2]
+local note = 'dead:' .. owner
+local deaths = redis.call('HGET', KEYS[2], id)
+if deaths then
+  deaths = tonumber(deaths)
+elseif owner == me or redis.call('HEXISTS', KEYS[2], note) == 1 then
+  deaths = 0
+elseif #redis.call('XPENDING', KEYS[1], group, '-', '+', 2, owner) == 1 then
+  deaths = 1
+else
+  deaths = 0
+  redis.call('HSET', KEYS[2], note, 1)
+end
+local claimed = redis.call('XCLAIM', KEYS[1], group, me, min_idle, id)
+if #redis.call('XPENDING', KEYS[1], group, '-', '+', 1, owner) == 0 then
+  redis.call('HDEL', KEYS[2], note)
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, owner)
+end
+if type(claimed[1]) ~= 'table' then
+  redis.call('XACK', KEYS[1], group, id)
+  redis.call('HDEL', KEYS[2], id)
+  return {next_start}
+end
+if deaths >= limit then
+  redis.call('HSET', KEYS[2], id, deaths)
+  return {next_start, id, claimed[1][2], deaths, 'poison'}
+end
+redis.call('HSET', KEYS[2], id, deaths + 1)
+return {next_start, id, claimed[1][2], deaths, 'run'}
 """
 
 _DELAYED_BATCH = 100
@@ -445,6 +525,15 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
+def _as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(flat: list[Any]) -> dict[bytes, bytes]:
+    """A stream entry's fields from a script's reply (a flat list: name, value, ...)."""
+    return {_as_bytes(flat[i]): _as_bytes(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
 class _Held:
     """The entries one listener owns in the group: read or claimed, not yet acknowledged.
 
@@ -453,6 +542,8 @@ class _Held:
     a restarted Redis) is forgotten here and, if it was still waiting, never handed out.
     ``released`` are handed-out entries whose result could not be saved: no longer kept alive,
     and given back instead of acknowledged if the receiver still acknowledges them.
+    The listener is *idle* when it holds nothing handed out (``wait_idle``). ``suspects`` are
+    the entries it took over from dead consumers (each has an entry in the blame hash).
     """
 
     def __init__(self) -> None:
@@ -460,10 +551,31 @@ class _Held:
         self.waiting: deque[_Entry] = deque()
         self.handed: dict[bytes, bytes] = {}
         self.released: set[bytes] = set()
+        self.suspects: set[bytes] = set()
+        self._emptied = asyncio.Event()
 
     def forget(self, entry_id: bytes) -> None:
         self.ids.discard(entry_id)
         self.handed.pop(entry_id, None)
+        self.suspects.discard(entry_id)
+        if not self.handed:
+            self._emptied.set()
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every entry handed out is acknowledged (or lost); False if ``timeout``
+        seconds passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.handed:
+            self._emptied.clear()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._emptied.wait(), left)
+            except asyncio.TimeoutError:
+                return not self.handed
+        return True
 
     def add(self, batch: list[_Entry]) -> None:
         self.ids.update(eid for eid, _ in batch)
@@ -545,8 +657,14 @@ class RedisStreamBroker(AsyncBroker):
         idle = idle_timeout / 1000
         # how often listen() takes over entries abandoned by dead consumers
         self.claim_interval = max(idle / 4, 0.5)
+        # how long a listener with tasks running waits to be idle, to run a suspect alone,
+        # before it reads new tasks again (and tries again after claim_interval)
+        self.suspect_wait = max(idle, 10.0)
         # how often a listener refreshes the idle time of the entries it holds
         self.keepalive_interval = max(idle / 3, 0.05)
+        # no take-over this soon after Redis was unreachable: every entry looks abandoned
+        # then, until the live consumers refresh theirs
+        self.claim_grace = 2 * self.keepalive_interval
         self.delayed_interval = 0.5
         # how long a message whose result could not be saved is offered back to the stream
         self.give_back_timeout = 30.0
@@ -568,6 +686,7 @@ class RedisStreamBroker(AsyncBroker):
             "keepalive": client.register_script(_KEEPALIVE),
             "forget": client.register_script(_FORGET_CONSUMER),
             "requeue": client.register_script(_REQUEUE),
+            "take_over": client.register_script(_TAKE_OVER),
         }
 
     def _client(self) -> aioredis.Redis:
@@ -650,12 +769,17 @@ class RedisStreamBroker(AsyncBroker):
             self.queue_name, safe_url(self.url), self.consumer_group_name, consumer,
         )  # fmt: skip
         try:
-            async for batch in self._batches(consumer):
+            async for batch, suspect in self._batches(consumer, held):
                 held.add(batch)
+                if suspect:
+                    held.suspects.update(eid for eid, _ in batch)
                 while (entry := held.next_waiting()) is not None:
                     message = await self._ackable(entry, held)
                     if message is not None:
                         yield message
+                        if suspect:
+                            # it runs alone: nothing else is taken until it is done
+                            await held.wait_idle()
         finally:
             keepalive.cancel()
             try:
@@ -669,13 +793,17 @@ class RedisStreamBroker(AsyncBroker):
             if not held.ids:
                 await self._forget_consumer(consumer)
 
-    async def _batches(self, consumer: str) -> AsyncGenerator[list[_Entry], None]:
-        """Batches of entries for this consumer: due delayed messages moved first, entries
-        abandoned by dead consumers taken over, then new ones; Redis outages waited out."""
+    async def _batches(
+        self, consumer: str, held: _Held
+    ) -> AsyncGenerator[tuple[list[_Entry], bool], None]:
+        """Batches of entries for this consumer, each with True for a suspect (one entry
+        taken over from a dead consumer, to run alone): due delayed messages moved first,
+        entries abandoned by dead consumers taken over, then new ones; Redis outages waited
+        out."""
         loop = asyncio.get_running_loop()
         group_ready = False
         next_claim = next_delayed = 0.0
-        cursor: bytes | str = "0-0"
+        cursor = "-"
         outage = _Outage(self.url)
         while True:
             raise_if_cancelled()
@@ -690,10 +818,10 @@ class RedisStreamBroker(AsyncBroker):
                     await self._move_due(client)
                     next_delayed = now + self.delayed_interval
                 if now >= next_claim:
-                    cursor, batch = await self._autoclaim(client, consumer, cursor)
+                    cursor, batch = await self._take_over(client, consumer, cursor, held)
                     # more abandoned entries behind the cursor: come back at once
-                    done = cursor in ("0-0", b"0-0")
-                    next_claim = now + self.claim_interval if done else now
+                    next_claim = now + self.claim_interval if cursor == "-" else now
+                suspect = bool(batch)
                 if not batch:
                     wait = min(self.xread_block / 1000, next_delayed - now, next_claim - now)
                     batch = await self._read(client, consumer, wait)
@@ -701,7 +829,7 @@ class RedisStreamBroker(AsyncBroker):
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
-                if str(exc).startswith("NOGROUP"):
+                if "NOGROUP" in str(exc):  # Redis 6 reports it inside a script error
                     # Redis lost the stream (restart without persistence, or deleted)
                     logger.warning(
                         "consumer group %r of stream %r is missing in Redis at %s; "
@@ -717,6 +845,7 @@ class RedisStreamBroker(AsyncBroker):
                         f"{self.queue_name!r}: {exc}"
                     ) from exc
                 await outage.pause(exc)
+                next_claim = loop.time() + self.claim_grace
                 continue
             except Exception as exc:
                 if not is_transient(exc):
@@ -726,10 +855,11 @@ class RedisStreamBroker(AsyncBroker):
                     ) from exc
                 group_ready = False  # a restarted Redis may have lost the group
                 await outage.pause(exc)
+                next_claim = loop.time() + self.claim_grace
                 continue
             outage.over()
             if batch:
-                yield batch
+                yield batch, suspect
 
     async def _ensure_group(self, client: aioredis.Redis) -> None:
         try:
@@ -753,43 +883,51 @@ class RedisStreamBroker(AsyncBroker):
             if int(moved) < _DELAYED_BATCH:
                 return
 
-    async def _autoclaim(
-        self, client: aioredis.Redis, consumer: str, cursor: bytes | str
-    ) -> tuple[bytes | str, list[_Entry]]:
-        reply = await client.xautoclaim(
-            self.queue_name,
-            self.consumer_group_name,
-            consumer,
-            min_idle_time=self.idle_timeout,
-            start_id=cursor,
-            count=self.unacknowledged_batch_size,
-        )
-        next_cursor = reply[0]
-        entries = [(_as_bytes(eid), fields) for eid, fields in reply[1]]
-        for eid in reply[2] if len(reply) > 2 else []:
-            # deleted from the stream while pending: nothing to run, clear the pending entry
-            await client.xack(self.queue_name, self.consumer_group_name, eid)
-        kept = []
-        for eid, fields in entries:
-            if await self._deliveries(client, eid) > self.max_deliveries:
-                await self._give_up(eid, fields)
-            else:
-                kept.append((eid, fields))
-        if kept:
-            logger.info(
-                "took over %d message(s) left pending longer than %d ms",
-                len(kept), self.idle_timeout,
+    async def _take_over(
+        self, client: aioredis.Redis, consumer: str, start: str, held: _Held
+    ) -> tuple[str, list[_Entry]]:
+        """At most one entry abandoned by a dead consumer, claimed to run alone here (see
+        ``_TAKE_OVER``), and where the scan goes on ("-": it went round). A listener with
+        tasks running first looks whether there is one, then waits to be idle. A poison
+        entry is answered and dropped instead."""
+        if held.handed:
+            peek = await self._take_over_script(client, consumer, start, "peek")
+            if len(peek) < 2:
+                return _as_text(peek[0]), []
+            logger.debug(
+                "message %s was abandoned by a dead consumer; taking nothing new until the "
+                "%d task(s) running here finish, to run it alone",
+                _as_text(peek[1]), len(held.handed),
             )  # fmt: skip
-        return next_cursor, kept
+            if not await held.wait_idle(self.suspect_wait):
+                return "-", []  # still busy: read new tasks, try again later
+        reply = await self._take_over_script(client, consumer, start, "claim")
+        start = _as_text(reply[0])
+        if len(reply) < 5:
+            return start, []
+        entry_id, fields = _as_bytes(reply[1]), _fields(reply[2])
+        deaths = int(reply[3])
+        if _as_text(reply[4]) == "poison":
+            await self._give_up(entry_id, fields, deaths)
+            return start, []
+        logger.info(
+            "took over message %s, left pending longer than %d ms by a consumer that died; "
+            "running it alone (it ran alone %d time(s) before, each time its worker died)",
+            entry_id.decode(errors="replace"), self.idle_timeout, deaths,
+        )  # fmt: skip
+        return start, [(entry_id, fields)]
 
-    async def _deliveries(self, client: aioredis.Redis, entry_id: bytes) -> int:
-        """How often the group delivered this entry (the claim that just happened included)."""
-        pending = await client.xpending_range(
-            self.queue_name, self.consumer_group_name, min=entry_id, max=entry_id, count=1
-        )
-        return int(pending[0]["times_delivered"]) if pending else 0
+    async def _take_over_script(
+        self, client: aioredis.Redis, consumer: str, start: str, mode: str
+    ) -> list[Any]:
+        keys = [self.queue_name, f"{self.queue_name}:blame"]
+        args = (self.consumer_group_name, consumer, self.idle_timeout, start,
+                self.unacknowledged_batch_size, self.max_deliveries, mode)  # fmt: skip
+        return list(await self._run(client, "take_over", keys, *args))
 
-    async def _give_up(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+    async def _give_up(
+        self, entry_id: bytes, fields: dict[bytes, bytes] | None, deaths: int
+    ) -> None:
         """Answer a poison message with a ``WorkerCrashedError`` result, then drop it."""
         data = (fields or {}).get(b"data", b"")
         try:
@@ -799,14 +937,14 @@ class RedisStreamBroker(AsyncBroker):
             message = None
         name = message.task_name if message is not None else "?"
         logger.error(
-            "message %s (task %s) was delivered %d times and each consumer died before "
+            "message %s (task %s) ran alone %d times and each time its consumer died before "
             "acknowledging it; giving up with an error result",
-            entry_id.decode(), name, self.max_deliveries,
+            entry_id.decode(), name, deaths,
         )  # fmt: skip
         if message is not None:
             error = WorkerCrashedError(
-                reason=f"task {name!r} ({message.task_id}) was delivered "
-                f"{self.max_deliveries} times and each time its worker died before it finished"
+                reason=f"task {name!r} ({message.task_id}) ran alone on a worker {deaths} "
+                "times and each time the worker died before it finished"
             )
             result: TaskiqResult[Any] = TaskiqResult(
                 is_err=True,
@@ -823,7 +961,7 @@ class RedisStreamBroker(AsyncBroker):
                 if take_unsaved is not None:
                     take_unsaved(message.task_id)
                 return  # stays pending: tried again at the next claim
-        await self._ack(entry_id)
+        await self._ack(entry_id, blamed=True)
 
     async def _read(self, client: aioredis.Redis, consumer: str, wait: float) -> list[_Entry]:
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
@@ -853,8 +991,9 @@ class RedisStreamBroker(AsyncBroker):
                 "dropping stream entry %s of %r: it has no 'data' field",
                 entry_id.decode(errors="replace"), self.queue_name,
             )  # fmt: skip
+            blamed = entry_id in held.suspects
             held.forget(entry_id)
-            await self._ack(entry_id)
+            await self._ack(entry_id, blamed)
             return None
 
         held.handed[entry_id] = data
@@ -864,7 +1003,7 @@ class RedisStreamBroker(AsyncBroker):
                 if entry_id in held.released or self._result_unsaved(data):
                     await self._give_back(entry_id)
                 else:
-                    await self._ack(entry_id)
+                    await self._ack(entry_id, entry_id in held.suspects)
             finally:
                 held.forget(entry_id)
                 held.released.discard(entry_id)
@@ -909,8 +1048,8 @@ class RedisStreamBroker(AsyncBroker):
         while True:
             try:
                 await self._scripts["requeue"](
-                    keys=[self.queue_name],
-                    args=[self.consumer_group_name, entry_id],
+                    keys=[self.queue_name, f"{self.queue_name}:blame"],
+                    args=[self.consumer_group_name, "clear", entry_id],
                     client=self._client(),
                 )
                 logger.warning(
@@ -930,9 +1069,10 @@ class RedisStreamBroker(AsyncBroker):
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, 2.0)
 
-    async def _ack(self, entry_id: bytes) -> None:
-        """``XACK`` then ``XDEL``, retried briefly; if it still fails the entry stays pending
-        and is delivered again after ``idle_timeout`` (at least once)."""
+    async def _ack(self, entry_id: bytes, blamed: bool = False) -> None:
+        """``XACK`` then ``XDEL`` (and, for an entry taken over from a dead consumer, its
+        blame), retried briefly; if it still fails the entry stays pending and is delivered
+        again after ``idle_timeout`` (at least once)."""
         delay = 0.05
         last: BaseException | None = None
         for _ in range(5):
@@ -941,6 +1081,8 @@ class RedisStreamBroker(AsyncBroker):
                 async with client.pipeline(transaction=True) as pipe:
                     pipe.xack(self.queue_name, self.consumer_group_name, entry_id)
                     pipe.xdel(self.queue_name, entry_id)
+                    if blamed:
+                        pipe.hdel(f"{self.queue_name}:blame", entry_id)
                     await pipe.execute()
                 return
             except ResponseError as exc:
@@ -997,8 +1139,8 @@ class RedisStreamBroker(AsyncBroker):
             client = self._client()
             await asyncio.wait_for(
                 self._scripts["requeue"](
-                    keys=[self.queue_name],
-                    args=[self.consumer_group_name, *entry_ids],
+                    keys=[self.queue_name, f"{self.queue_name}:blame"],
+                    args=[self.consumer_group_name, "keep", *entry_ids],
                     client=client,
                 ),
                 timeout=5.0,
