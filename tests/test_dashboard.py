@@ -181,3 +181,25 @@ def test_scale_from_the_page_and_the_token_beyond_loopback() -> None:
         )
         running.wait_ready(2)
         running.stop()
+
+
+def test_the_page_s_digest_is_bounded_whatever_the_rate_of_tasks() -> None:
+    from pool.ops.dashboard import DURATIONS_KEPT, RUNNING_KEPT, RUNNING_SHOWN, _Digest
+
+    digest = _Digest(None)  # type: ignore[arg-type]
+    for i in range(RUNNING_KEPT + 500):
+        digest.add(("started", float(i), f"t{i}", "app:noop", i % 2, 0.0))
+    for i in range(3000):
+        digest.add(("succeeded", 1.0, f"t{i}", "app:noop", i % 2, i / 1000))
+    failed = {"event": "failed", "time": 2.0, "task_id": "x", "task_name": "app:fail",
+              "worker": 0, "duration": 0.5, "error": "E", "traceback": "tb"}  # fmt: skip
+    digest.add(failed)
+    taken = digest.take()
+    assert taken["finished"] == 3001
+    assert len(taken["durations"]) == DURATIONS_KEPT
+    assert taken["running"] == RUNNING_KEPT - 3000 + 500  # the oldest were forgotten
+    assert len(taken["newest_running"]) == RUNNING_SHOWN
+    assert taken["newest_running"][0][0] == f"t{RUNNING_KEPT + 499}"  # newest first
+    assert taken["failures"] == [failed]
+    again = digest.take()  # what happened since: nothing
+    assert again["finished"] == 0 and again["durations"] == [] and again["failures"] == []
