@@ -391,13 +391,11 @@ class WorkerEvents:
             self.send({"events": batch})
 
     def started(self, message: Any) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or (self.supervisor_sees and not self.traced):
+            return  # nobody listens, or the supervisor tells it
         ids = {"task_id": message.task_id, "task_name": message.task_name}
         if not self.supervisor_sees:
             self._add(event("received", **ids))
-        if self.supervisor_sees and not self.traced:
-            return
         retries = message.labels.get("_retries")
         if retries:
             self._add(event("retried", attempt=_int(retries), **ids))
@@ -410,11 +408,12 @@ class WorkerEvents:
         supervisor's ``Done`` frame could not tell how it ended."""
         if not self.enabled:
             return
-        ids = {"task_id": message.task_id, "task_name": message.task_name}
         if error is None:
             if not self.supervisor_sees or acknowledged:
+                ids = {"task_id": message.task_id, "task_name": message.task_name}
                 self._add(event("succeeded", duration=duration, **ids))
             return
+        ids = {"task_id": message.task_id, "task_name": message.task_name}
         self._add(
             event(
                 "failed",

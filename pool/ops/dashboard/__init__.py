@@ -14,7 +14,7 @@ directory's ``metrics.token``), as ``Authorization: Bearer`` or ``?token=`` (the
 it on from its own address), compared in constant time.
 
 The page is one more subscriber of the supervisor's ``EventHub``, but it gets a digest rather
-than every event: how many tasks finished, a sample of their durations, the tasks running
+than every event: how many tasks finished, the durations of the newest of them, the tasks running
 now, the failures with their tracebacks. A page open beside a busy pool then costs a few
 small messages a second, not a message per task (``make bench`` measures it).
 """
@@ -25,7 +25,6 @@ import asyncio
 import hmac
 import json
 import logging
-import random
 from importlib import resources
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 STATE_KEYS_SHOWN = 200
 DIGEST_EVERY = 0.5  # s
-DURATIONS_KEPT = 256  # per digest: a uniform sample of the durations
+DURATIONS_KEPT = 256  # per digest: the durations of the newest tasks finished
 RUNNING_KEPT = 10_000  # tasks the digest follows as running (the newest)
 RUNNING_SHOWN = 50
 FAILURES_KEPT = 20
@@ -114,10 +113,8 @@ class _Digest:
         durations = self.durations
         if len(durations) < DURATIONS_KEPT:
             durations.append(duration)
-        else:  # reservoir sampling: every duration is kept with the same chance
-            slot = random.randrange(self.finished)
-            if slot < DURATIONS_KEPT:
-                durations[slot] = duration
+        else:  # the newest ones, in a ring
+            durations[self.finished % DURATIONS_KEPT] = duration
 
     def flush(self) -> bool:
         return False  # the page's stream sends the digest on its own clock
