@@ -610,6 +610,11 @@ class FrameProtocol(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     @property
+    def write_paused(self) -> bool:
+        """The peer is slow to read: ``drain()`` would wait."""
+        return self._paused
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes written and not yet taken by the kernel (this turn's frames included)."""
         buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
