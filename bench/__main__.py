@@ -36,23 +36,31 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
         ("taskiq-redis's RedisStreamBroker under `pool run`", "taskiq_on_pool"),
     ) if results.get(key)]  # fmt: skip
     peer = results.get("taskiq")
+    release = results.get("release", {}).get("release")
+    commit = results.get("release", {}).get("release_commit", {}).get("commit", "")
     rows: list[tuple[str, ...]] = [
-        ("setup (2 workers)", "throughput tasks/s", "vs taskiq", "round trip p50 ms", "p99 ms",
-         "p50 vs taskiq"),
+        ("setup (2 workers)", "throughput tasks/s", "vs taskiq", f"vs release {commit}",
+         "round trip p50 ms", "p99 ms", "p50 vs taskiq", "p50 vs release"),
     ]  # fmt: skip
+    if release:
+        setups.append((f"release {commit} + its PoolBroker (section 0)", release))
     for name, fig in setups:
+        thr, p50 = fig["throughput_tasks_per_s"], fig["p50_ms"]
         rows.append((
             name,
-            f"{fig['throughput_tasks_per_s']:.0f}",
-            _ratio(fig["throughput_tasks_per_s"], peer["throughput_tasks_per_s"]) if peer else "",
-            f"{fig['p50_ms']:.3f}",
+            f"{thr:.0f}",
+            _ratio(thr, peer["throughput_tasks_per_s"]) if peer else "",
+            _ratio(thr, release["throughput_tasks_per_s"]) if release else "",
+            f"{p50:.3f}",
             f"{fig['p99_ms']:.3f}",
-            f"1/{peer['p50_ms'] / fig['p50_ms']:.0f}" if peer else "",
+            f"1/{peer['p50_ms'] / p50:.0f}" if peer else "",
+            f"{p50 / release['p50_ms']:.2f}x" if release else "",
         ))  # fmt: skip
     notes = [
         "Round trip = `kiq` then `wait_result()` with default arguments (taskiq polls its "
         "result backend every 0.2 s by default; pool's results are pushed)."
     ]
+    notes += _cpu_notes(results)
     if peer and "fast_poll" in peer:
         fast = peer["fast_poll"]
         notes.append(
@@ -64,6 +72,36 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
         "## 1-2. End to end: no-op tasks in batches of 1,000, then sequential round trips",
         _table(rows),
         *notes,
+    ]
+
+
+def _cpu_notes(results: dict[str, Any]) -> list[str]:
+    """CPU µs per task of each process of pool + PoolBroker, beside taskiq's own floor."""
+    cpu = results["pool"].get("cpu_us_per_task")
+    if not cpu:
+        return []
+    floor = results.get("floor", {})
+    rows: list[tuple[str, ...]] = [("process", "CPU µs per task", "floor µs", "over the floor")]
+    for name, value in cpu.items():
+        if name == "other children" and value < 0.5:
+            continue
+        kind = "worker" if name.startswith("worker") else name
+        base = floor.get(kind)
+        if kind == "worker" and base is not None:
+            base = base / max(1, sum(n.startswith("worker") for n in cpu))  # tasks split
+        if name == "total" and floor:
+            base = floor["producer"] + floor["supervisor"] + floor["worker"]
+        rows.append((
+            name, f"{value:.1f}", f"{base:.1f}" if base else "",
+            f"{value / base:.1f}x" if base else "",
+        ))  # fmt: skip
+    return [
+        "CPU per task during the throughput run of pool + PoolBroker (user + system time of "
+        "each process over the run / tasks; a worker runs half the tasks). The floor is "
+        "taskiq's own code for one no-op task in one process without any pool I/O "
+        "(`python -m bench.floor`): its kicker and result decoding (producer), its receiver "
+        "(worker), the frames of one task (supervisor).",
+        _table(rows),
     ]
 
 
@@ -368,11 +406,18 @@ def main() -> None:
         action="store_true",
         help="run only the chaos and fault sections, into the existing results",
     )
+    parser.add_argument(
+        "--e2e-only",
+        action="store_true",
+        help="run only sections 0-2 (PoolBroker, taskiq + taskiq-redis, the release, the "
+        "floor), into the existing results",
+    )
     args = parser.parse_args()
 
     from bench import (
         chaos,
         faults,
+        floor,
         memory_bench,
         pool_bench,
         release_peer,
@@ -389,6 +434,17 @@ def main() -> None:
     if args.memory_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
         results["memory"] = memory_bench.measure()
+        _write(results, args.out)
+        return
+    if args.e2e_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        results["when"] = _now()
+        for stale in ("pool_redis", "taskiq_on_pool"):  # not measured in this run
+            results.pop(stale, None)
+        results["pool"] = asyncio.run(pool_bench.measure(2, args.tasks, args.calls))
+        results["taskiq"] = asyncio.run(taskiq_peer.measure(2, args.tasks, args.calls))
+        results["release"] = release_peer.measure(args.tasks, args.calls)
+        results["floor"] = floor.measure()
         _write(results, args.out)
         return
     if args.chaos_only:
@@ -415,6 +471,7 @@ def main() -> None:
         taskiq_peer.measure(2, args.tasks, args.calls, runtime="pool")
     )
     results["release"] = release_peer.measure(args.tasks, args.calls)
+    results["floor"] = floor.measure()
     results["state"] = state_bench.run()
     if not args.quick:
         results["ops"] = asyncio.run(scale_bench.measure())

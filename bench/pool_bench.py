@@ -30,6 +30,37 @@ async def round_trips(task: Any, count: int, check_interval: float = 0.2) -> dic
     return {"p50_ms": median(samples), "p99_ms": percentile(samples, 99)}
 
 
+class CpuMeter:
+    """CPU time (user + system) each process of a pool spends, per task: the producer (this
+    process), the supervisor, each worker, and the supervisor's other children together."""
+
+    def __init__(self, supervisor_pid: int, worker_pids: list[int]) -> None:
+        import psutil
+
+        supervisor = psutil.Process(supervisor_pid)
+        others = [p for p in supervisor.children() if p.pid not in worker_pids]
+        self.procs: dict[str, list[Any]] = {
+            "producer": [psutil.Process()],
+            "supervisor": [supervisor],
+            **{f"worker {i}": [psutil.Process(pid)] for i, pid in enumerate(worker_pids)},
+            "other children": others,
+        }
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        def cpu(proc: Any) -> float:
+            times = proc.cpu_times()
+            return float(times.user + times.system)
+
+        return {name: sum(cpu(p) for p in procs) for name, procs in self.procs.items()}
+
+    def per_task_us(self, tasks: int) -> dict[str, float]:
+        end = self._read()
+        per_task = {name: (end[name] - self.start[name]) / tasks * 1e6 for name in end}
+        per_task["total"] = sum(per_task.values())
+        return per_task
+
+
 async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> dict[str, Any]:
     from bench.apps import broker, noop, state_bench
 
@@ -38,7 +69,11 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
         await broker.startup()
         try:
             await throughput(broker, noop, 1000)  # warm up
+            assert pool.proc is not None
+            stats = await pool.stats()
+            meter = CpuMeter(pool.proc.pid, [w["pid"] for w in stats["workers"]])
             tasks_per_s = await throughput(broker, noop, total)
+            cpu_us = meter.per_task_us(total)
             latency = await round_trips(noop, calls)
             in_worker = await (await state_bench.kiq(5000)).wait_result(timeout=120)
         finally:
@@ -47,6 +82,7 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
         "workers": workers,
         "tasks": total,
         "throughput_tasks_per_s": tasks_per_s,
+        "cpu_us_per_task": cpu_us,
         **latency,
         "state_in_worker": in_worker.raise_for_error().return_value,
     }

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pool.extensions.pool_broker")
 
+_running_loop = asyncio.get_running_loop
+
 
 class WorkerLink(Protocol):
     """The pipe to the supervisor, as a PoolBroker inside a worker process sees it."""
@@ -45,6 +47,8 @@ class WorkerLink(Protocol):
 
 # Room in a frame for what goes with a result (op, field lengths, delivery, outcome, ...).
 _FRAME_HEADROOM = 1024
+# pydantic makes ``TaskiqResult[Any]`` anew at each subscript (about 1 µs): once is enough
+_ANY_RESULT = TaskiqResult[Any]
 
 
 class PoolResultBackend(AsyncResultBackend[Any]):
@@ -171,7 +175,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         return serializer.dumpb(fallback.model_dump(mode="json"))
 
     def decode(self, data: bytes) -> TaskiqResult[Any]:
-        return TaskiqResult[Any].model_validate(self.broker.serializer.loadb(data))
+        return _ANY_RESULT.model_validate(self.broker.serializer.loadb(data))
 
     # ----------------------------------------------------------------- taskiq's API
     async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
@@ -399,13 +403,16 @@ class PoolBroker(AsyncBroker):
                 reason=f"the message of task {message.task_name!r} is {len(frame)} bytes, over "
                 f"the pool's frame limit of {protocol.MAX_FRAME} (POOL_MAX_FRAME)"
             )
-        client = await self.connection()
+        client = self._client
+        if client is None or not client.is_open or self._client_loop is not _running_loop():
+            client = await self.connection()
         client.send_raw(frame)
         self._unconfirmed.append((message.task_id, frame))
         self.pool_results.expect(message.task_id)
         while True:
             try:
-                await client.drain()
+                if client.write_paused:  # else every byte is in the kernel already
+                    await client.drain()
                 return
             except ConnectionError:
                 # Lost while waiting (the pool stops or restarts): a new connection sends

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import logging
-import operator
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ UNAUTH_MAX_FRAME = 1024
 UNAUTH_MAX_BUFFER = 1024
 HANDSHAKE_TIMEOUT = float(os.environ.get("POOL_HANDSHAKE_TIMEOUT", 5.0))
 _HEAD = struct.Struct("!IB")
+_HEAD_FROM = _HEAD.unpack_from
 _LEN = struct.Struct("!I")
 NONCE_BYTES = 32
 
@@ -85,20 +85,24 @@ def encode(op: int, *fields: bytes) -> bytes:
 # --------------------------------------------------------------------------- named frames
 # Each frame kind is a small dataclass; its fields are encoded by their annotated type:
 # bytes as they are, str as UTF-8, int and float in decimal, anything else as JSON.
+# ``frame`` writes each kind its own ``encode`` and ``decode`` (the way ``dataclasses``
+# writes ``__init__``): straight-line code, one struct call for the head and the lengths,
+# which frames on the task path (several per task in every process) need.
 
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "bytes": bytes,
-    "str": str.encode,
-    "int": lambda value: b"%d" % value,
-    "float": lambda value: repr(float(value)).encode(),
-    "bool": lambda value: b"1" if value else b"0",
+# how a field of each annotated type becomes bytes, and back (``{}`` is the value)
+_ENCODE_FIELD = {
+    "bytes": "{}",
+    "str": "{}.encode()",
+    "int": 'b"%d" % {}',
+    "float": "repr(float({})).encode()",
+    "bool": '(b"1" if {} else b"0")',
 }
-_DECODERS: dict[str, Callable[[bytes], Any]] = {
-    "bytes": bytes,
-    "str": bytes.decode,
-    "int": int,
-    "float": float,
-    "bool": lambda blob: blob == b"1",
+_DECODE_FIELD = {
+    "bytes": "{}",
+    "str": "{}.decode()",
+    "int": "int({})",
+    "float": "float({})",
+    "bool": '({} == b"1")',
 }
 
 
@@ -111,42 +115,62 @@ def _json_decode(blob: bytes) -> Any:
 
 
 class Frame:
-    """Base of every frame kind; ``op`` and the field codecs are set by :func:`frame`."""
+    """Base of every frame kind; ``op``, ``encode`` and ``decode`` are set by :func:`frame`."""
 
     __slots__ = ()
     op: ClassVar[Op]
-    _encoders: ClassVar[tuple[Callable[[Any], bytes], ...]]
-    _decoders: ClassVar[tuple[Callable[[bytes], Any], ...]]
-    _values: Callable[[Any], tuple[Any, ...]]
-    _lengths: ClassVar[struct.Struct]
 
     def encode(self) -> bytes:
-        fields = [enc(value) for enc, value in zip(self._encoders, self._values(self), strict=True)]
-        lengths = [len(field) for field in fields]
-        head = _HEAD.pack(1 + self._lengths.size + sum(lengths), self.op)
-        return b"".join((head, self._lengths.pack(*lengths), *fields))
+        """The whole frame: ``[u32 size][u8 op][u32 length of each field][the fields]``."""
+        raise NotImplementedError
 
     @classmethod
-    def decode(cls, body: memoryview) -> Frame:
-        table = cls._lengths
-        if len(body) < table.size:
-            raise FrameError(f"{cls.__name__} frame too short")
-        pos = table.size
-        lengths = table.unpack_from(body, 0)
-        if pos + sum(lengths) != len(body):
-            raise FrameError(f"{cls.__name__} frame: fields do not add up to its length")
-        values = []
-        try:
-            for dec, size in zip(cls._decoders, lengths, strict=True):
-                values.append(dec(bytes(body[pos : pos + size])))
-                pos += size
-            return cls(*values)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FrameError(f"bad {cls.__name__} frame: {exc}") from None
+    def decode(cls, body: bytes | memoryview) -> Frame:
+        """The frame whose body (what follows the op) is ``body``; FrameError if malformed."""
+        raise NotImplementedError
 
 
 FRAMES: dict[int, type[Frame]] = {}
 _F = TypeVar("_F", bound=type)
+
+
+def _codec_source(names: tuple[str, ...], kinds: list[str]) -> str:
+    """The source of one frame kind's ``encode`` and ``decode``."""
+    count = len(names)
+    lines = ["def encode(self):"]
+    for i, (name, kind) in enumerate(zip(names, kinds, strict=True)):
+        value = _ENCODE_FIELD.get(kind, "_json_encode({})").format(f"self.{name}")
+        lines.append(f"    f{i} = {value}")
+    lengths = "".join(f", len(f{i})" for i in range(count))
+    total = "".join(f" + len(f{i})" for i in range(count))
+    fields = "".join(f", f{i}" for i in range(count))
+    lines.append(f"    return b''.join((_pack({1 + 4 * count}{total}, OP{lengths}){fields}))")
+    lines += [
+        "def decode(cls, body):",
+        "    if type(body) is not bytes:",
+        "        body = bytes(body)",
+        f"    if len(body) < {4 * count}:",
+        "        raise FrameError(f'{cls.__name__} frame too short')",
+        "    l = _unpack_from(body)",
+        f"    e0 = {4 * count}",
+    ]
+    for i in range(count):
+        lines.append(f"    e{i + 1} = e{i} + l[{i}]")
+    lines += [
+        f"    if e{count} != len(body):",
+        "        raise FrameError(f'{cls.__name__} frame: fields do not add up to its length')",
+        "    try:",
+    ]
+    values = [
+        _DECODE_FIELD.get(kind, "_json_decode({})").format(f"body[e{i}:e{i + 1}]")
+        for i, kind in enumerate(kinds)
+    ]
+    lines += [
+        f"        return cls({', '.join(values)})",
+        "    except (ValueError, UnicodeDecodeError) as exc:",
+        "        raise FrameError(f'bad {cls.__name__} frame: {exc}') from None",
+    ]
+    return "\n".join(lines)
 
 
 def frame(op: Op) -> Callable[[_F], _F]:
@@ -155,15 +179,20 @@ def frame(op: Op) -> Callable[[_F], _F]:
     def register(cls: _F) -> _F:
         names = tuple(f.name for f in dataclasses.fields(cls))
         kinds = [str(cls.__annotations__[name]) for name in names]
-        getter = operator.attrgetter(*names) if names else (lambda _: ())
+        lengths = struct.Struct(f"!{len(names)}I")
+        namespace: dict[str, Any] = {
+            "OP": int(op),
+            "_pack": struct.Struct(f"!IB{len(names)}I").pack,
+            "_unpack_from": lengths.unpack_from,
+            "_json_encode": _json_encode,
+            "_json_decode": _json_decode,
+            "FrameError": FrameError,
+        }
+        exec(_codec_source(names, kinds), namespace)  # our own fixed template (see above)
         frame_cls: Any = cls
         frame_cls.op = op
-        frame_cls._values = staticmethod(
-            (lambda self: (getter(self),)) if len(names) == 1 else getter
-        )
-        frame_cls._encoders = tuple(_ENCODERS.get(k, _json_encode) for k in kinds)
-        frame_cls._decoders = tuple(_DECODERS.get(k, _json_decode) for k in kinds)
-        frame_cls._lengths = struct.Struct(f"!{len(names)}I")
+        frame_cls.encode = namespace["encode"]
+        frame_cls.decode = classmethod(namespace["decode"])
         FRAMES[op] = frame_cls
         return cls
 
@@ -420,7 +449,7 @@ class SpooledWith(Frame):
     control: dict
 
 
-def decode_frame(op: int, body: memoryview) -> Frame:
+def decode_frame(op: int, body: bytes | memoryview) -> Frame:
     kind = FRAMES.get(op)
     if kind is None:
         raise FrameError(f"unknown op {op}")
@@ -434,26 +463,39 @@ class FrameReader:
         self.buffer = bytearray()
         self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, memoryview]]:
-        """Yield ``(op, body)``; raises FrameError for a frame that cannot be skipped."""
-        self.buffer.extend(data)
-        pos = 0
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(op, body)``; raises FrameError for a frame that cannot be skipped.
+
+        Whole frames are cut straight out of ``data`` (one copy each); only a partial frame
+        at its end waits in the buffer for the next call."""
         buf = self.buffer
-        end = len(buf)
+        if buf:
+            buf.extend(data)
+            source: bytes | bytearray = buf
+        else:
+            source = data
+        pos = 0
+        end = len(source)
         try:
             while end - pos >= 5:
-                size, op = _HEAD.unpack_from(buf, pos)
+                size, op = _HEAD_FROM(source, pos)
                 if size < 1 or size > self.max_frame:
                     raise FrameError(f"frame of {size} bytes (limit {self.max_frame})")
                 if end - pos - 4 < size:
                     break
-                with memoryview(buf) as view:
-                    body = view[pos + 5 : pos + 4 + size].tobytes()
+                if source is buf:
+                    with memoryview(buf) as view:
+                        body = view[pos + 5 : pos + 4 + size].tobytes()
+                else:
+                    body = bytes(source[pos + 5 : pos + 4 + size])
                 pos += 4 + size
-                yield op, memoryview(body)
+                yield op, body
         finally:
-            if pos:
-                del buf[:pos]
+            if source is buf:
+                if pos:
+                    del buf[:pos]
+            elif pos < end:
+                buf.extend(memoryview(source)[pos:])
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -578,6 +620,11 @@ class FrameProtocol(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     @property
+    def write_paused(self) -> bool:
+        """The peer is slow to read: ``drain()`` would wait."""
+        return self._paused
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes written and not yet taken by the kernel (this turn's frames included)."""
         buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
@@ -653,7 +700,7 @@ class FrameProtocol(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(None)
 
-    def _handshake(self, op: int, body: memoryview) -> None:
+    def _handshake(self, op: int, body: bytes) -> None:
         assert self.authkey is not None
         try:
             frame: Frame | None = decode_frame(op, body)

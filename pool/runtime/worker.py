@@ -23,6 +23,7 @@ from typing import Any
 
 from pool.runtime.config import PoolConfig
 from pool.runtime.events import WorkerEvents
+from pool.runtime.inline import run_inline
 from pool.runtime.protocol import (
     Bye,
     Cancel,
@@ -326,28 +327,49 @@ class Worker:
             forget(message.task_id)
 
     async def _consume_pool_broker(self) -> None:
-        """Run what ``PoolBroker.listen()`` yields, each in a task of its own, until drained.
+        """Run what ``PoolBroker.listen()`` yields until drained, each through the
+        receiver's ``callback``: inline while it does not wait, in a task of its own from
+        its first wait on (see ``inline``).
 
         The supervisor hands a worker at most ``--max-async-tasks`` (plus ``--max-prefetch``)
         tasks at a time, so the admission control of taskiq's ``Receiver.listen`` (two
-        semaphores and three asyncio tasks per message) is not needed here; every message
-        still runs through the receiver's ``callback``.
+        semaphores and three asyncio tasks per message) is not needed here.
         """
-        receiver = self.receiver
-        callbacks: set[asyncio.Task[None]] = set()
+        messages = self.broker.listen()
+        hosts: set[asyncio.Task[None]] = set()  # each runs one callback that waits
+        consumer: list[asyncio.Task[None]] = []  # the one task reading messages now
+
+        def take_over() -> None:
+            task = asyncio.create_task(consume())
+            consumer[:] = [task]
 
         async def consume() -> None:
-            async for message in self.broker.listen():
-                task = asyncio.create_task(receiver.callback(message))
-                callbacks.add(task)
-                task.add_done_callback(callbacks.discard)
+            callback = self.receiver.callback
+            async for message in messages:
+                try:
+                    waiting = run_inline(callback(message))
+                except Exception:
+                    logger.exception("the receiver failed on a message")
+                    continue
+                except asyncio.CancelledError:
+                    continue  # cancelled before it ever waited: nothing more to do
+                if waiting is not None:
+                    # this task hosts that callback from now on; a new one reads on
+                    host = asyncio.current_task()
+                    assert host is not None
+                    hosts.add(host)
+                    host.add_done_callback(hosts.discard)
+                    take_over()
+                    await waiting
+                    return
 
-        consumer = asyncio.create_task(consume())
+        take_over()
         await self.stop.wait()
-        consumer.cancel()  # tasks not taken yet stay unacknowledged: the supervisor has them
-        await asyncio.gather(consumer, return_exceptions=True)
-        if callbacks:
-            await asyncio.wait(list(callbacks), timeout=receiver.wait_tasks_timeout)
+        # tasks not taken yet stay unacknowledged: the supervisor has them
+        consumer[0].cancel()
+        await asyncio.gather(consumer[0], return_exceptions=True)
+        if hosts:
+            await asyncio.wait(list(hosts), timeout=self.receiver.wait_tasks_timeout)
 
     def begin_drain(self, timeout: float | None) -> None:
         if timeout is not None and self.receiver is not None:
