@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test bench lint venv clean
+.PHONY: run test bench bench-arq lint venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,16 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
-## bench: side-by-side measurements against taskiq from PyPI
-bench: $(VENV)/.bench-installed
+# arq 0.28 needs redis-py < 6, pool's venv has a newer one: arq gets a venv of its own
+$(VENV)-arq/.installed: pyproject.toml
+	test -x $(VENV)-arq/bin/python || python3 -m venv $(VENV)-arq
+	$(VENV)-arq/bin/python -m pip install -q -e '.[bench-arq]'
+	touch $@
+
+bench-arq: $(VENV)-arq/.installed
+
+## bench: side-by-side measurements against taskiq and the Redis peers from PyPI
+bench: $(VENV)/.bench-installed $(VENV)-arq/.installed
 	$(PY) -m bench
 
 lint: venv
@@ -34,4 +42,4 @@ lint: venv
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pool .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(VENV)-arq .pool .pytest_cache .mypy_cache

@@ -342,6 +342,35 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _redis_peers_section(results: dict[str, Any]) -> list[str]:
+    from bench import redis_peers
+
+    fig = results["redis_peers"]
+    skipped = "".join(f" Skipped: {key}, {why}." for key, why in fig["skipped"].items())
+    return [
+        f"## 11. pool + Redis against the Redis peers (measured {fig['when']})",
+        _table(redis_peers.rows(fig)),
+        redis_peers.verdict(fig),
+        f"One Redis 127.0.0.1:6379, 2 worker processes per setup, a no-op task. Throughput: "
+        f"{fig['tasks']:,} tasks in batches of 1,000, every result awaited and checked; round "
+        f"trip: {fig['calls']} sequential send-and-await. Medians of {fig['rounds']} rounds, "
+        f"the peers interleaved. Where a peer polls (taskiq's `wait_result`, arq's worker and "
+        f"`Job.result`, saq's `Queue.map`, dramatiq's idle consumer) the interval is "
+        f"{fig['poll_s'] * 1000:g} ms instead of its default (0.2 s, 0.5 s, 0.5 s, up to "
+        f"1 s). *Commands* and *round trips* per task are counted in one more batch per setup "
+        "by a proxy in front of Redis, split between the producer and the workers: a command "
+        "is a request as a client sends it (`MULTI` and `EXEC` count; `EVALSHA` counts once), "
+        "a round trip a burst of requests on a connection before its reply. *Server "
+        "commands* is the `INFO commandstats` delta over that batch: it adds the calls made "
+        "inside Lua scripts, and whatever other clients of that Redis did meanwhile. saq's "
+        "round trip re-reads its job every 50 ms (a job that completes between saq's read and "
+        "its pub/sub subscription is never announced): that is its p99." + skipped,
+        _table(redis_peers.commands_table(fig)),
+        "Reproduce: `python -m bench.redis_peers [--rounds N] [--tasks N]`; the profile of "
+        "pool's processes: `python -m bench.redis_peers --profile DIR`.",
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     parts = [
         "# Benchmark results",
@@ -363,6 +392,8 @@ def render(results: dict[str, Any]) -> str:
         parts += _observe_section(results)
     if "memory" in results:
         parts += _memory_section(results)
+    if results.get("redis_peers"):
+        parts += _redis_peers_section(results)
     return "\n\n".join(parts) + "\n"
 
 
@@ -375,12 +406,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     names = [n for n, k in (("pool+PoolBroker", "pool"), ("pool+Redis", "pool_redis"),
                             ("taskiq+redis", "taskiq")) if results.get(k)]  # fmt: skip
     keys = [k for k in ("pool", "pool_redis", "taskiq") if results.get(k)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    peers = (results.get("redis_peers") or {}).get("peers", {})
+    fig, axes = plt.subplots(1, 3 if peers else 2, figsize=(15 if peers else 10, 4))
+    left, right = axes[0], axes[1]
     left.bar(names, [results[k]["throughput_tasks_per_s"] for k in keys], color="tab:blue")
     left.set_title("throughput, no-op tasks (tasks/s)")
     right.bar(names, [results[k]["p50_ms"] for k in keys], color="tab:orange")
     right.set_yscale("log")
     right.set_title("round trip p50 (ms, log scale)")
+    if peers:
+        axes[2].bar(
+            [p["label"].replace(" + ", "+\n") for p in peers.values()],
+            [p["throughput_tasks_per_s"] for p in peers.values()],
+            color="tab:green",
+        )
+        axes[2].set_title("Redis peers: throughput, no-op tasks (tasks/s)")
+        axes[2].tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -400,6 +441,11 @@ def main() -> None:
         "--memory-only",
         action="store_true",
         help="run only the idle memory section, into the existing results",
+    )
+    parser.add_argument(
+        "--redis-only",
+        action="store_true",
+        help="run only the Redis peers section, into the existing results",
     )
     parser.add_argument(
         "--chaos-only",
@@ -447,6 +493,11 @@ def main() -> None:
         results["floor"] = floor.measure()
         _write(results, args.out)
         return
+    if args.redis_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        results["redis_peers"] = _redis_peers()
+        _write(results, args.out)
+        return
     if args.chaos_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
         results["chaos"] = asyncio.run(chaos.measure(args.tasks))
@@ -479,7 +530,18 @@ def main() -> None:
         results["chaos"] = asyncio.run(chaos.measure(args.tasks))
         results["faults"] = asyncio.run(faults.measure(args.tasks))
         results.update(_features())
+    results["redis_peers"] = _redis_peers()
     _write(results, args.out)
+
+
+def _redis_peers() -> dict[str, Any]:
+    """Section 10: pool + Redis against dramatiq, saq, arq and taskiq-redis."""
+    from bench import redis_peers
+
+    fig = asyncio.run(redis_peers.measure())
+    fig["when"] = _now()
+    redis_peers.print_report(fig)
+    return fig
 
 
 def _features() -> dict[str, Any]:
