@@ -222,10 +222,9 @@ def _faults_section(results: dict[str, Any]) -> list[str]:
         "*Lost*: `kiq` returned and the task never ran, or its handle got no result. Every "
         "run appends the task's tag to a file, so runs are counted across pools; *ran twice* "
         "is at-least-once delivery (a task whose worker died before its acknowledgement). "
-        "In the full-disk run the producer pauses over the restart and first waits for the "
-        "results of the resumed tasks: the next run does not know who sent those, so it keeps "
-        "their results among its newest 10,000 only, and a producer that asks after 10,000 "
-        "newer tasks gets none (the tasks ran: 2,338 such in a run without the pause).",
+        "In the full-disk run the producer goes on sending through the restart; it "
+        "reconnects and asks again for every result its handles still wait for, those of "
+        "the tasks the next run resumed too.",
     ]
     cost = faults.get("journal_cost")
     if cost:

@@ -334,12 +334,8 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
             kiq_errors: list[str] = []
             task = broker.find_task("fault_run")
 
-            gate = asyncio.Event()
-            gate.set()
-
             async def flood() -> None:
                 for tag in tags:
-                    await gate.wait()
                     try:
                         handles.append(await task.kiq(tag, "y" * 200))
                     except SendTaskError:
@@ -347,7 +343,9 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
                         # still holds the task and sends it again on the next connection
                         kiq_errors.append(tag)
                         task_id = broker._unconfirmed[-1][0]
-                        handles.append(PoolTask(task_id, broker.result_backend))
+                        handle = PoolTask(task_id, broker.result_backend)
+                        broker.pool_results.track(task_id, handle)  # as kiq's own are
+                        handles.append(handle)
 
             sending = asyncio.ensure_future(flood())
             deadline = time.monotonic() + 120
@@ -356,7 +354,6 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.05)
             sent_when_full = len(handles)
-            gate.clear()  # the producer pauses over the restart (see below)
             release.touch()
             assert first.proc is not None
             first.proc.send_signal(signal.SIGTERM)
@@ -365,14 +362,10 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
             journaled = len(Journal(Path(run_dir) / "pending.tasks").replay()[0])
             subprocess.run(["mount", "-o", "remount,size=256m", str(mount)], check=True)
             async with BenchPool(2, run_dir=run_dir, env=runs.env, log=logs[1]):
-                # the resumed tasks' results first: the next run does not know who sent
-                # them, so it keeps them among its newest 10,000 results only, and 17,000
-                # more tasks sent at once would push them out before they are asked for
-                early = len(handles)
-                results = await results_of(handles[:early])
-                gate.set()
+                # the producer goes on sending meanwhile; it reconnects and asks again for
+                # the results its handles still wait for, those of the resumed tasks too
                 await asyncio.wait_for(sending, 300)
-                results += await results_of(handles[early:])
+                results = await results_of(handles)
                 counts = await runs.wait_all(tags, 30)
         finally:
             await broker.shutdown()
