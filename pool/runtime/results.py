@@ -32,15 +32,21 @@ class ResultStore:
     def store(self, task_id: str, payload: bytes, producer: ControlConnection | None) -> None:
         """Keep a result and push it to its producer and to whoever subscribed to it."""
         _bounded_put(self.results, task_id, payload, self.max_results)
-        self.progress.pop(task_id, None)
-        targets = self.subscribers.pop(task_id, set())
-        if producer is not None:
-            targets.add(producer)
-        for conn in targets:
-            conn.subscriptions.discard(task_id)
-            conn.push_result(task_id, payload)
-        for alias, waiting in self.aliases.pop(task_id, ()):
-            self.store(alias, payload, waiting)
+        if self.progress:
+            self.progress.pop(task_id, None)
+        targets = self.subscribers.pop(task_id, None) if self.subscribers else None
+        if targets is None:  # the common case: only its producer waits
+            if producer is not None:
+                producer.push_result(task_id, payload)
+        else:
+            if producer is not None:
+                targets.add(producer)
+            for conn in targets:
+                conn.subscriptions.discard(task_id)
+                conn.push_result(task_id, payload)
+        if self.aliases:
+            for alias, waiting in self.aliases.pop(task_id, ()):
+                self.store(alias, payload, waiting)
 
     def alias(self, task_id: str, alias: str, conn: ControlConnection | None) -> None:
         """The result of ``task_id`` is also that of ``alias`` (a duplicate), for ``conn``."""
@@ -72,7 +78,8 @@ class ResultStore:
 
 
 def _bounded_put(table: OrderedDict[str, bytes], key: str, value: bytes, limit: int) -> None:
+    if key in table:
+        table.move_to_end(key)
     table[key] = value
-    table.move_to_end(key)
-    while len(table) > limit:
+    if len(table) > limit:
         table.popitem(last=False)
