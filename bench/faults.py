@@ -199,7 +199,6 @@ async def graceful_stop(total: int = 5000) -> dict[str, Any]:
 
 async def poison(total: int = 20_000, poisons: int = 20) -> dict[str, Any]:
     """``poisons`` worker-killing tasks spread among ``total``: only they may fail."""
-    from pool.extensions.errors import WorkerCrashedError
 
     runs = Runs()
     try:
@@ -222,22 +221,31 @@ async def poison(total: int = 20_000, poisons: int = 20) -> dict[str, Any]:
                 results = await results_of(handles)
             finally:
                 await broker.shutdown()
-            counts = await runs.wait_all(tags, 30)
-            innocent = [r for k, r in zip(kinds, results, strict=True) if k == "ok"]
-            poisoned = [r for k, r in zip(kinds, results, strict=True) if k == "poison"]
-            figures = tally(tags, counts, sum(1 for r in innocent if isinstance(r, BaseException)))
-            figures["sent"] = total
-            figures["innocent_failures"] = sum(1 for r in innocent if failed(r))
-            figures["poison"] = len(poisoned)
-            figures["poison_failed_as_crash"] = sum(
-                1
-                for r in poisoned
-                if not isinstance(r, BaseException) and isinstance(r.error, WorkerCrashedError)
-            )
-            figures["workers_restarted"] = (await pool.stats())["totals"]["restarts"]
-            return figures
+            return await poison_figures(pool, runs, kinds, tags, results)
     finally:
         runs.close()
+
+
+async def poison_figures(
+    pool: BenchPool, runs: Runs, kinds: list[str], tags: list[str], results: list[Any]
+) -> dict[str, Any]:
+    """What a run of poison tasks (``kinds`` "poison") among others ("ok") came to."""
+    from pool.extensions.errors import WorkerCrashedError
+
+    counts = await runs.wait_all(tags, 30)
+    innocent = [r for k, r in zip(kinds, results, strict=True) if k == "ok"]
+    poisoned = [r for k, r in zip(kinds, results, strict=True) if k == "poison"]
+    figures = tally(tags, counts, sum(1 for r in innocent if isinstance(r, BaseException)))
+    figures["sent"] = len(kinds)
+    figures["innocent_failures"] = sum(1 for r in innocent if failed(r))
+    figures["poison"] = len(poisoned)
+    figures["poison_failed_as_crash"] = sum(
+        1
+        for r in poisoned
+        if not isinstance(r, BaseException) and isinstance(r.error, WorkerCrashedError)
+    )
+    figures["workers_restarted"] = (await pool.stats())["totals"]["restarts"]
+    return figures
 
 
 async def redis_poison(total: int = 3000, poisons: int = 5) -> dict[str, Any]:
@@ -247,7 +255,6 @@ async def redis_poison(total: int = 3000, poisons: int = 5) -> dict[str, Any]:
 
     from bench import redis_fault_apps as apps
     from pool import AsyncKicker
-    from pool.extensions.errors import WorkerCrashedError
 
     why = apps.unreachable()
     if why is not None:
@@ -276,20 +283,7 @@ async def redis_poison(total: int = 3000, poisons: int = 5) -> dict[str, Any]:
                 results = await results_of(handles)
             finally:
                 await broker.shutdown()
-            counts = await runs.wait_all(tags, 30)
-            innocent = [r for k, r in zip(kinds, results, strict=True) if k == "ok"]
-            poisoned = [r for k, r in zip(kinds, results, strict=True) if k == "poison"]
-            figures = tally(tags, counts, sum(1 for r in innocent if isinstance(r, BaseException)))
-            figures["sent"] = total
-            figures["innocent_failures"] = sum(1 for r in innocent if failed(r))
-            figures["poison"] = len(poisoned)
-            figures["poison_failed_as_crash"] = sum(
-                1
-                for r in poisoned
-                if not isinstance(r, BaseException) and isinstance(r.error, WorkerCrashedError)
-            )
-            figures["workers_restarted"] = (await pool.stats())["totals"]["restarts"]
-            return figures
+            return await poison_figures(pool, runs, kinds, tags, results)
     finally:
         runs.close()
         apps.delete_keys(queue)

@@ -7,13 +7,12 @@ cleans up only its own keys.
 from __future__ import annotations
 
 import os
-import signal
 
+from bench import apps
 from pool.redis import RedisResultBackend, RedisStreamBroker
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench-pool-faults")
-RUNS = os.environ.get("BENCH_RUNS_FILE", "")
 
 
 def make_broker(url: str = REDIS_URL, queue: str = QUEUE) -> RedisStreamBroker:
@@ -27,21 +26,9 @@ def make_broker(url: str = REDIS_URL, queue: str = QUEUE) -> RedisStreamBroker:
 broker = make_broker()
 
 
-@broker.task(task_name="fault_run")
-def fault_run(tag: str) -> str:
-    """Appends its tag to ``$BENCH_RUNS_FILE``: every run is counted."""
-    fd = os.open(RUNS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, f"{tag}\n".encode())
-    finally:
-        os.close(fd)
-    return tag
-
-
-@broker.task(task_name="poison")
-def poison() -> None:
-    """Kills whichever worker runs it."""
-    os.kill(os.getpid(), signal.SIGKILL)
+# the very tasks of the embedded broker's fault runs (bench.apps), on this broker
+broker.task(task_name="fault_run")(apps.fault_run.original_func)
+broker.task(task_name="poison")(apps.poison.original_func)
 
 
 def unreachable(url: str = REDIS_URL) -> str | None:
