@@ -471,39 +471,39 @@ def main() -> None:
         taskiq_peer,
     )
 
-    if args.features_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-        results.update(_features())
-        _write(results, args.out)
-        return
-    if args.memory_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-        results["memory"] = memory_bench.measure()
-        _write(results, args.out)
-        return
-    if args.e2e_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-        results["when"] = _now()
-        for stale in ("pool_redis", "taskiq_on_pool"):  # not measured in this run
-            results.pop(stale, None)
-        results["pool"] = asyncio.run(pool_bench.measure(2, args.tasks, args.calls))
-        results["taskiq"] = asyncio.run(taskiq_peer.measure(2, args.tasks, args.calls))
-        results["release"] = release_peer.measure(args.tasks, args.calls)
-        results["floor"] = floor.measure()
-        _write(results, args.out)
-        return
-    if args.redis_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-        results["redis_peers"] = _redis_peers()
-        _write(results, args.out)
-        return
-    if args.chaos_only:
-        results = json.loads(args.out.with_suffix(".json").read_text())
-        results["chaos"] = asyncio.run(chaos.measure(args.tasks))
-        results["faults"] = asyncio.run(faults.measure(args.tasks))
-        results["chaos_when"] = _now()
-        _write(results, args.out)
-        return
+    def e2e() -> dict[str, Any]:
+        return {
+            "when": _now(),
+            "pool": asyncio.run(pool_bench.measure(2, args.tasks, args.calls)),
+            "taskiq": asyncio.run(taskiq_peer.measure(2, args.tasks, args.calls)),
+            "release": release_peer.measure(args.tasks, args.calls),
+            "floor": floor.measure(),
+        }
+
+    def chaos_and_faults() -> dict[str, Any]:
+        return {
+            "chaos": asyncio.run(chaos.measure(args.tasks)),
+            "faults": asyncio.run(faults.measure(args.tasks)),
+            "chaos_when": _now(),
+        }
+
+    # --X-only: those sections alone, into the results of the last whole run
+    only = {
+        "features_only": _features,
+        "memory_only": lambda: {"memory": memory_bench.measure()},
+        "e2e_only": e2e,
+        "redis_only": lambda: {"redis_peers": _redis_peers()},
+        "chaos_only": chaos_and_faults,
+    }
+    for flag, measure in only.items():
+        if getattr(args, flag):
+            results = json.loads(args.out.with_suffix(".json").read_text())
+            if flag == "e2e_only":
+                for stale in ("pool_redis", "taskiq_on_pool"):  # not measured in this run
+                    results.pop(stale, None)
+            results.update(measure())
+            _write(results, args.out)
+            return
 
     results: dict[str, Any] = {
         "when": _now(),
