@@ -444,7 +444,14 @@ def main() -> None:
     parser.add_argument(
         "--redis-only",
         action="store_true",
-        help="run only the Redis peers section, into the existing results",
+        help="run only what involves Redis (pool + Redis and taskiq-redis under pool in "
+        "sections 1-2, the Redis peers), into the existing results",
+    )
+    parser.add_argument(
+        "--state-ops-only",
+        action="store_true",
+        help="run only the shared state, scaling and memory sections (3-5), into the "
+        "existing results",
     )
     parser.add_argument(
         "--chaos-only",
@@ -480,6 +487,17 @@ def main() -> None:
             "floor": floor.measure(),
         }
 
+    def redis() -> dict[str, Any]:
+        from bench import redis_bench
+
+        return {
+            "pool_redis": asyncio.run(redis_bench.measure(2, args.tasks, args.calls)),
+            "taskiq_on_pool": asyncio.run(
+                taskiq_peer.measure(2, args.tasks, args.calls, runtime="pool")
+            ),
+            "redis_peers": _redis_peers(),
+        }
+
     def chaos_and_faults() -> dict[str, Any]:
         return {
             "chaos": asyncio.run(chaos.measure(args.tasks)),
@@ -492,7 +510,11 @@ def main() -> None:
         "features_only": _features,
         "memory_only": lambda: {"memory": memory_bench.measure()},
         "e2e_only": e2e,
-        "redis_only": lambda: {"redis_peers": _redis_peers()},
+        "redis_only": redis,
+        "state_ops_only": lambda: {
+            "state": state_bench.run(),
+            "ops": asyncio.run(scale_bench.measure()),
+        },
         "chaos_only": chaos_and_faults,
     }
     for flag, measure in only.items():
