@@ -58,7 +58,7 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -70,6 +70,7 @@ from taskiq.exceptions import BrokerError, ListenError, SendTaskError, TaskiqErr
 
 from pool.extensions.errors import WorkerCrashedError
 from pool.extensions.handles import PoolDecoratedTask
+from pool.redis.batching import Batcher, Script
 
 logger = logging.getLogger("pool.redis")
 
@@ -78,6 +79,7 @@ MIN_REDIS_VERSION = (6, 2)
 _TRANSIENT_REPLIES = ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "BUSY ")
 
 _Entry = tuple[bytes, dict[bytes, bytes] | None]
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -250,13 +252,26 @@ class LoopClient:
         self.on_create = on_create
         self._pid = os.getpid()
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        # what else belongs to one event loop (the batchers of its writes), by name
+        self._locals: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
             if self._clients:
                 keep_inherited(self._clients)
             self._clients = {}
+            self._locals = {}
             self._pid = os.getpid()
+
+    def local(self, name: str, make: Callable[[], _T]) -> _T:
+        """The object ``name`` of this process and event loop, made by ``make`` on first use."""
+        loop = asyncio.get_running_loop()
+        self._check_fork()
+        values = self._locals.setdefault(loop, {})
+        value = values.get(name)
+        if value is None:
+            value = values[name] = make()
+        return value
 
     def get(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
@@ -265,6 +280,7 @@ class LoopClient:
         if client is None:
             for stale in [other for other in self._clients if other.is_closed()]:
                 del self._clients[stale]  # its loop is gone, and its sockets with it
+                self._locals.pop(stale, None)
             client = self._clients[loop] = aioredis.Redis.from_pool(self._pool())
             if self.on_create is not None:
                 self.on_create(client)
@@ -282,6 +298,7 @@ class LoopClient:
         except RuntimeError:
             return
         self._check_fork()
+        self._locals.pop(loop, None)
         client = self._clients.pop(loop, None)
         if client is not None:
             try:
@@ -496,6 +513,16 @@ end
 redis.call('HSET', KEYS[2], id, deaths + 1)
 return {next_start, id, claimed[1][2], deaths, 'run'}
 """
+
+# Acknowledge and delete entries; forget the blame of those that had one.
+# KEYS: stream, blame hash. ARGV: group, number of entries, entry ids, then the blamed ones.
+_ACK = Script("""
+local n = tonumber(ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3, n + 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3, n + 2))
+if #ARGV > n + 2 then redis.call('HDEL', KEYS[2], unpack(ARGV, n + 3)) end
+return n
+""")
 
 _DELAYED_BATCH = 100
 
@@ -736,6 +763,9 @@ class RedisStreamBroker(AsyncBroker):
         queue = message.labels.get("queue_name") or self.queue_name
         keys = [queue, f"{queue}:delayed"]
         cap = self.maxlen or 0
+        expect = getattr(self.result_backend, "expect", None)
+        if expect is not None:
+            expect(message.task_id)  # before it can finish: its notification is not missed
         try:
             client = self._client()
             if delay > 0:
@@ -1071,23 +1101,16 @@ class RedisStreamBroker(AsyncBroker):
 
     async def _ack(self, entry_id: bytes, blamed: bool = False) -> None:
         """``XACK`` then ``XDEL`` (and, for an entry taken over from a dead consumer, its
-        blame), retried briefly; if it still fails the entry stays pending and is delivered
-        again after ``idle_timeout`` (at least once)."""
+        blame), with the other acknowledgements of this moment in one call (see
+        :mod:`pool.redis.batching`), retried briefly; if it still fails the entry stays
+        pending and is delivered again after ``idle_timeout`` (at least once)."""
         delay = 0.05
         last: BaseException | None = None
         for _ in range(5):
             try:
-                client = self._client()
-                async with client.pipeline(transaction=True) as pipe:
-                    pipe.xack(self.queue_name, self.consumer_group_name, entry_id)
-                    pipe.xdel(self.queue_name, entry_id)
-                    if blamed:
-                        pipe.hdel(f"{self.queue_name}:blame", entry_id)
-                    await pipe.execute()
+                await self._redis.local("acks", self._acks).submit((entry_id, blamed))
                 return
             except ResponseError as exc:
-                if str(exc).startswith("NOGROUP"):
-                    return  # Redis lost the stream: nothing left to acknowledge
                 last = exc
                 if not is_transient(exc):
                     break
@@ -1100,6 +1123,16 @@ class RedisStreamBroker(AsyncBroker):
             "after the idle timeout",
             entry_id.decode(errors="replace"), safe_url(self.url), last,
         )  # fmt: skip
+
+    def _acks(self) -> Batcher[tuple[bytes, bool]]:
+        return Batcher(self._ack_batch)
+
+    async def _ack_batch(self, acks: list[tuple[bytes, bool]]) -> None:
+        """Acknowledge and delete (entry id, blamed) pairs, in one call."""
+        args: list[Any] = [self.consumer_group_name, len(acks)]
+        args += [entry_id for entry_id, _ in acks]
+        args += [entry_id for entry_id, blamed in acks if blamed]
+        await _ACK(self._client(), [self.queue_name, f"{self.queue_name}:blame"], args)
 
     async def _keepalive(self, consumer: str, held: _Held) -> None:
         """Keep the entries this consumer holds from looking abandoned, except those whose
