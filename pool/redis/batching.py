@@ -6,7 +6,10 @@ a round trip of its own costs Redis little but the worker a lot: redis-py spends
 command than Redis does. A :class:`Batcher` gathers what is submitted while the event loop
 runs the other ready callbacks, and while the previous batch is in flight, then sends it in
 one call; each submitter waits for its own batch and sees its error, so retries stay with the
-caller. Under load batches grow by themselves; alone, a write waits one loop turn.
+caller. Before it sends, a batch waits while the event loop has other callbacks ready to run
+(tasks on their way to a write of their own), at most ``LINGER`` seconds: alone, a write
+waits one loop turn; under load, the writes of many tasks share a call. (The ready callbacks
+are asyncio's own loop's ``_ready``; on a loop without it, a batch waits one turn.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ _Op = TypeVar("_Op")
 
 # the most operations sent in one call (a bound on the size of one command)
 BATCH_LIMIT = 500
+# the longest a growing batch waits before it is sent (seconds)
+LINGER = 0.002
 
 
 class Batcher(Generic[_Op]):
@@ -50,8 +55,10 @@ class Batcher(Generic[_Op]):
         await future
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._pending:
+                await self._linger(loop)
                 batch = self._pending[: self._limit]
                 del self._pending[: self._limit]
                 try:
@@ -73,6 +80,16 @@ class Batcher(Generic[_Op]):
             for _, future in self._pending:  # left by a cancelled flush
                 future.cancel()
             self._pending = []
+
+    async def _linger(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Yield to the loop while it has other work ready (see the module docstring)."""
+        await asyncio.sleep(0)
+        ready = getattr(loop, "_ready", None)
+        if ready is None:
+            return
+        deadline = loop.time() + LINGER
+        while ready and len(self._pending) < self._limit and loop.time() < deadline:
+            await asyncio.sleep(0)
 
 
 class Script:

@@ -58,7 +58,7 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -67,10 +67,14 @@ from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, Res
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage, TaskiqResult
 from taskiq.exceptions import BrokerError, ListenError, SendTaskError, TaskiqError
+from taskiq.formatters.proxy_formatter import ProxyFormatter
 
 from pool.extensions.errors import WorkerCrashedError
 from pool.extensions.handles import PoolDecoratedTask
 from pool.redis.batching import Batcher, Script
+
+if TYPE_CHECKING:
+    from pool.redis.result_backend import RedisResultBackend, Rider
 
 logger = logging.getLogger("pool.redis")
 
@@ -1027,9 +1031,14 @@ class RedisStreamBroker(AsyncBroker):
             return None
 
         held.handed[entry_id] = data
+        ride = self._ride(entry_id, data, held)
 
         async def ack() -> None:
             try:
+                if ride is not None:
+                    ride[0].unride(ride[1], ride[2])
+                    if ride[2].acked:
+                        return  # acknowledged with its result
                 if entry_id in held.released or self._result_unsaved(data):
                     await self._give_back(entry_id)
                 else:
@@ -1039,6 +1048,30 @@ class RedisStreamBroker(AsyncBroker):
                 held.released.discard(entry_id)
 
         return AckableMessage(data=data, ack=ack)
+
+    def _ride(
+        self, entry_id: bytes, data: bytes, held: _Held
+    ) -> tuple[RedisResultBackend[Any], str, Rider] | None:
+        """Have pool's result backend acknowledge this entry with its task's result, when it
+        saves results in the same Redis (same URL): one call instead of two."""
+        from pool.redis.result_backend import RedisResultBackend, Rider  # it imports this module
+
+        backend = self.result_backend
+        if not isinstance(backend, RedisResultBackend) or backend.redis_url != self.url:
+            return None
+        try:
+            if type(self.formatter) is ProxyFormatter:  # no model: only the id is needed
+                task_id = self.formatter.broker.serializer.loadb(data)["task_id"]
+            else:
+                task_id = self.formatter.loads(data).task_id
+        except Exception:
+            return None  # taskiq's receiver reports it; acknowledged the usual way
+        if not isinstance(task_id, str):
+            return None
+        rider = Rider(self.queue_name, self.consumer_group_name, entry_id,
+                      entry_id in held.suspects, held.ids.discard)  # fmt: skip
+        backend.ride(task_id, rider)
+        return backend, task_id, rider
 
     def _result_unsaved(self, data: bytes) -> bool:
         """True if the result backend could not save the result of this message's task (with

@@ -45,6 +45,7 @@ import os
 import random
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -77,6 +78,8 @@ _SEP = b"\x00"  # an older pool's notification: <task id>[\x00<result>]
 _BATCH = b"\x01"  # a notification for many results (see the module docstring)
 _LENGTH = struct.Struct(">i")
 _EXPECTED_KEPT = 100_000
+# what set_result hands to the batch: key, result, notification part, rider
+_Save = tuple[str, bytes, bytes, "Rider | None"]
 _INLINE_KEPT = 10_000
 _MISSING_KEPT = 100_000
 _UNSAVED_KEPT = 10_000
@@ -96,20 +99,51 @@ class RedisResultIsReadyError(PoolRedisError, ResultIsReadyError):
     """Redis failed while checking whether a result is ready."""
 
 
-# Save many results and announce them in one notification.
-# KEYS: the result keys. ARGV: channel, expiry option ('', 'EX' or 'PX'), expiry, the
-# notification, then one result per key.
+# Save many results, announce them in one notification, then acknowledge the stream entries
+# of their tasks (see ``Rider``). KEYS: the n result keys, then stream and blame hash when
+# acknowledging. ARGV: channel, expiry option ('', 'EX' or 'PX'), expiry, the notification, n,
+# the n results, then group, the number of entries, their ids, the blamed ones among them.
 _SAVE = Script("""
-for i = 1, #KEYS do
+local n = tonumber(ARGV[5])
+for i = 1, n do
   if ARGV[2] == '' then
-    redis.call('SET', KEYS[i], ARGV[i + 4])
+    redis.call('SET', KEYS[i], ARGV[i + 5])
   else
-    redis.call('SET', KEYS[i], ARGV[i + 4], ARGV[2], ARGV[3])
+    redis.call('SET', KEYS[i], ARGV[i + 5], ARGV[2], ARGV[3])
   end
 end
 redis.call('PUBLISH', ARGV[1], ARGV[4])
-return #KEYS
+if #KEYS > n then
+  local stream, group, m = KEYS[n + 1], ARGV[n + 6], tonumber(ARGV[n + 7])
+  redis.call('XACK', stream, group, unpack(ARGV, n + 8, n + 7 + m))
+  redis.call('XDEL', stream, unpack(ARGV, n + 8, n + 7 + m))
+  if #ARGV > n + 7 + m then redis.call('HDEL', KEYS[n + 2], unpack(ARGV, n + 8 + m)) end
+end
+return n
 """)
+
+
+class Rider:
+    """The stream entry of a task whose result is being computed here: pool's stream broker
+    hands it to a backend on the same Redis (:meth:`RedisResultBackend.ride`), and the script
+    that saves the result acknowledges the entry too, in the same call, after the result
+    (``--ack-type when_saved`` acknowledges right after the save anyway; with the other ack
+    types the broker acknowledges first and takes its rider back). ``acked`` is then True and
+    ``on_acked`` is called."""
+
+    __slots__ = ("acked", "blamed", "entry_id", "group", "on_acked", "stream")
+
+    def __init__(
+        self,
+        stream: str,
+        group: str,
+        entry_id: bytes,
+        blamed: bool,
+        on_acked: Callable[[bytes], None],
+    ) -> None:
+        self.stream, self.group, self.entry_id, self.blamed = stream, group, entry_id, blamed
+        self.acked = False
+        self.on_acked = on_acked
 
 
 def _note(task_id: str, blob: bytes | None) -> bytes:
@@ -356,7 +390,9 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         ``save_timeout`` seconds; then the task is marked unsaved and the error raised."""
         blob = self._dump(task_id, "result", result)
         inline = self.keep_results and len(blob) <= INLINE_LIMIT
-        save = (self.result_key(task_id), blob, _note(task_id, blob if inline else None))
+        rider = self._riders().pop(task_id, None)
+        note = _note(task_id, blob if inline else None)
+        save = (self.result_key(task_id), blob, note, rider)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.save_timeout
         backoff = 0.05
@@ -378,18 +414,42 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 await asyncio.sleep(min(backoff * random.uniform(0.8, 1.2), left))
                 backoff = min(backoff * 2, 2.0)
 
-    def _saves(self) -> Batcher[tuple[str, bytes, bytes]]:
+    def _saves(self) -> Batcher[_Save]:
         return Batcher(self._save_batch)
 
-    async def _save_batch(self, saves: list[tuple[str, bytes, bytes]]) -> None:
-        """Save (key, result, notification part) triples and announce them, in one call."""
+    def _riders(self) -> dict[str, Rider]:
+        return self._redis.local("riders", dict)
+
+    def ride(self, task_id: str, rider: Rider) -> None:
+        """Acknowledge ``rider``'s entry with the result of ``task_id``, if it is saved from
+        this process and event loop before the broker acknowledges it (:meth:`unride`)."""
+        self._riders()[task_id] = rider
+
+    def unride(self, task_id: str, rider: Rider) -> None:
+        riders = self._riders()
+        if riders.get(task_id) is rider:
+            del riders[task_id]
+
+    async def _save_batch(self, saves: list[_Save]) -> None:
+        """Save (key, result, notification part, rider) tuples, announce them, and
+        acknowledge their riders (those of one stream), in one call."""
         expiry = self._expiry()
         option, value = next(iter(expiry.items())) if expiry else ("", 0)
-        note = _BATCH + b"".join(part for _, _, part in saves)
-        keys = [key for key, _, _ in saves]
-        args: list[Any] = [self.channel, option.upper(), value, note]
-        args += [blob for _, blob, _ in saves]
+        note = _BATCH + b"".join(save[2] for save in saves)
+        keys = [save[0] for save in saves]
+        args: list[Any] = [self.channel, option.upper(), value, note, len(saves)]
+        args += [save[1] for save in saves]
+        riders = [save[3] for save in saves if save[3] is not None]
+        if riders:
+            first = riders[0]
+            riders = [r for r in riders if (r.stream, r.group) == (first.stream, first.group)]
+            keys += [first.stream, f"{first.stream}:blame"]
+            args += [first.group, len(riders), *(r.entry_id for r in riders)]
+            args += [r.entry_id for r in riders if r.blamed]
         await _SAVE(self._client(), keys, args)
+        for rider in riders:
+            rider.acked = True
+            rider.on_acked(rider.entry_id)
 
     def expect(self, task_id: str) -> None:
         """Called by pool's stream broker just before it sends ``task_id``: if this process
