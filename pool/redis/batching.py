@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Op = TypeVar("_Op")
 
@@ -102,6 +105,33 @@ class Script:
 
     async def __call__(self, client: aioredis.Redis, keys: list[Any], args: list[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
+            return await command(client, "EVAL", self.source, len(keys), *keys, *args)
+
+
+async def command(client: aioredis.Redis, *args: Any) -> Any:
+    """The raw reply of one command (no response callback), sent on a pooled connection
+    without redis-py's per-command layers (retry wrapper, observability), which cost more
+    than the command. A command that fails on a lost connection (a pooled connection to a
+    Redis that restarted) is tried twice more on a new connection, as pool's clients retry
+    (it may then run twice)."""
+    pool = client.connection_pool
+    for attempt in range(3):
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_command(*args), False)
+            return await conn.read_response()
+        except ResponseError:
+            raise  # a whole reply was read: the connection is fine
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            await conn.disconnect()
+            if attempt == 2:
+                raise
+        except BaseException:
+            await conn.disconnect(nowait=True)  # cancelled: a reply may be left unread
+            raise
+        finally:
+            await pool.release(conn)
+        await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")

@@ -71,7 +71,7 @@ from taskiq.formatters.proxy_formatter import ProxyFormatter
 
 from pool.extensions.errors import WorkerCrashedError
 from pool.extensions.handles import PoolDecoratedTask
-from pool.redis.batching import Batcher, Script
+from pool.redis.batching import Batcher, Script, command
 
 if TYPE_CHECKING:
     from pool.redis.result_backend import RedisResultBackend, Rider
@@ -371,6 +371,8 @@ redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
 return 1
 """
 )
+
+_ADD_SCRIPT = Script(_ADD)
 
 # Schedule a delayed message by the Redis server's clock (no skew between machines), unless
 # its queue is full. KEYS: stream, delayed set. ARGV: cap, delay (seconds), member.
@@ -776,9 +778,9 @@ class RedisStreamBroker(AsyncBroker):
                 member = uuid.uuid4().hex.encode() + b"|" + message.message
                 added = await self._run(client, "schedule", keys, cap, repr(delay), member)
             elif cap:
-                added = await self._run(client, "add", keys, cap, message.message)
+                added = await _ADD_SCRIPT(client, keys, [cap, message.message])
             else:
-                added = await client.xadd(queue, {b"data": message.message})
+                added = await command(client, "XADD", queue, "*", "data", message.message)
         except (RedisError, OSError) as exc:
             raise RedisSendTaskError(
                 reason=f"cannot send task {message.task_name!r} to Redis at "
@@ -999,21 +1001,16 @@ class RedisStreamBroker(AsyncBroker):
 
     async def _read(self, client: aioredis.Redis, consumer: str, wait: float) -> list[_Entry]:
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
-        reply = await client.xreadgroup(
-            self.consumer_group_name,
-            consumer,
-            {self.queue_name: ">"},
-            count=self.xread_count,
-            block=block_ms,
-        )
+        count = ("COUNT", self.xread_count) if self.xread_count else ()
+        group = ("GROUP", self.consumer_group_name, consumer)
+        streams_arg = ("STREAMS", self.queue_name, ">")
+        reply = await command(client, "XREADGROUP", *group, *count, "BLOCK", block_ms, *streams_arg)
         if not reply:
             return []
-        raw: Any = reply
-        streams = raw.items() if isinstance(raw, dict) else raw
         entries: list[_Entry] = []
-        for _stream, stream_entries in streams:
-            for item in stream_entries or ():
-                entries.append((_as_bytes(item[0]), item[1]))
+        for _stream, stream_entries in reply.items() if isinstance(reply, dict) else reply:
+            for entry_id, flat in stream_entries or ():
+                entries.append((_as_bytes(entry_id), _fields(flat) if flat else None))
         return entries
 
     async def _ackable(self, entry: _Entry, held: _Held) -> AckableMessage | None:
