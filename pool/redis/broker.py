@@ -186,6 +186,15 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+_pid = [os.getpid()]  # os.getpid() is a system call, and the hot paths ask at every command
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def current_pid() -> int:
+    """This process's id, kept up to date across forks."""
+    return _pid[0]
+
+
 # Clients (and subscriptions) inherited from a parent process through fork. They are kept
 # referenced and never touched: garbage-collecting them would close their transports, which
 # unregisters the shared sockets from the parent's (shared, inherited) epoll instance.
@@ -254,18 +263,18 @@ class LoopClient:
         self.url = url
         self.kwargs = kwargs
         self.on_create = on_create
-        self._pid = os.getpid()
+        self._pid = current_pid()
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
         # what else belongs to one event loop (the batchers of its writes), by name
         self._locals: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             if self._clients:
                 keep_inherited(self._clients)
             self._clients = {}
             self._locals = {}
-            self._pid = os.getpid()
+            self._pid = current_pid()
 
     def local(self, name: str, make: Callable[[], _T]) -> _T:
         """The object ``name`` of this process and event loop, made by ``make`` on first use."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import struct
 from collections import OrderedDict
@@ -61,6 +60,7 @@ from pool.redis.broker import (
     LoopClient,
     PoolRedisError,
     client_kwargs,
+    current_pid,
     is_transient,
     keep_inherited,
     raise_if_cancelled,
@@ -181,7 +181,7 @@ class _Notifier:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
         # Results that came inside notifications, for tasks a waiter of this process awaits.
         self.inline: OrderedDict[str, bytes] = OrderedDict()
@@ -378,7 +378,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None
-        if notifier is None or notifier.pid != os.getpid() or notifier.loop is not loop:
+        if notifier is None or notifier.pid != current_pid() or notifier.loop is not loop:
             return None
         return notifier
 
@@ -566,7 +566,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
     def _ensure_notifier(self) -> _Notifier:
         notifier = self._here()
         if notifier is None:
-            if self._notifier is not None and self._notifier.pid != os.getpid():
+            if self._notifier is not None and self._notifier.pid != current_pid():
                 keep_inherited(self._notifier)  # its subscription belongs to the parent process
             notifier = self._notifier = _Notifier()
         if notifier.task is None or notifier.task.done():
@@ -682,12 +682,18 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
 
     @staticmethod
     async def _dispatch(pubsub: Any, notifier: _Notifier) -> None:
+        """Read the notifications straight from the subscription's connection (redis-py's
+        ``get_message`` costs more than the message); a lost connection ends the loop, and
+        ``_subscribe`` subscribes again."""
+        conn = pubsub.connection
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            response = await conn.read_response(timeout=1.0, push_request=True)
             raise_if_cancelled()
-            if message is None or message.get("type") != "message":
+            if not isinstance(response, list) or len(response) != 3:
                 continue
-            data = message.get("data")
+            kind, _, data = response
+            if kind not in (b"message", "message"):
+                continue
             data = data if isinstance(data, bytes) else str(data).encode()
             for task_id, blob in _notes(data):
                 notifier.notified(task_id, blob)
