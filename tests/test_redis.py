@@ -37,6 +37,7 @@ from taskiq import (
     SendTaskError,
     TaskiqDepends,
     TaskiqEvents,
+    TaskiqMessage,
     TaskiqResult,
     TaskiqResultTimeoutError,
 )
@@ -1416,3 +1417,95 @@ def test_state_works_in_a_forked_child_after_use_in_the_parent(space: RedisSpace
 def test_wait_for_helper_is_bounded() -> None:
     with pytest.raises(AssertionError):
         wait_for(lambda: False, timeout=0.05, what="nothing")
+
+
+# --------------------------------------------------------------------------- batching
+async def test_results_saved_at_once_share_one_call_and_one_notification(
+    space: RedisSpace,
+) -> None:
+    prefix = space.name("r")
+    counting, sent = counting_connection()
+    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    setter: RedisResultBackend[Any] = RedisResultBackend(
+        space.url, prefix_str=prefix, connection_class=counting
+    )
+    n = 50
+    handles = [PoolTask(f"t-{i}", waiter) for i in range(n)]
+    try:
+        waits = [asyncio.create_task(h.wait_result(timeout=20)) for h in handles]
+        await until(lambda: subscribed(waiter, *(h.task_id for h in handles)), 10, "waiters")
+        await asyncio.gather(*(setter.set_result(h.task_id, result_of(h.task_id)) for h in handles))
+        assert sent[0] < 10, f"{sent[0]} commands for {n} results saved at once"
+        results = await asyncio.wait_for(asyncio.gather(*waits), 10)
+        assert [r.return_value for r in results] == [h.task_id for h in handles]
+    finally:
+        await waiter.shutdown()
+        await setter.shutdown()
+
+
+async def test_a_notification_of_an_older_pool_is_understood(space: RedisSpace) -> None:
+    prefix = space.name("r")
+    waiter: RedisResultBackend[Any] = RedisResultBackend(space.url, prefix_str=prefix)
+    client = sync_client()
+    try:
+        inline = asyncio.create_task(PoolTask("old-inline", waiter).wait_result(timeout=20))
+        bare = asyncio.create_task(PoolTask("old-bare", waiter).wait_result(timeout=20))
+        await until(lambda: subscribed(waiter, "old-inline", "old-bare"), 10, "the waiters")
+        blob = waiter._dump("x", "result", result_of("inline"))
+        client.publish(waiter.channel, b"old-inline\x00" + blob)  # not stored: only announced
+        client.set(waiter.result_key("old-bare"), waiter._dump("x", "result", result_of("bare")))
+        client.publish(waiter.channel, b"old-bare")
+        assert (await asyncio.wait_for(inline, 10)).return_value == "inline"
+        assert (await asyncio.wait_for(bare, 10)).return_value == "bare"
+    finally:
+        client.close()
+        await waiter.shutdown()
+
+
+async def test_a_saved_result_acknowledges_its_message_in_the_same_call(space: RedisSpace) -> None:
+    """With the result backend on the broker's Redis, the script that saves a task's result
+    acknowledges its stream entry too; the receiver's acknowledgement then sends nothing."""
+    broker = make_broker(space)
+    backend = broker.result_backend
+    assert isinstance(backend, RedisResultBackend)
+    gen = broker.listen()
+    try:
+        await broker.kick(message(broker.formatter.dumps(
+            TaskiqMessage(task_id="rides", task_name="t", labels={}, args=[], kwargs={})
+        ).message, task_id="rides"))  # fmt: skip
+        raw = await next_message(gen)
+        assert pending_count(broker.queue_name, broker.consumer_group_name) == 1
+        await backend.set_result("rides", result_of(1))
+        assert pending_count(broker.queue_name, broker.consumer_group_name) == 0
+        assert stream_len(broker.queue_name) == 0
+        await ack(raw)  # nothing left to do
+        assert (await backend.get_result("rides")).return_value == 1
+    finally:
+        await gen.aclose()
+        await broker.shutdown()
+
+
+async def test_a_result_that_cannot_be_saved_leaves_its_message_pending(
+    space: RedisSpace,
+) -> None:
+    broker = make_broker(space)
+    backend = broker.result_backend
+    assert isinstance(backend, RedisResultBackend)
+    backend.save_timeout = 0.0
+    gen = broker.listen()
+    try:
+        await broker.kick(message(broker.formatter.dumps(
+            TaskiqMessage(task_id="unsaved", task_name="t", labels={}, args=[], kwargs={})
+        ).message, task_id="unsaved"))  # fmt: skip
+        await next_message(gen)
+
+        async def broken(saves: list[Any]) -> None:
+            raise redis.exceptions.ConnectionError("Redis went away")
+
+        backend._save_batch = broken  # type: ignore[method-assign]
+        with pytest.raises(ResultSetError):
+            await backend.set_result("unsaved", result_of(1))
+        assert pending_count(broker.queue_name, broker.consumer_group_name) == 1
+    finally:
+        await gen.aclose()
+        await broker.shutdown()

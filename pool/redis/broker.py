@@ -58,7 +58,7 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -67,9 +67,14 @@ from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, Res
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage, TaskiqResult
 from taskiq.exceptions import BrokerError, ListenError, SendTaskError, TaskiqError
+from taskiq.formatters.proxy_formatter import ProxyFormatter
 
 from pool.extensions.errors import WorkerCrashedError
 from pool.extensions.handles import PoolDecoratedTask
+from pool.redis.batching import Batcher, Script, command
+
+if TYPE_CHECKING:
+    from pool.redis.result_backend import RedisResultBackend, Rider
 
 logger = logging.getLogger("pool.redis")
 
@@ -78,6 +83,7 @@ MIN_REDIS_VERSION = (6, 2)
 _TRANSIENT_REPLIES = ("LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "BUSY ")
 
 _Entry = tuple[bytes, dict[bytes, bytes] | None]
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -180,6 +186,15 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+_pid = [os.getpid()]  # os.getpid() is a system call, and the hot paths ask at every command
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def current_pid() -> int:
+    """This process's id, kept up to date across forks."""
+    return _pid[0]
+
+
 # Clients (and subscriptions) inherited from a parent process through fork. They are kept
 # referenced and never touched: garbage-collecting them would close their transports, which
 # unregisters the shared sockets from the parent's (shared, inherited) epoll instance.
@@ -248,15 +263,28 @@ class LoopClient:
         self.url = url
         self.kwargs = kwargs
         self.on_create = on_create
-        self._pid = os.getpid()
+        self._pid = current_pid()
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        # what else belongs to one event loop (the batchers of its writes), by name
+        self._locals: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             if self._clients:
                 keep_inherited(self._clients)
             self._clients = {}
-            self._pid = os.getpid()
+            self._locals = {}
+            self._pid = current_pid()
+
+    def local(self, name: str, make: Callable[[], _T]) -> _T:
+        """The object ``name`` of this process and event loop, made by ``make`` on first use."""
+        loop = asyncio.get_running_loop()
+        self._check_fork()
+        values = self._locals.setdefault(loop, {})
+        value = values.get(name)
+        if value is None:
+            value = values[name] = make()
+        return value
 
     def get(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
@@ -265,6 +293,7 @@ class LoopClient:
         if client is None:
             for stale in [other for other in self._clients if other.is_closed()]:
                 del self._clients[stale]  # its loop is gone, and its sockets with it
+                self._locals.pop(stale, None)
             client = self._clients[loop] = aioredis.Redis.from_pool(self._pool())
             if self.on_create is not None:
                 self.on_create(client)
@@ -282,6 +311,7 @@ class LoopClient:
         except RuntimeError:
             return
         self._check_fork()
+        self._locals.pop(loop, None)
         client = self._clients.pop(loop, None)
         if client is not None:
             try:
@@ -350,6 +380,8 @@ redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
 return 1
 """
 )
+
+_ADD_SCRIPT = Script(_ADD)
 
 # Schedule a delayed message by the Redis server's clock (no skew between machines), unless
 # its queue is full. KEYS: stream, delayed set. ARGV: cap, delay (seconds), member.
@@ -496,6 +528,16 @@ end
 redis.call('HSET', KEYS[2], id, deaths + 1)
 return {next_start, id, claimed[1][2], deaths, 'run'}
 """
+
+# Acknowledge and delete entries; forget the blame of those that had one.
+# KEYS: stream, blame hash. ARGV: group, number of entries, entry ids, then the blamed ones.
+_ACK = Script("""
+local n = tonumber(ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3, n + 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3, n + 2))
+if #ARGV > n + 2 then redis.call('HDEL', KEYS[2], unpack(ARGV, n + 3)) end
+return n
+""")
 
 _DELAYED_BATCH = 100
 
@@ -736,15 +778,18 @@ class RedisStreamBroker(AsyncBroker):
         queue = message.labels.get("queue_name") or self.queue_name
         keys = [queue, f"{queue}:delayed"]
         cap = self.maxlen or 0
+        expect = getattr(self.result_backend, "expect", None)
+        if expect is not None:
+            expect(message.task_id)  # before it can finish: its notification is not missed
         try:
             client = self._client()
             if delay > 0:
                 member = uuid.uuid4().hex.encode() + b"|" + message.message
                 added = await self._run(client, "schedule", keys, cap, repr(delay), member)
             elif cap:
-                added = await self._run(client, "add", keys, cap, message.message)
+                added = await _ADD_SCRIPT(client, keys, [cap, message.message])
             else:
-                added = await client.xadd(queue, {b"data": message.message})
+                added = await command(client, "XADD", queue, "*", "data", message.message)
         except (RedisError, OSError) as exc:
             raise RedisSendTaskError(
                 reason=f"cannot send task {message.task_name!r} to Redis at "
@@ -965,21 +1010,16 @@ class RedisStreamBroker(AsyncBroker):
 
     async def _read(self, client: aioredis.Redis, consumer: str, wait: float) -> list[_Entry]:
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
-        reply = await client.xreadgroup(
-            self.consumer_group_name,
-            consumer,
-            {self.queue_name: ">"},
-            count=self.xread_count,
-            block=block_ms,
-        )
+        count = ("COUNT", self.xread_count) if self.xread_count else ()
+        group = ("GROUP", self.consumer_group_name, consumer)
+        streams_arg = ("STREAMS", self.queue_name, ">")
+        reply = await command(client, "XREADGROUP", *group, *count, "BLOCK", block_ms, *streams_arg)
         if not reply:
             return []
-        raw: Any = reply
-        streams = raw.items() if isinstance(raw, dict) else raw
         entries: list[_Entry] = []
-        for _stream, stream_entries in streams:
-            for item in stream_entries or ():
-                entries.append((_as_bytes(item[0]), item[1]))
+        for _stream, stream_entries in reply.items() if isinstance(reply, dict) else reply:
+            for entry_id, flat in stream_entries or ():
+                entries.append((_as_bytes(entry_id), _fields(flat) if flat else None))
         return entries
 
     async def _ackable(self, entry: _Entry, held: _Held) -> AckableMessage | None:
@@ -997,9 +1037,14 @@ class RedisStreamBroker(AsyncBroker):
             return None
 
         held.handed[entry_id] = data
+        ride = self._ride(entry_id, data, held)
 
         async def ack() -> None:
             try:
+                if ride is not None:
+                    ride[0].unride(ride[1], ride[2])
+                    if ride[2].acked:
+                        return  # acknowledged with its result
                 if entry_id in held.released or self._result_unsaved(data):
                     await self._give_back(entry_id)
                 else:
@@ -1009,6 +1054,30 @@ class RedisStreamBroker(AsyncBroker):
                 held.released.discard(entry_id)
 
         return AckableMessage(data=data, ack=ack)
+
+    def _ride(
+        self, entry_id: bytes, data: bytes, held: _Held
+    ) -> tuple[RedisResultBackend[Any], str, Rider] | None:
+        """Have pool's result backend acknowledge this entry with its task's result, when it
+        saves results in the same Redis (same URL): one call instead of two."""
+        from pool.redis.result_backend import RedisResultBackend, Rider  # it imports this module
+
+        backend = self.result_backend
+        if not isinstance(backend, RedisResultBackend) or backend.redis_url != self.url:
+            return None
+        try:
+            if type(self.formatter) is ProxyFormatter:  # no model: only the id is needed
+                task_id = self.formatter.broker.serializer.loadb(data)["task_id"]
+            else:
+                task_id = self.formatter.loads(data).task_id
+        except Exception:
+            return None  # taskiq's receiver reports it; acknowledged the usual way
+        if not isinstance(task_id, str):
+            return None
+        rider = Rider(self.queue_name, self.consumer_group_name, entry_id,
+                      entry_id in held.suspects, held.ids.discard)  # fmt: skip
+        backend.ride(task_id, rider)
+        return backend, task_id, rider
 
     def _result_unsaved(self, data: bytes) -> bool:
         """True if the result backend could not save the result of this message's task (with
@@ -1071,23 +1140,16 @@ class RedisStreamBroker(AsyncBroker):
 
     async def _ack(self, entry_id: bytes, blamed: bool = False) -> None:
         """``XACK`` then ``XDEL`` (and, for an entry taken over from a dead consumer, its
-        blame), retried briefly; if it still fails the entry stays pending and is delivered
-        again after ``idle_timeout`` (at least once)."""
+        blame), with the other acknowledgements of this moment in one call (see
+        :mod:`pool.redis.batching`), retried briefly; if it still fails the entry stays
+        pending and is delivered again after ``idle_timeout`` (at least once)."""
         delay = 0.05
         last: BaseException | None = None
         for _ in range(5):
             try:
-                client = self._client()
-                async with client.pipeline(transaction=True) as pipe:
-                    pipe.xack(self.queue_name, self.consumer_group_name, entry_id)
-                    pipe.xdel(self.queue_name, entry_id)
-                    if blamed:
-                        pipe.hdel(f"{self.queue_name}:blame", entry_id)
-                    await pipe.execute()
+                await self._redis.local("acks", self._acks).submit((entry_id, blamed))
                 return
             except ResponseError as exc:
-                if str(exc).startswith("NOGROUP"):
-                    return  # Redis lost the stream: nothing left to acknowledge
                 last = exc
                 if not is_transient(exc):
                     break
@@ -1100,6 +1162,16 @@ class RedisStreamBroker(AsyncBroker):
             "after the idle timeout",
             entry_id.decode(errors="replace"), safe_url(self.url), last,
         )  # fmt: skip
+
+    def _acks(self) -> Batcher[tuple[bytes, bool]]:
+        return Batcher(self._ack_batch)
+
+    async def _ack_batch(self, acks: list[tuple[bytes, bool]]) -> None:
+        """Acknowledge and delete (entry id, blamed) pairs, in one call."""
+        args: list[Any] = [self.consumer_group_name, len(acks)]
+        args += [entry_id for entry_id, _ in acks]
+        args += [entry_id for entry_id, blamed in acks if blamed]
+        await _ACK(self._client(), [self.queue_name, f"{self.queue_name}:blame"], args)
 
     async def _keepalive(self, consumer: str, held: _Held) -> None:
         """Keep the entries this consumer holds from looking abandoned, except those whose

@@ -23,6 +23,14 @@ Where pool differs:
   wait; every waiting process receives every notification, fine for many thousands of
   results a second. A handle of taskiq's own (``AsyncKicker(...).kiq()``) polls
   ``is_result_ready``; between notifications that is answered from memory, not from Redis;
+- the results saved at the same time in one process (one event-loop turn, or while the
+  previous save is in flight) are saved by one script call, which publishes one notification
+  for all of them (``\x01`` then, per result, the task id and the inline result or none, each
+  after its length as 4 bytes, big-endian; -1 for none); a notification of an older pool
+  (``<task id>`` or ``<task id>\x00<result>``) is understood too;
+- a task sent by pool's stream broker from a process that already waits for results is
+  known not to be finished until its notification comes: waiting for it, and reading its
+  result when the notification carried it, cost no command at all;
 - the awaited keys are looked up in Redis in pipelined batches, when a wait starts, after each
   (re)subscription and every ``recheck_interval`` seconds (a missed notification);
 - ``set_result`` retries a failing Redis for ``save_timeout`` seconds, then marks the task
@@ -33,9 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -46,10 +55,12 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.exceptions import ResultGetError, ResultIsReadyError, ResultSetError
 from taskiq.serializers import JSONSerializer
 
+from pool.redis.batching import Batcher, Script
 from pool.redis.broker import (
     LoopClient,
     PoolRedisError,
     client_kwargs,
+    current_pid,
     is_transient,
     keep_inherited,
     raise_if_cancelled,
@@ -63,7 +74,12 @@ _ReturnType = TypeVar("_ReturnType")
 # Results up to this size travel inside the notification, so a waiting producer needs no GET.
 INLINE_LIMIT = 4096
 PROGRESS_KEY_SUFFIX = "__progress"  # taskiq-redis's
-_SEP = b"\x00"
+_SEP = b"\x00"  # an older pool's notification: <task id>[\x00<result>]
+_BATCH = b"\x01"  # a notification for many results (see the module docstring)
+_LENGTH = struct.Struct(">i")
+_EXPECTED_KEPT = 100_000
+# what set_result hands to the batch: key, result, notification part, rider
+_Save = tuple[str, bytes, bytes, "Rider | None"]
 _INLINE_KEPT = 10_000
 _MISSING_KEPT = 100_000
 _UNSAVED_KEPT = 10_000
@@ -83,13 +99,89 @@ class RedisResultIsReadyError(PoolRedisError, ResultIsReadyError):
     """Redis failed while checking whether a result is ready."""
 
 
+# Save many results, announce them in one notification, then acknowledge the stream entries
+# of their tasks (see ``Rider``). KEYS: the n result keys, then stream and blame hash when
+# acknowledging. ARGV: channel, expiry option ('', 'EX' or 'PX'), expiry, the notification, n,
+# the n results, then group, the number of entries, their ids, the blamed ones among them.
+_SAVE = Script("""
+local n = tonumber(ARGV[5])
+for i = 1, n do
+  if ARGV[2] == '' then
+    redis.call('SET', KEYS[i], ARGV[i + 5])
+  else
+    redis.call('SET', KEYS[i], ARGV[i + 5], ARGV[2], ARGV[3])
+  end
+end
+redis.call('PUBLISH', ARGV[1], ARGV[4])
+if #KEYS > n then
+  local stream, group, m = KEYS[n + 1], ARGV[n + 6], tonumber(ARGV[n + 7])
+  redis.call('XACK', stream, group, unpack(ARGV, n + 8, n + 7 + m))
+  redis.call('XDEL', stream, unpack(ARGV, n + 8, n + 7 + m))
+  if #ARGV > n + 7 + m then redis.call('HDEL', KEYS[n + 2], unpack(ARGV, n + 8 + m)) end
+end
+return n
+""")
+
+
+class Rider:
+    """The stream entry of a task whose result is being computed here: pool's stream broker
+    hands it to a backend on the same Redis (:meth:`RedisResultBackend.ride`), and the script
+    that saves the result acknowledges the entry too, in the same call, after the result
+    (``--ack-type when_saved`` acknowledges right after the save anyway; with the other ack
+    types the broker acknowledges first and takes its rider back). ``acked`` is then True and
+    ``on_acked`` is called."""
+
+    __slots__ = ("acked", "blamed", "entry_id", "group", "on_acked", "stream")
+
+    def __init__(
+        self,
+        stream: str,
+        group: str,
+        entry_id: bytes,
+        blamed: bool,
+        on_acked: Callable[[bytes], None],
+    ) -> None:
+        self.stream, self.group, self.entry_id, self.blamed = stream, group, entry_id, blamed
+        self.acked = False
+        self.on_acked = on_acked
+
+
+def _note(task_id: str, blob: bytes | None) -> bytes:
+    """One result's part of a notification."""
+    raw = task_id.encode()
+    if blob is None:
+        return _LENGTH.pack(len(raw)) + raw + _LENGTH.pack(-1)
+    return _LENGTH.pack(len(raw)) + raw + _LENGTH.pack(len(blob)) + blob
+
+
+def _notes(data: bytes) -> list[tuple[str, bytes | None]]:
+    """The (task id, inline result or None) pairs of one notification, either format."""
+    if not data.startswith(_BATCH):
+        raw_id, sep, blob = data.partition(_SEP)
+        return [(raw_id.decode(), blob if sep else None)]
+    notes: list[tuple[str, bytes | None]] = []
+    at, end, unpack = 1, len(data), _LENGTH.unpack_from
+    while at + 8 <= end:
+        (size,) = unpack(data, at)
+        task_id = data[at + 4 : at + 4 + size].decode()
+        at += 4 + size
+        (size,) = unpack(data, at)
+        at += 4
+        if size < 0:
+            notes.append((task_id, None))
+        else:
+            notes.append((task_id, data[at : at + size]))
+            at += size
+    return notes
+
+
 class _Notifier:
     """The subscription of one backend in one process and event loop, its waiters, and the
     batched existence checks that stand in for notifications missed or never sent."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
         # Results that came inside notifications, for tasks a waiter of this process awaits.
         self.inline: OrderedDict[str, bytes] = OrderedDict()
@@ -104,6 +196,24 @@ class _Notifier:
         # task ids found missing while subscribed (loop time of the check): until a
         # notification names them they are not ready, and is_result_ready needs no Redis
         self.missing: OrderedDict[str, float] = OrderedDict()
+        # tasks sent from here while subscribed: False until their notification came
+        self.expected: OrderedDict[str, bool] = OrderedDict()
+
+    def expect(self, task_id: str) -> None:
+        """``task_id`` is being sent now (not yet finished): its notification will say when
+        it is. Only while subscribed, so that no notification can be missed."""
+        if not self.subscribed.is_set():
+            return
+        self.inline.pop(task_id, None)
+        self.expected[task_id] = False
+        self.expected.move_to_end(task_id)
+        while len(self.expected) > _EXPECTED_KEPT:
+            self.expected.popitem(last=False)
+        self.found_missing(task_id, self.loop.time())
+
+    def arrived(self, task_id: str) -> bool:
+        """True if ``task_id`` was sent from here and its notification came."""
+        return self.expected.get(task_id, False)
 
     def register(self, task_id: str) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self.loop.create_future()
@@ -136,6 +246,8 @@ class _Notifier:
         polled = self.missing.pop(task_id, None) is not None
         if task_id in self.checking:
             self.notified_while_checking.add(task_id)
+        if task_id in self.expected:
+            self.expected[task_id] = True
         if blob is not None and (polled or task_id in self.waiters):
             self.inline[task_id] = blob
             while len(self.inline) > _INLINE_KEPT:
@@ -151,6 +263,8 @@ class _Notifier:
         """The subscription is gone: notifications may be missed until it is back."""
         self.subscribed.clear()
         self.missing.clear()
+        for task_id in [t for t, came in self.expected.items() if not came]:
+            del self.expected[task_id]
 
     def known_missing(self, task_id: str, fresh: float) -> bool:
         """True if a check made while subscribed found no result for ``task_id`` less than
@@ -264,7 +378,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None
-        if notifier is None or notifier.pid != os.getpid() or notifier.loop is not loop:
+        if notifier is None or notifier.pid != current_pid() or notifier.loop is not loop:
             return None
         return notifier
 
@@ -276,16 +390,15 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         ``save_timeout`` seconds; then the task is marked unsaved and the error raised."""
         blob = self._dump(task_id, "result", result)
         inline = self.keep_results and len(blob) <= INLINE_LIMIT
-        note = task_id.encode() + _SEP + blob if inline else task_id
+        rider = self._riders().pop(task_id, None)
+        note = _note(task_id, blob if inline else None)
+        save = (self.result_key(task_id), blob, note, rider)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.save_timeout
         backoff = 0.05
         while True:
             try:
-                async with self._client().pipeline(transaction=True) as pipe:
-                    pipe.set(self.result_key(task_id), blob, **self._expiry())
-                    pipe.publish(self.channel, note)
-                    await pipe.execute()
+                await self._redis.local("saves", self._saves).submit(save)
                 return
             except (RedisError, OSError) as exc:
                 left = deadline - loop.time()
@@ -300,6 +413,50 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
                 )  # fmt: skip
                 await asyncio.sleep(min(backoff * random.uniform(0.8, 1.2), left))
                 backoff = min(backoff * 2, 2.0)
+
+    def _saves(self) -> Batcher[_Save]:
+        return Batcher(self._save_batch)
+
+    def _riders(self) -> dict[str, Rider]:
+        return self._redis.local("riders", dict)
+
+    def ride(self, task_id: str, rider: Rider) -> None:
+        """Acknowledge ``rider``'s entry with the result of ``task_id``, if it is saved from
+        this process and event loop before the broker acknowledges it (:meth:`unride`)."""
+        self._riders()[task_id] = rider
+
+    def unride(self, task_id: str, rider: Rider) -> None:
+        riders = self._riders()
+        if riders.get(task_id) is rider:
+            del riders[task_id]
+
+    async def _save_batch(self, saves: list[_Save]) -> None:
+        """Save (key, result, notification part, rider) tuples, announce them, and
+        acknowledge their riders (those of one stream), in one call."""
+        expiry = self._expiry()
+        option, value = next(iter(expiry.items())) if expiry else ("", 0)
+        note = _BATCH + b"".join(save[2] for save in saves)
+        keys = [save[0] for save in saves]
+        args: list[Any] = [self.channel, option.upper(), value, note, len(saves)]
+        args += [save[1] for save in saves]
+        riders = [save[3] for save in saves if save[3] is not None]
+        if riders:
+            first = riders[0]
+            riders = [r for r in riders if (r.stream, r.group) == (first.stream, first.group)]
+            keys += [first.stream, f"{first.stream}:blame"]
+            args += [first.group, len(riders), *(r.entry_id for r in riders)]
+            args += [r.entry_id for r in riders if r.blamed]
+        await _SAVE(self._client(), keys, args)
+        for rider in riders:
+            rider.acked = True
+            rider.on_acked(rider.entry_id)
+
+    def expect(self, task_id: str) -> None:
+        """Called by pool's stream broker just before it sends ``task_id``: if this process
+        is subscribed, the wait for it needs no look-up (see the module docstring)."""
+        notifier = self._here()
+        if notifier is not None:
+            notifier.expect(task_id)
 
     def _mark_unsaved(self, task_id: str) -> None:
         self._unsaved[task_id] = None
@@ -321,6 +478,8 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         named it since, so a handle polling this (taskiq's ``wait_result``) costs Redis
         nothing between notifications; concurrent calls share one pipelined round trip."""
         notifier = self._ensure_notifier()
+        if notifier.arrived(task_id):
+            return True
         if notifier.known_missing(task_id, self.recheck_interval):
             return False
         answer: asyncio.Future[bool] = notifier.loop.create_future()
@@ -329,7 +488,10 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[_ReturnType]:
         notifier = self._here()
-        blob = notifier.inline.pop(task_id, None) if notifier is not None else None
+        blob = None
+        if notifier is not None:
+            blob = notifier.inline.pop(task_id, None)
+            notifier.expected.pop(task_id, None)
         if blob is None:
             blob = await self._read(task_id)
         if blob is None:
@@ -388,10 +550,13 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         logged and waited out until the timeout.
         """
         notifier = self._ensure_notifier()
-        notifier.inline.pop(task_id, None)  # left by an earlier wait that never read it
+        if notifier.arrived(task_id):
+            return  # sent from here, and its notification came
+        if not notifier.known_missing(task_id, self.recheck_interval):
+            notifier.inline.pop(task_id, None)  # left by an earlier wait that never read it
+            notifier.check(task_id)
         future = notifier.register(task_id)
         try:
-            notifier.check(task_id)
             done, _ = await asyncio.wait({future}, timeout=timeout)
             if not done:
                 raise TaskiqResultTimeoutError(timeout=timeout)
@@ -401,7 +566,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
     def _ensure_notifier(self) -> _Notifier:
         notifier = self._here()
         if notifier is None:
-            if self._notifier is not None and self._notifier.pid != os.getpid():
+            if self._notifier is not None and self._notifier.pid != current_pid():
                 keep_inherited(self._notifier)  # its subscription belongs to the parent process
             notifier = self._notifier = _Notifier()
         if notifier.task is None or notifier.task.done():
@@ -517,15 +682,21 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
 
     @staticmethod
     async def _dispatch(pubsub: Any, notifier: _Notifier) -> None:
+        """Read the notifications straight from the subscription's connection (redis-py's
+        ``get_message`` costs more than the message); a lost connection ends the loop, and
+        ``_subscribe`` subscribes again."""
+        conn = pubsub.connection
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            response = await conn.read_response(timeout=1.0, push_request=True)
             raise_if_cancelled()
-            if message is None or message.get("type") != "message":
+            if not isinstance(response, list) or len(response) != 3:
                 continue
-            data = message.get("data")
+            kind, _, data = response
+            if kind not in (b"message", "message"):
+                continue
             data = data if isinstance(data, bytes) else str(data).encode()
-            raw_id, sep, blob = data.partition(_SEP)
-            notifier.notified(raw_id.decode(), blob if sep else None)
+            for task_id, blob in _notes(data):
+                notifier.notified(task_id, blob)
 
     # ----------------------------------------------------------------- progress
     async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
