@@ -6,10 +6,9 @@ a round trip of its own costs Redis little but the worker a lot: redis-py spends
 command than Redis does. A :class:`Batcher` gathers what is submitted while the event loop
 runs the other ready callbacks, and while the previous batch is in flight, then sends it in
 one call; each submitter waits for its own batch and sees its error, so retries stay with the
-caller. Before it sends, a batch waits while the event loop has other callbacks ready to run
-(tasks on their way to a write of their own), at most ``LINGER`` seconds: alone, a write
-waits one loop turn; under load, the writes of many tasks share a call. (The ready callbacks
-are asyncio's own loop's ``_ready``; on a loop without it, a batch waits one turn.)
+caller. Before it sends, a batch waits one turn of the loop (the tasks that finished in this
+turn join it); under load, the writes of many tasks share a call, since what is submitted
+while a batch is in flight goes with the next one.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ _Op = TypeVar("_Op")
 
 # the most operations sent in one call (a bound on the size of one command)
 BATCH_LIMIT = 500
-# the longest a growing batch waits before it is sent (seconds)
-LINGER = 0.002
 
 
 class Batcher(Generic[_Op]):
@@ -58,10 +55,9 @@ class Batcher(Generic[_Op]):
         await future
 
     async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                await self._linger(loop)
+                await asyncio.sleep(0)  # one turn: what finishes in it joins the batch
                 batch = self._pending[: self._limit]
                 del self._pending[: self._limit]
                 try:
@@ -83,16 +79,6 @@ class Batcher(Generic[_Op]):
             for _, future in self._pending:  # left by a cancelled flush
                 future.cancel()
             self._pending = []
-
-    async def _linger(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Yield to the loop while it has other work ready (see the module docstring)."""
-        await asyncio.sleep(0)
-        ready = getattr(loop, "_ready", None)
-        if ready is None:
-            return
-        deadline = loop.time() + LINGER
-        while ready and len(self._pending) < self._limit and loop.time() < deadline:
-            await asyncio.sleep(0)
 
 
 class Script:
