@@ -725,6 +725,39 @@ async def test_at_the_cap_kiq_is_refused_and_no_accepted_task_is_dropped(
         await broker.shutdown()
 
 
+async def test_kicks_sent_together_share_a_call_and_each_learns_its_fate() -> None:
+    """150 kiq at once under a cap of 100: they go in few script calls (not 150 round
+    trips; counted by a Redis of this test's own), in their order, and exactly the 50 over
+    the cap are refused."""
+    import redis
+
+    server = PrivateRedis()
+    server.start()
+    broker = RedisStreamBroker(server.url, queue_name="q", maxlen=100)
+
+    @broker.task(task_name="capped")
+    async def capped(i: int) -> None: ...
+
+    client = redis.Redis.from_url(server.url)
+    try:
+        outcomes = await asyncio.gather(
+            *(capped.kiq(i) for i in range(150)), return_exceptions=True
+        )
+        sent = [o.task_id for o in outcomes if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, BaseException)]
+        assert (len(sent), len(refused)) == (100, 50)
+        assert all(isinstance(e, RedisQueueFullError) for e in refused)
+        kept = [json.loads(f[b"data"])["task_id"] for _, f in client.xrange("q")]
+        assert kept == sent  # in the order they were sent
+        stats = client.info("commandstats")
+        scripts = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+        assert scripts <= 3, f"{scripts} script calls for 150 kicks"
+    finally:
+        client.close()
+        await broker.shutdown()
+        server.close()
+
+
 async def test_without_a_cap_every_task_stays(space: RedisSpace) -> None:
     broker = make_broker(space, maxlen=None)
     try:

@@ -371,17 +371,24 @@ local function full(cap)
 end
 """
 
-# Add a message to the stream unless its queue is full. ARGV: cap, message bytes.
-_ADD = (
+# Add messages to the stream, in their order, each unless its queue is full when its turn
+# comes: an array of 1 (added) or 0 (refused). ARGV: cap, the messages' bytes.
+_ADD_MANY_SCRIPT = Script(
     _CAP
     + """
-if full(tonumber(ARGV[1])) then return 0 end
-redis.call('XADD', KEYS[1], '*', 'data', ARGV[2])
-return 1
+local cap = tonumber(ARGV[1])
+local added = {}
+for i = 2, #ARGV do
+  if full(cap) then
+    added[i - 1] = 0
+  else
+    redis.call('XADD', KEYS[1], '*', 'data', ARGV[i])
+    added[i - 1] = 1
+  end
+end
+return added
 """
 )
-
-_ADD_SCRIPT = Script(_ADD)
 
 # Schedule a delayed message by the Redis server's clock (no skew between machines), unless
 # its queue is full. KEYS: stream, delayed set. ARGV: cap, delay (seconds), member.
@@ -722,7 +729,6 @@ class RedisStreamBroker(AsyncBroker):
     # ----------------------------------------------------------------- connection
     def _register_scripts(self, client: aioredis.Redis) -> None:
         self._scripts = {
-            "add": client.register_script(_ADD),
             "move_due": client.register_script(_MOVE_DUE),
             "schedule": client.register_script(_SCHEDULE),
             "keepalive": client.register_script(_KEEPALIVE),
@@ -787,7 +793,7 @@ class RedisStreamBroker(AsyncBroker):
                 member = uuid.uuid4().hex.encode() + b"|" + message.message
                 added = await self._run(client, "schedule", keys, cap, repr(delay), member)
             elif cap:
-                added = await _ADD_SCRIPT(client, keys, [cap, message.message])
+                added = await self._add(queue, keys, cap, message.message)
             else:
                 added = await command(client, "XADD", queue, "*", "data", message.message)
         except (RedisError, OSError) as exc:
@@ -802,6 +808,20 @@ class RedisStreamBroker(AsyncBroker):
                 f"maxlen={cap}); nothing was sent. Retry later, add workers, or raise the cap "
                 f"with RedisStreamBroker(..., maxlen=N) (maxlen=None: no cap)"
             )
+
+    async def _add(self, queue: str, keys: list[str], cap: int, data: bytes) -> bool:
+        """Add a message under the cap; the kicks of one loop turn (a ``gather`` of ``kiq``)
+        share one script call, each told whether it was added."""
+
+        async def send(adds: list[list[Any]]) -> None:
+            args = [cap, *(op[0] for op in adds)]
+            added = await _ADD_MANY_SCRIPT(self._client(), keys, args)
+            for op, one in zip(adds, added, strict=True):
+                op[1] = bool(one)
+
+        op: list[Any] = [data, False]
+        await self._redis.local(f"adds:{queue}:{cap}", lambda: Batcher(send)).submit(op)
+        return bool(op[1])
 
     # ----------------------------------------------------------------- receiving
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
