@@ -205,25 +205,36 @@ async def poison(total: int = 20_000, poisons: int = 20) -> dict[str, Any]:
         async with BenchPool(2, "bench.apps:broker", "--max-async-tasks", "20",
                              env=runs.env) as pool:  # fmt: skip
             broker = await _use(pool.run_dir)
-            every = total // poisons
-            kinds: list[str] = []
-            handles = []
-            tags = []
             try:
-                for i in range(total):
-                    if i % every == every // 2:
-                        kinds.append("poison")
-                        handles.append(await broker.find_task("poison").kiq())
-                    else:
-                        kinds.append("ok")
-                        tags.append(f"x{i}")
-                        handles.append(await broker.find_task("fault_run").kiq(tags[-1]))
+                kinds, tags, handles = await send_with_poison(
+                    total, poisons, broker.find_task("poison"), broker.find_task("fault_run"), "x"
+                )
                 results = await results_of(handles)
             finally:
                 await broker.shutdown()
             return await poison_figures(pool, runs, kinds, tags, results)
     finally:
         runs.close()
+
+
+async def send_with_poison(
+    total: int, poisons: int, poison: Any, ordinary: Any, prefix: str
+) -> tuple[list[str], list[str], list[Any]]:
+    """Send ``total`` tasks, ``poisons`` of them spread evenly ``poison``'s, the others
+    ``ordinary``'s with a tag each: (their kinds, the tags, the handles)."""
+    every = total // poisons
+    kinds: list[str] = []
+    tags: list[str] = []
+    handles: list[Any] = []
+    for i in range(total):
+        if i % every == every // 2:
+            kinds.append("poison")
+            handles.append(await poison.kiq())
+        else:
+            kinds.append("ok")
+            tags.append(f"{prefix}{i}")
+            handles.append(await ordinary.kiq(tags[-1]))
+    return kinds, tags, handles
 
 
 async def poison_figures(
@@ -267,19 +278,11 @@ async def redis_poison(total: int = 3000, poisons: int = 5) -> dict[str, Any]:
                              env=env) as pool:  # fmt: skip
             broker = apps.make_broker(queue=queue)
             await broker.startup()
-            every = total // poisons
-            kinds: list[str] = []
-            handles = []
-            tags = []
             try:
-                for i in range(total):
-                    if i % every == every // 2:
-                        kinds.append("poison")
-                        handles.append(await AsyncKicker("poison", broker, {}).kiq())
-                    else:
-                        kinds.append("ok")
-                        tags.append(f"r{i}")
-                        handles.append(await AsyncKicker("fault_run", broker, {}).kiq(tags[-1]))
+                poison_task = AsyncKicker("poison", broker, {})
+                kinds, tags, handles = await send_with_poison(
+                    total, poisons, poison_task, AsyncKicker("fault_run", broker, {}), "r"
+                )
                 results = await results_of(handles)
             finally:
                 await broker.shutdown()
