@@ -133,14 +133,22 @@ async def producer_exit(total: int = 5000) -> dict[str, Any]:
         runs.close()
 
 
+async def first_pool(
+    run_dir: str, runs: Runs, max_async_tasks: int = 2, log: Path | None = None
+) -> BenchPool:
+    """The pool a fault ends, on ``run_dir`` for the next one (1 worker; the caller exits it)."""
+    first = BenchPool(1, "bench.apps:broker", "--max-async-tasks", str(max_async_tasks),
+                      run_dir=run_dir, env=runs.env, log=log)  # fmt: skip
+    await first.__aenter__()
+    return first
+
+
 async def supervisor_sigkill(total: int = 5000) -> dict[str, Any]:
     """SIGKILL the supervisor while it holds ``total`` tasks; the next pool runs them."""
     runs = Runs()
     run_dir = tempfile.mkdtemp(prefix="pb-", dir="/tmp")
     try:
-        first = BenchPool(1, "bench.apps:broker", "--max-async-tasks", "2", run_dir=run_dir,
-                          env=runs.env)  # fmt: skip
-        await first.__aenter__()
+        first = await first_pool(run_dir, runs)
         broker = await _use(run_dir)
         try:
             tags = [f"k{i}" for i in range(total)]
@@ -171,9 +179,7 @@ async def graceful_stop(total: int = 5000) -> dict[str, Any]:
     runs = Runs()
     run_dir = tempfile.mkdtemp(prefix="pb-", dir="/tmp")
     try:
-        first = BenchPool(1, "bench.apps:broker", "--max-async-tasks", "2", run_dir=run_dir,
-                          env=runs.env)  # fmt: skip
-        await first.__aenter__()
+        first = await first_pool(run_dir, runs)
         broker = await _use(run_dir)
         task = broker.find_task("fault_run")
         try:
@@ -319,9 +325,7 @@ async def full_disk(total: int = 20_000) -> dict[str, Any]:
     logs = runs.dir / "first.log", runs.dir / "second.log"
     run_dir = str(mount / "run")
     try:
-        first = BenchPool(1, "bench.apps:broker", "--max-async-tasks", "1", run_dir=run_dir,
-                          env=runs.env, log=logs[0])  # fmt: skip
-        await first.__aenter__()
+        first = await first_pool(run_dir, runs, max_async_tasks=1, log=logs[0])
         broker = await _use(run_dir)
         release = runs.dir / "release"
         try:

@@ -58,6 +58,7 @@ class Subscriber:
         self.dropped = 0
         self.task: asyncio.Task[None] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.profile = ""  # Chromium's profile directory, removed at the end
         # what ``pool events --json`` printed; closed in __aexit__
         self.output = tempfile.TemporaryFile()  # noqa: SIM115
 
@@ -81,10 +82,10 @@ class Subscriber:
         if self.kind == "in_process":
             self.task = asyncio.create_task(self._read())
         if self.kind in ("dashboard", "both"):
-            profile = tempfile.mkdtemp(prefix="pb-chromium-")
+            self.profile = tempfile.mkdtemp(prefix="pb-chromium-")
             args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
             self.procs.append(subprocess.Popen(
-                [*args, f"--user-data-dir={profile}", "--remote-debugging-port=0", self.page],
+                [*args, f"--user-data-dir={self.profile}", "--remote-debugging-port=0", self.page],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             ))  # fmt: skip
@@ -113,6 +114,8 @@ class Subscriber:
             await asyncio.gather(self.task, return_exceptions=True)
         for proc in self.procs:
             stop(proc)
+        if self.profile:
+            shutil.rmtree(self.profile, ignore_errors=True)
         if self.kind in ("cli", "both"):
             self.output.seek(0)
             for line in self.output:

@@ -80,21 +80,9 @@ def _changed_gets_us(
 
 def time_state(state: Any, rounds: int) -> dict[str, float]:
     """get of an unchanged key, set, incr, lock on a ``TaskiqState`` (from any process)."""
-    state.set_value("bench:config", {"debug": False, "name": "bench"})
-    state.set_value("bench:n", 1)
-    state.get_value("bench:n")
-    state.get_value("bench:config")
-
-    def lock(_: int) -> None:
-        with state.lock("bench:lock"):
-            pass
-
     return {
-        "get_unchanged_us": _per_op_us(lambda i: state.get_value("bench:n"), rounds * 10),
-        "get_unchanged_dict_us": _per_op_us(lambda i: state.get_value("bench:config"), rounds * 10),
-        "set_us": _per_op_us(lambda i: state.set_value("bench:s", i), rounds),
-        "incr_us": _per_op_us(lambda i: state.incr("bench:c"), rounds),
-        "lock_us": _per_op_us(lock, rounds),
+        f"{name}_us": _per_op_us(fn, rounds * 10 if name.startswith("get_") else rounds)
+        for name, fn in _state_ops(state).items()
     }
 
 

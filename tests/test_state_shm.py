@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,13 @@ def test_an_update_whose_function_raises_changes_nothing_and_blocks_no_one(
     assert state.get_value("config") == {"v": 2}
 
 
-def test_a_lock_whose_holder_was_sigkilled_is_released_to_a_waiter(server: Server) -> None:
+@contextmanager
+def a_process_holding(server: Server, name: str) -> Iterator[Any]:
+    """A child process that took lock ``name`` and waits (to be killed); reaped after."""
     taken = CTX.Event()
 
     def holder() -> None:
-        server.connect().lock("job").acquire()
+        server.connect().lock(name).acquire()
         taken.set()
         CTX.Event().wait(60)
 
@@ -132,6 +135,13 @@ def test_a_lock_whose_holder_was_sigkilled_is_released_to_a_waiter(server: Serve
     proc.start()
     try:
         assert taken.wait(10)
+        yield proc
+    finally:
+        _reap(proc)
+
+
+def test_a_lock_whose_holder_was_sigkilled_is_released_to_a_waiter(server: Server) -> None:
+    with a_process_holding(server, "job") as proc:
         state = server.connect()
         lock = state.lock("job")
         assert lock.acquire(timeout=0.05) is False
@@ -141,31 +151,17 @@ def test_a_lock_whose_holder_was_sigkilled_is_released_to_a_waiter(server: Serve
         assert server.connect().lock("job").acquire(timeout=0.05) is False
         lock.release()
         assert server.connect().lock("job").acquire(timeout=1) is True
-    finally:
-        _reap(proc)
 
 
 def test_the_servers_reaper_releases_a_dead_owners_lock_with_no_one_waiting(
     server: Server,
 ) -> None:
-    taken = CTX.Event()
-
-    def holder() -> None:
-        server.connect().lock("orphan").acquire()
-        taken.set()
-        CTX.Event().wait(60)
-
-    proc = CTX.Process(target=holder)
-    proc.start()
-    try:
-        assert taken.wait(10)
+    with a_process_holding(server, "orphan") as proc:
         shm = server.connect()._shared._shm  # type: ignore[attr-defined]
         assert [owner_pid(owner) for _, owner in shm.held_locks()] == [proc.pid]
         proc.kill()
         proc.join(10)
         wait_for(lambda: shm.held_locks() == [], 10, "the reaper's round")
-    finally:
-        _reap(proc)
 
 
 def test_a_writer_killed_inside_its_write_transaction_blocks_no_one(server: Server) -> None:
