@@ -185,18 +185,22 @@ def test_scale_from_the_page_and_the_token_beyond_loopback() -> None:
 
 def test_the_page_s_digest_is_bounded_whatever_the_rate_of_tasks() -> None:
     from pool.ops.dashboard import DURATIONS_KEPT, RUNNING_KEPT, RUNNING_SHOWN, _Digest
+    from pool.runtime.events import Batch
 
     digest = _Digest(None)  # type: ignore[arg-type]
-    for i in range(RUNNING_KEPT + 500):
-        digest.add(("started", float(i), f"t{i}", "app:noop", i % 2, 0.0))
-    for i in range(3000):
-        digest.add(("succeeded", 1.0, f"t{i}", "app:noop", i % 2, i / 1000))
+    digest.add(Batch([("started", float(i), f"t{i}", "app:noop", i % 2, 0.0) for i in range(10)]))
+    for i in range(10, RUNNING_KEPT + 500):  # one event per batch, and many
+        digest.add(Batch([("started", float(i), f"t{i}", "app:noop", i % 2, 0.0)]))
+    digest.add(
+        Batch([("succeeded", 1.0, f"t{i}", "app:noop", i % 2, i / 1000) for i in range(3000)])
+    )
     failed = {"event": "failed", "time": 2.0, "task_id": "x", "task_name": "app:fail",
               "worker": 0, "duration": 0.5, "error": "E", "traceback": "tb"}  # fmt: skip
-    digest.add(failed)
+    digest.add(Batch([failed]))
     taken = digest.take()
     assert taken["finished"] == 3001
     assert len(taken["durations"]) == DURATIONS_KEPT
+    assert taken["durations"][-1] == 0.5  # the newest are kept
     assert taken["running"] == RUNNING_KEPT - 3000 + 500  # the oldest were forgotten
     assert len(taken["newest_running"]) == RUNNING_SHOWN
     assert taken["newest_running"][0][0] == f"t{RUNNING_KEPT + 499}"  # newest first

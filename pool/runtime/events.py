@@ -42,6 +42,8 @@ import time
 import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -102,9 +104,6 @@ TaskEvent: TypeAlias = "tuple[str, float, str, str, int | None, float]"
 Item: TypeAlias = "dict[str, Any] | TaskEvent"
 
 
-_last_time, _last_time_text = 0.0, "0.0"
-
-
 def _json_name(name: str) -> str:
     quoted = _NAMES.get(name)
     if quoted is None:
@@ -114,46 +113,97 @@ def _json_name(name: str) -> str:
     return quoted
 
 
-_TEMPLATES = {
-    "received": '{"event":"received","time":%s,"task_id":%s,"task_name":%s}',
-    "started": '{"event":"started","time":%s,"task_id":%s,"task_name":%s,"worker":%d}',
-    "succeeded": '{"event":"succeeded","time":%s,"task_id":%s,"task_name":%s,"worker":%d,'
-    '"duration":%r}',
-}
+_TASK_RUN = itemgetter(0, 1, 3)  # kind, time, task name: what a run of task events shares
+_UNSAFE_IN_JSON = bytes(range(32)) + b'"\\'
+
+
+def _plain(text: str) -> bool:
+    """Whether ``text`` goes into a JSON string as it is (nothing to escape)."""
+    return text.isascii() and len(text.encode().translate(None, _UNSAFE_IN_JSON)) == len(text)
+
+
+def render_lines(items: list[Item]) -> bytes:
+    """Events as JSON objects, one per line (no newline at the end).
+
+    The supervisor's own task events come in runs that share their kind, time and task name
+    (a turn of its loop queues, hands out or acknowledges many tasks): each run is rendered
+    at once, the ids checked together, only what differs formatted per task. The other
+    events go through the JSON encoder."""
+    out: list[str] = []
+    for cls, run in groupby(items, type):
+        if cls is not tuple:
+            out.extend(map(_ENCODER.encode, run))
+            continue
+        for (kind, at, name), same in groupby(run, _TASK_RUN):
+            group: list[TaskEvent] = list(same)  # type: ignore[arg-type]
+            ids = [item[2] for item in group]
+            if not _plain("".join(ids)):
+                ids = [_ENCODER.encode(task_id)[1:-1] for task_id in ids]
+            head = f'{{"event":"{kind}","time":{at!r},"task_id":"'
+            quoted = _NAMES.get(name) or _json_name(name)
+            if kind == "received":
+                tail = f'","task_name":{quoted}}}'
+                out.append(head + (tail + "\n" + head).join(ids) + tail)
+                continue
+            mid = f'","task_name":{quoted},"worker":'
+            if kind == "started":
+                lines = [f"{head}{i}{mid}{item[4]}}}" for i, item in zip(ids, group, strict=True)]
+            else:
+                lines = [
+                    f'{head}{i}{mid}{item[4]},"duration":{item[5]!r}}}'
+                    for i, item in zip(ids, group, strict=True)
+                ]
+            out.append("\n".join(lines))
+    return "\n".join(out).encode()
 
 
 def render(item: Item) -> str:
     """One event as one line of JSON."""
-    if type(item) is not tuple:
-        return _ENCODER.encode(item)
-    kind, when, task_id, name, worker, duration = item
-    global _last_time, _last_time_text
-    if when != _last_time:  # the events of one turn of the loop share their time
-        _last_time, _last_time_text = when, repr(when)
-    task = f'"{task_id}"' if task_id.isalnum() else _ENCODER.encode(task_id)
-    if kind == "received":
-        return _TEMPLATES[kind] % (_last_time_text, task, _json_name(name))
-    if kind == "started":
-        return _TEMPLATES[kind] % (_last_time_text, task, _json_name(name), worker)
-    return _TEMPLATES[kind] % (_last_time_text, task, _json_name(name), worker, duration)
+    return render_lines([item]).decode()
 
 
 # ----------------------------------------------------------------- supervisor side
-class _Subscriber:
-    """A subscriber that gets every event: a queue per connection, sent in batches."""
+class Batch:
+    """The events of one flush, shared by every subscriber: rendered once, when a subscriber
+    first asks for the lines (the dashboard's digest reads the items themselves)."""
 
-    __slots__ = ("conn", "dropped", "pending")
+    __slots__ = ("_chunks", "items")
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self._chunks: list[tuple[bytes, int]] | None = None
+
+    def chunks(self) -> list[tuple[bytes, int]]:
+        """The lines, ``BATCH`` events at a time, each with its count of events."""
+        if self._chunks is None:
+            items = self.items
+            self._chunks = [
+                (render_lines(items[i : i + BATCH]), len(items[i : i + BATCH]))
+                for i in range(0, len(items), BATCH)
+            ]
+        return self._chunks
+
+
+class _Subscriber:
+    """A subscriber that gets every event: the rendered batches, queued per connection."""
+
+    __slots__ = ("conn", "dropped", "held", "pending")
 
     def __init__(self, conn: ControlConnection) -> None:
         self.conn = conn
-        self.pending: deque[Item] = deque()
+        self.pending: deque[tuple[bytes, int]] = deque()
+        self.held = 0  # events in pending
         self.dropped = 0
 
-    def add(self, item: Item) -> None:
-        if len(self.pending) >= SUBSCRIBER_BUFFER:
-            self.pending.popleft()
-            self.dropped += 1
-        self.pending.append(item)
+    def add(self, batch: Batch) -> None:
+        pending = self.pending
+        for chunk in batch.chunks():
+            pending.append(chunk)
+            self.held += chunk[1]
+        while self.held > SUBSCRIBER_BUFFER:  # the oldest go
+            _, count = pending.popleft()
+            self.held -= count
+            self.dropped += count
 
     def flush(self) -> bool:
         """Send what waits, as far as the connection takes it; True when some is left."""
@@ -163,13 +213,13 @@ class _Subscriber:
         while pending or self.dropped:
             if conn.unread_bytes > SUBSCRIBER_UNREAD:
                 return True
-            lines: list[str] = []
             if self.dropped:
-                lines.append(render(event("dropped", count=self.dropped)))
+                conn.send(Events(render(event("dropped", count=self.dropped)).encode()))
                 self.dropped = 0
-            for _ in range(min(len(pending), BATCH)):
-                lines.append(render(pending.popleft()))
-            conn.send(Events("\n".join(lines).encode()))
+                continue
+            lines, count = pending.popleft()
+            self.held -= count
+            conn.send(Events(lines))
         return False
 
 
@@ -178,17 +228,21 @@ class Subscriber(Protocol):
 
     conn: Any
 
-    def add(self, item: Item) -> None: ...
+    def add(self, batch: Batch) -> None: ...
 
     def flush(self) -> bool: ...
 
 
 class EventHub:
-    """The supervisor's end of the stream: fans events out to its subscribers."""
+    """The supervisor's end of the stream: fans events out to its subscribers.
+
+    Events wait in one list for ``FLUSH_DELAY``; then each subscriber gets that batch: one
+    append per event whatever the number of subscribers, and one rendering for all."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.subscribers: dict[Any, Subscriber] = {}
+        self._waiting: list[Item] = []
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
         self.published = 0
@@ -244,12 +298,13 @@ class EventHub:
     def publish(self, item: Item) -> None:
         if not self.subscribers:
             return
-        self.published += 1
-        for sub in self.subscribers.values():
-            sub.add(item)
+        waiting = self._waiting
+        waiting.append(item)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+        elif len(waiting) >= SUBSCRIBER_BUFFER:  # a burst: its memory stays bounded
+            self.flush()
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.subscribers:
@@ -315,13 +370,18 @@ class EventHub:
 
     # ------------------------------------------------------------- delivery
     def flush(self) -> None:
-        """Send each subscriber what waits for it, as far as its connection takes it."""
+        """Hand each subscriber the waiting events and send what its connection takes."""
         self._flush_scheduled = False
+        items, self._waiting = self._waiting, []
+        batch = Batch(items) if items else None
+        self.published += len(items)
         behind = False
         for sub in list(self.subscribers.values()):
             if not sub.conn.is_open:
                 self.forget(sub.conn)
                 continue
+            if batch is not None:
+                sub.add(batch)
             behind = sub.flush() or behind
         if behind and self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(FLUSH_RETRY, self._retry_flush)

@@ -30,7 +30,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from pool.runtime.events import Item
+from pool.runtime.events import Batch
 
 if TYPE_CHECKING:
     from pool.runtime.supervisor import Supervisor
@@ -79,42 +79,41 @@ class _Digest:
         self.running: dict[str, tuple[str, int | None, float]] = {}
         self.failures: list[dict[str, Any]] = []
 
-    def add(self, item: Item) -> None:
-        if type(item) is tuple:  # the supervisor's own: received, started, succeeded
-            kind, when, task_id, name, worker, duration = item
+    def add(self, batch: Batch) -> None:
+        """Fold the events of one flush of the hub (one pass: a busy pool sends thousands)."""
+        running, durations = self.running, self.durations
+        finished = 0
+        for item in batch.items:
+            if type(item) is tuple:  # the supervisor's own: received, started, succeeded
+                kind = item[0]
+                if kind == "started":
+                    running[item[2]] = (item[3], item[4], item[1])
+                elif kind == "succeeded":
+                    running.pop(item[2], None)
+                    durations.append(item[5])
+                    finished += 1
+                continue
+            assert isinstance(item, dict)
+            kind = item["event"]
             if kind == "started":
-                self._started(task_id, name, worker, when)
-            elif kind == "succeeded":
-                self._finished(task_id, duration)
-            return
-        assert isinstance(item, dict)
-        kind = item["event"]
-        if kind == "started":
-            self._started(item["task_id"], item["task_name"], item.get("worker"), item["time"])
-        elif kind in ("succeeded", "failed"):
-            self._finished(item["task_id"], item["duration"])
-            if kind == "failed":
-                self.failures = [item, *self.failures[: FAILURES_KEPT - 1]]
-        elif kind == "cancelled":
-            self.running.pop(item["task_id"], None)
-        elif kind == "worker_gone":
-            gone = item.get("worker")
-            self.running = {k: v for k, v in self.running.items() if v[1] != gone}
-
-    def _started(self, task_id: str, name: str, worker: int | None, when: float) -> None:
-        running = self.running
-        running[task_id] = (name, worker, when)
-        if len(running) > RUNNING_KEPT:
-            del running[next(iter(running))]
-
-    def _finished(self, task_id: str, duration: float) -> None:
-        self.running.pop(task_id, None)
-        self.finished += 1
-        durations = self.durations
-        if len(durations) < DURATIONS_KEPT:
-            durations.append(duration)
-        else:  # the newest ones, in a ring
-            durations[self.finished % DURATIONS_KEPT] = duration
+                running[item["task_id"]] = (item["task_name"], item.get("worker"), item["time"])
+            elif kind in ("succeeded", "failed"):
+                running.pop(item["task_id"], None)
+                durations.append(item["duration"])
+                finished += 1
+                if kind == "failed":
+                    self.failures = [item, *self.failures[: FAILURES_KEPT - 1]]
+            elif kind == "cancelled":
+                running.pop(item["task_id"], None)
+            elif kind == "worker_gone":
+                gone = item.get("worker")
+                self.running = running = {k: v for k, v in running.items() if v[1] != gone}
+        self.finished += finished
+        if len(running) > RUNNING_KEPT:  # the oldest are forgotten
+            for task_id in list(islice(running, len(running) - RUNNING_KEPT)):
+                del running[task_id]
+        if len(durations) > DURATIONS_KEPT:  # the newest are kept
+            del durations[:-DURATIONS_KEPT]
 
     def flush(self) -> bool:
         return False  # the page's stream sends the digest on its own clock
