@@ -6,7 +6,8 @@ connection)::
     GET  /             the page (index.html beside this module: plain HTML, CSS and JS)
     GET  /api/stats    the supervisor's stats (``stats --json``) and the state's key names
     GET  /api/events   a digest of the event stream (``pool.runtime.events``) as server-sent
-                       events, one every ``DIGEST_EVERY`` seconds
+                       events, one every ``DIGEST_EVERY`` seconds, with the stats (the page
+                       polls nothing and changes once a second)
     POST /api/scale    {"workers": N}: set the worker count
 
 Loopback by default; beyond loopback every request needs the metrics token (the run
@@ -41,7 +42,7 @@ MAX_REQUEST = 16 * 1024
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 STATE_KEYS_SHOWN = 200
-DIGEST_EVERY = 0.5  # s
+DIGEST_EVERY = 1.0  # s
 DURATIONS_KEPT = 256  # per digest: the durations of the newest tasks finished
 RUNNING_KEPT = 10_000  # tasks the digest follows as running (the newest)
 RUNNING_SHOWN = 50
@@ -229,7 +230,7 @@ class Dashboard:
         try:
             while sse.is_open and not self.supervisor.stopping:
                 await asyncio.sleep(DIGEST_EVERY)
-                sse.send(digest.take())
+                sse.send({**digest.take(), "stats": self.snapshot()})
                 await writer.drain()
         except (ConnectionError, RuntimeError):  # the page went away (uvloop: RuntimeError)
             pass
