@@ -282,7 +282,7 @@ def _observe_section(results: dict[str, Any]) -> list[str]:
         "the supervisor's, the workers' and the state server's, per task; the subscriber's own "
         "processes (Chromium, `pool events`) share this machine's 2 cores, so they lower "
         "throughput too. *Events seen per task* is 3 when the subscriber kept up (received, "
-        "started, succeeded); the page reads a digest twice a second. Reproduce: "
+        "started, succeeded); the page reads a digest and the stats once a second. Reproduce: "
         "`python -m bench.observe_bench [--subscriber both|cli|in_process|dashboard]`.",
     ]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from typing import Any
@@ -47,6 +46,7 @@ def _events(run_dir: str | None, as_json: bool) -> int:
     from taskiq.exceptions import SendTaskError
 
     from pool.runtime.events import event_batches, event_lines
+    from pool.runtime.runner import run_event_loop
 
     async def follow() -> None:
         out = sys.stdout.buffer
@@ -60,7 +60,7 @@ def _events(run_dir: str | None, as_json: bool) -> int:
             out.flush()
 
     try:
-        asyncio.run(follow())
+        run_event_loop(follow())
     except SendTaskError as exc:
         print(f"pool events: {exc}", file=sys.stderr)
         return 1

@@ -54,11 +54,12 @@ if TYPE_CHECKING:
 
 SUBSCRIBER_BUFFER = 2000
 SUBSCRIBER_UNREAD = 256 * 1024
-BATCH = 500
+BATCH = 2000  # events in one frame at most
 FLUSH_RETRY = 0.05  # s: a subscriber whose connection is full is tried again after this
 # s: events wait this long to leave together, so that a busy pool sends its subscribers a
-# few large frames rather than one per turn of its loop (each costs a read and a write)
-FLUSH_DELAY = 0.01
+# few large frames rather than one per turn of its loop (each costs the supervisor a write,
+# and the subscriber a wake-up and a read)
+FLUSH_DELAY = 0.05
 TRACEBACK_LIMIT = 16 * 1024
 KINDS = (
     "received",

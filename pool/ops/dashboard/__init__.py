@@ -16,8 +16,8 @@ it on from its own address), compared in constant time.
 
 The page is one more subscriber of the supervisor's ``EventHub``, but it gets a digest rather
 than every event: how many tasks finished, the durations of the newest of them, the tasks running
-now, the failures with their tracebacks. A page open beside a busy pool then costs a few
-small messages a second, not a message per task (``make bench`` measures it).
+now, the failures with their tracebacks. A page open beside a busy pool then costs one
+message a second, not a message per task (``make bench`` measures it).
 """
 
 from __future__ import annotations
