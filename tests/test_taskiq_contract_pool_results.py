@@ -183,6 +183,7 @@ async def test_the_oldest_results_are_dropped_unless_a_live_handle_holds_them(
 # ------------------------------------------------------------------ waiting on a handle
 async def test_wait_result_returns_when_the_result_is_pushed(broker: PoolBroker) -> None:
     backend = broker.pool_results
+    backend.expect("t-1")  # sent on this connection: its result comes unasked
     handle = PoolTask("t-1", backend)
     waiting = asyncio.create_task(handle.wait_result(timeout=5))
     await asyncio.sleep(0)  # let the handle start waiting

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -215,7 +216,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                await asyncio.wait_for(self._fetch(task_id), remaining)
+                await _within(self._fetch(task_id), remaining)
                 return
             except asyncio.TimeoutError:
                 raise TaskiqResultTimeoutError(timeout=timeout) from None
@@ -269,6 +270,20 @@ class PoolResultBackend(AsyncResultBackend[Any]):
     async def _ask_progress(self, task_id: str) -> None:
         client = await self.broker.connection()
         client.send(GetProgress(task_id))
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(waiting: Awaitable[bytes], seconds: float | None) -> bytes:
+        """``waiting`` with a time limit, in the caller's task: unlike ``wait_for`` (before
+        Python 3.12) no task of its own, so a result wakes its waiter one turn sooner."""
+        async with asyncio.timeout(seconds):
+            return await waiting
+
+else:  # pragma: no cover
+
+    async def _within(waiting: Awaitable[bytes], seconds: float | None) -> bytes:
+        return await asyncio.wait_for(waiting, seconds)
 
 
 async def _ask(

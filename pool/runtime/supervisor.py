@@ -758,16 +758,18 @@ class Supervisor:
         if self.steering.done(entry, frame):  # cancelled: its producer was answered
             self.dispatch()
             return
-        if entry is not None:
-            self.journal.settle(entry.task_id, frame.result)
-            self._schedule_commit()
-        if not handle.in_flight:
-            handle.idle_since = time.monotonic()
+        # the result leaves before the journal is written (both at the end of this turn):
+        # a crash in between runs the task again, as any crash before the journal does
         if frame.result:
             self.results.store(frame.task_id, frame.result, entry.producer if entry else None)
         elif entry is not None and entry.producer is not None:
             # acknowledged before its result (--ack-type when_received): it follows later
             self.results.subscribe(frame.task_id, entry.producer)
+        if entry is not None:
+            self.journal.settle(entry.task_id, frame.result)
+            self._schedule_commit()
+        if not handle.in_flight:
+            handle.idle_since = time.monotonic()
         if frame.outcome:
             name = entry.task_name if entry is not None else "unknown"
             self.count_finished(handle, name, frame.outcome == 2, frame.duration)
