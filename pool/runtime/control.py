@@ -21,6 +21,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from pool.runtime.protocol import (
+    Accepted,
     Frame,
     FrameError,
     FrameProtocol,
@@ -47,6 +48,8 @@ MAX_UNREAD = int(os.environ.get("POOL_MAX_UNREAD", 16 * 1024 * 1024))
 # s: a peer whose replies wait (its socket is full) and that reads none of them for this
 # long is dropped, whatever little it holds: a peer that stopped reading holds nothing for ever
 UNREAD_TIMEOUT = float(os.environ.get("POOL_UNREAD_TIMEOUT", 60))
+# s: a confirmation waits at most this long for a frame to ride with (see ``confirm``)
+CONFIRM_DELAY = 0.002
 _BURST = 1.0  # s: refusals and failed handshakes within this window share one log line
 
 
@@ -113,6 +116,8 @@ class ControlConnection(FrameProtocol):
         self._held_bytes = 0
         self._read_blocks: set[str] = set()
         self._stalled: asyncio.TimerHandle | None = None
+        self._confirmation: int | None = None  # an Accepted count not sent yet
+        self._confirm_timer: asyncio.TimerHandle | None = None
 
     @property
     def peer(self) -> str:
@@ -183,7 +188,27 @@ class ControlConnection(FrameProtocol):
             self.transport.resume_reading()
 
     # ----------------------------------------------------------------- writing
+    def confirm(self, accepted: int) -> None:
+        """Tell the producer that ``accepted`` of its tasks are safe with the pool: with the
+        next frame sent to it, or after ``CONFIRM_DELAY``. A lone task's result usually
+        comes within that time, and then one wake-up of the producer serves both."""
+        self._confirmation = accepted
+        if self._flush_scheduled:  # frames leave at the end of this turn: it goes along
+            self._send_confirmation()
+        elif self._confirm_timer is None:
+            self._confirm_timer = self._loop.call_later(CONFIRM_DELAY, self._send_confirmation)
+
+    def _send_confirmation(self) -> None:
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
+        accepted, self._confirmation = self._confirmation, None
+        if accepted is not None:
+            self.send_raw(Accepted(accepted).encode())
+
     def send_raw(self, frame: bytes) -> None:
+        if self._confirmation is not None:
+            self._send_confirmation()
         if self._held or self._backlogged():
             self._hold(frame, len(frame))
         else:
@@ -191,6 +216,8 @@ class ControlConnection(FrameProtocol):
 
     def push_result(self, task_id: str, payload: bytes) -> None:
         """Send a result; while the peer does not read, it waits here unencoded."""
+        if self._confirmation is not None:
+            self._send_confirmation()
         if self._held or self._backlogged():
             self._hold((task_id, payload), len(payload) + len(task_id) + 13)
         else:
@@ -268,6 +295,9 @@ class ControlConnection(FrameProtocol):
             self._release()
 
     def connection_closed(self, exc: Exception | None) -> None:
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None

@@ -40,7 +40,6 @@ from pool.runtime.events import EventHub, log_exit
 from pool.runtime.health import HealthMonitor
 from pool.runtime.journal import Journal, NullJournal
 from pool.runtime.protocol import (
-    Accepted,
     Bye,
     Done,
     Drain,
@@ -703,7 +702,7 @@ class Supervisor:
             self.router.frozen = False
             self.dispatch()
         for conn in self.unconfirmed:
-            conn.send(Accepted(self.accepted.get(conn, 0)))
+            conn.confirm(self.accepted.get(conn, 0))
         self.unconfirmed.clear()
         if self.journal.wants_rewrite:
             self.journal.rewrite(live, results, True)
