@@ -148,6 +148,46 @@ async def test_wait_result_times_out(pool2: RunningPool) -> None:
     await broker.shutdown()
 
 
+async def test_a_confirmation_rides_with_the_result_or_comes_alone_soon() -> None:
+    """The supervisor confirms a task with the next frame to its producer (a lone task's
+    result: one wake-up of the producer for both) or within ``CONFIRM_DELAY`` alone (50 ms
+    here, so that a loaded machine's round trips still fit in it)."""
+    with RunningPool(workers=2, env={"POOL_CONFIRM_DELAY": "0.05"}) as running:
+        await _confirmations(running)
+
+
+async def _confirmations(pool2: RunningPool) -> None:
+    broker = pool2.broker()
+    client = await broker.connection()
+    reads = 0
+    frames: list[tuple[int, str]] = []  # (read, frame type) as the producer received them
+    data_received, frame_received = client.data_received, client.frame_received
+
+    def count_read(data: bytes) -> None:
+        nonlocal reads
+        reads += 1
+        data_received(data)
+
+    def note(frame: object) -> None:
+        frames.append((reads, type(frame).__name__))
+        frame_received(frame)  # type: ignore[arg-type]
+
+    client.data_received = count_read  # type: ignore[method-assign]
+    client.frame_received = note  # type: ignore[method-assign]
+    for _ in range(20):
+        await call(broker, "noop")
+    together = [read for read, kind in frames if kind == "Result" and (read, "Accepted") in frames]
+    # sent at once, a confirmation would mostly come alone, before the task even ran
+    assert len(together) >= 15, f"results read with their confirmation: {frames}"
+    # a task that runs on: its confirmation does not wait for its result
+    handle = await kicker(broker, "block_until").kiq(str(pool2.mark_path("go")), "t", 30.0)
+    await until(lambda: not broker._unconfirmed, 5, "the confirmation of a running task")
+    assert not broker.pool_results._stored(handle.task_id)
+    pool2.mark_path("go").write_text("")
+    assert (await handle.wait_result(timeout=30)).raise_for_error().return_value
+    await broker.shutdown()
+
+
 def test_supervisor_sigkill_leaves_no_process_behind() -> None:
     running = RunningPool(workers=2).start()
     try:

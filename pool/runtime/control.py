@@ -49,7 +49,7 @@ MAX_UNREAD = int(os.environ.get("POOL_MAX_UNREAD", 16 * 1024 * 1024))
 # long is dropped, whatever little it holds: a peer that stopped reading holds nothing for ever
 UNREAD_TIMEOUT = float(os.environ.get("POOL_UNREAD_TIMEOUT", 60))
 # s: a confirmation waits at most this long for a frame to ride with (see ``confirm``)
-CONFIRM_DELAY = 0.002
+CONFIRM_DELAY = float(os.environ.get("POOL_CONFIRM_DELAY", 0.002))
 _BURST = 1.0  # s: refusals and failed handshakes within this window share one log line
 
 
