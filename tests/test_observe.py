@@ -556,3 +556,28 @@ def test_the_supervisor_s_own_events_render_as_the_json_of_their_fields(task_id:
     succeeded = json.loads(render(("succeeded", 3.0, task_id, name, 0, 0.125)))
     assert succeeded["duration"] == 0.125 and succeeded["worker"] == 0
     assert "\n" not in render(("started", 1.0, task_id, name, 1, 0.0))  # one event, one line
+
+
+def test_a_flush_of_mixed_events_renders_each_as_its_own_line_in_order() -> None:
+    """Runs that share kind, time and name are rendered at once: a run holding one id that
+    needs escaping, a worker's dict event between runs and a new time each keep every line
+    whole and in order."""
+    from pool.runtime.events import render_lines
+
+    failed = {"event": "failed", "time": 2.0, "task_id": "x", "error": "E: é\n"}
+    items: list = [("received", 1.0, f"t{i}", "app:a", None, 0.0) for i in range(3)]
+    items += [("received", 1.0, 'odd "id"', "app:a", None, 0.0), failed]
+    items += [("started", 1.0, f"t{i}", "app:a", i % 2, 0.0) for i in range(3)]
+    items += [("started", 1.5, "t3", "app:b", 0, 0.0)]
+    items += [("succeeded", 2.0, f"t{i}", "app:a", i % 2, i / 8) for i in range(3)]
+    lines = render_lines(items).decode().split("\n")
+    assert len(lines) == len(items)
+    for line, item in zip(lines, items, strict=True):
+        parsed = json.loads(line)
+        if isinstance(item, dict):
+            assert parsed == item
+            continue
+        kind, at, task_id, name, worker, duration = item
+        assert (parsed["event"], parsed["time"], parsed["task_id"]) == (kind, at, task_id)
+        assert parsed["task_name"] == name and parsed.get("worker") == worker
+        assert parsed.get("duration", 0.0) == duration
