@@ -4,12 +4,13 @@ taskiq's contract: ``set_result`` / ``get_result`` / ``is_result_ready`` carry
 ``taskiq.TaskiqResult`` objects, ``set_progress`` / ``get_progress`` carry
 ``taskiq.depends.progress_tracker.TaskProgress`` objects. They are stored the way taskiq-redis
 stores them (``serializer.dumpb(result.model_dump(mode="json"))``, read back with
-``TaskiqResult.model_validate``), under the same keys (``<prefix_str>:<task id>``, the progress
-under that key plus ``__progress``), so a pydantic model comes back as the task's declared
-return type and an exception as the ``error`` field, exactly as with taskiq-redis. The
-parameters are taskiq-redis's (``redis_url``, ``keep_results``, ``result_ex_time`` in seconds,
-``result_px_time`` in milliseconds, ``max_connection_pool_size``, ``serializer``,
-``prefix_str``).
+``TaskiqResult.model_validate``; with the default JSON serializer, pydantic's JSON, which
+reads back alike: ``pool.extensions.model_json``), under the same keys
+(``<prefix_str>:<task id>``, the progress under that key plus ``__progress``), so a pydantic
+model comes back as the task's declared return type and an exception as the ``error``
+field, exactly as with taskiq-redis. The parameters are taskiq-redis's (``redis_url``,
+``keep_results``, ``result_ex_time`` in seconds, ``result_px_time`` in milliseconds,
+``max_connection_pool_size``, ``serializer``, ``prefix_str``).
 
 Where pool differs:
 
@@ -55,6 +56,7 @@ from taskiq.depends.progress_tracker import TaskProgress
 from taskiq.exceptions import ResultGetError, ResultIsReadyError, ResultSetError
 from taskiq.serializers import JSONSerializer
 
+from pool.extensions import model_json
 from pool.redis.batching import Batcher, Script
 from pool.redis.broker import (
     LoopClient,
@@ -522,7 +524,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
 
     def _dump(self, task_id: str, what: str, value: TaskiqResult[Any] | TaskProgress[Any]) -> bytes:
         try:
-            return self.serializer.dumpb(value.model_dump(mode="json"))
+            return model_json.dump(value, self.serializer)
         except Exception as exc:
             raise RedisResultSetError(
                 reason=f"the {what} of task {task_id} cannot be serialized with "
@@ -531,7 +533,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
 
     def _load(self, task_id: str, blob: bytes) -> TaskiqResult[_ReturnType]:
         try:
-            return TaskiqResult[_ReturnType].model_validate(self.serializer.loadb(blob))
+            return model_json.load(TaskiqResult[_ReturnType], blob, self.serializer)
         except Exception as exc:
             raise RedisResultGetError(
                 reason=f"the stored result of task {task_id} cannot be decoded with "
@@ -718,7 +720,7 @@ class RedisResultBackend(AsyncResultBackend[_ReturnType]):
         if blob is None:
             return None
         try:
-            return TaskProgress[Any].model_validate(self.serializer.loadb(blob))
+            return model_json.load(TaskProgress[Any], blob, self.serializer)
         except Exception as exc:
             raise RedisResultGetError(
                 reason=f"the stored progress of task {task_id} cannot be decoded: {exc}"

@@ -743,10 +743,12 @@ class Supervisor:
     def _store_error(self, entry: Entry, error: BaseException) -> None:
         from taskiq import TaskiqResult
 
+        from pool.extensions import model_json
+
         result: TaskiqResult[Any] = TaskiqResult(
             is_err=True, return_value=None, execution_time=0.0, error=error
         )
-        payload = self.broker.serializer.dumpb(result.model_dump(mode="json"))
+        payload = model_json.dump(result, self.broker.serializer)
         self.results.store(entry.task_id, payload, entry.producer)
         self.journal.settle(entry.task_id, payload)
         self._schedule_commit()

@@ -1,0 +1,88 @@
+"""pydantic's JSON for taskiq's models reads back as taskiq's own serializer's would."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import json
+import uuid
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from taskiq import TaskiqMessage, TaskiqResult
+from taskiq.serializers import JSONSerializer
+
+from pool import PoolBroker
+from pool.extensions import model_json
+
+
+class Order(BaseModel):
+    id: int
+    note: str
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+VALUES = [
+    float("inf"), float("nan"), -0.0, 2**70, "ünï\u2028code", "a\"b\\c\n",
+    datetime.datetime(2026, 12, 1, 9, 30, tzinfo=datetime.timezone.utc), datetime.date(2026, 1, 1),
+    uuid.UUID(int=7), decimal.Decimal("1.10"), {1, 2}, (1, "a"), Order(id=1, note="x"),
+    Point(3), Colour.RED, {"k": [1, {"n": None}]}, {1: "an int key"},
+]  # fmt: skip
+
+
+def _models(value: Any) -> list[Any]:
+    return [
+        TaskiqMessage(task_id="t", task_name="app:f", labels={"l": value}, args=[value],
+                      kwargs={"k": value}),
+        TaskiqResult(is_err=False, return_value=value, execution_time=0.5, log=None),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", VALUES, ids=[type(v).__name__ for v in VALUES])
+def test_a_model_written_either_way_reads_back_the_same(value: Any) -> None:
+    serializer = JSONSerializer()
+    for model in _models(value):
+        taskiqs = serializer.dumpb(model.model_dump(mode="json"))
+        ours = model_json.dump(model, serializer)
+        assert json.loads(ours) == json.loads(taskiqs) or "NaN" in taskiqs.decode()
+        for data in (taskiqs, ours):  # each side reads what either wrote
+            theirs = type(model).model_validate(serializer.loadb(data))
+            assert model_json.load(type(model), data, serializer) == theirs or value != value
+
+
+def test_a_value_neither_can_write_fails_and_other_serializers_are_used_as_taskiq_does() -> None:
+    serializer = JSONSerializer()
+    for model in _models(object()):
+        with pytest.raises(Exception, match="serializ"):
+            model_json.dump(model, serializer)
+
+    class Upper(JSONSerializer):  # a subclass: its own dumpb is used
+        def dumpb(self, value: Any) -> bytes:
+            return super().dumpb(value).upper()
+
+    message = _models(1)[0]
+    assert (
+        model_json.dump(message, Upper())
+        == JSONSerializer().dumpb(message.model_dump(mode="json")).upper()
+    )
+
+
+def test_the_pool_broker_formats_messages_so_taskiq_reads_them() -> None:
+    broker = PoolBroker()
+    message = _models(Order(id=2, note="é"))[0]
+    sent = broker.formatter.dumps(message)
+    assert TaskiqMessage.model_validate(json.loads(sent.message)) == broker.formatter.loads(
+        sent.message
+    )
+    assert broker.formatter.loads(sent.message).args == [{"id": 2, "note": "é"}]
