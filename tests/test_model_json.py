@@ -1,4 +1,4 @@
-"""pydantic's JSON for taskiq's models reads back as taskiq's own serializer's would."""
+"""pool's fast paths for taskiq's models and task ids read back as taskiq's own would."""
 
 from __future__ import annotations
 
@@ -86,3 +86,13 @@ def test_the_pool_broker_formats_messages_so_taskiq_reads_them() -> None:
         sent.message
     )
     assert broker.formatter.loads(sent.message).args == [{"id": 2, "note": "é"}]
+
+
+def test_the_pool_broker_s_task_ids_are_uuid4_as_taskiq_s_are() -> None:
+    broker = PoolBroker()
+    ids = {broker.id_generator() for _ in range(2000)}
+    assert len(ids) == 2000
+    for task_id in ids:
+        parsed = uuid.UUID(task_id)
+        assert parsed.hex == task_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert broker.with_id_generator(lambda: "mine").id_generator() == "mine"
