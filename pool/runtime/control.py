@@ -199,9 +199,7 @@ class ControlConnection(FrameProtocol):
             self._confirm_timer = self._loop.call_later(CONFIRM_DELAY, self._send_confirmation)
 
     def _send_confirmation(self) -> None:
-        if self._confirm_timer is not None:
-            self._confirm_timer.cancel()
-            self._confirm_timer = None
+        self._confirm_timer = _cancelled(self._confirm_timer)
         accepted, self._confirmation = self._confirmation, None
         if accepted is not None:
             self.send_raw(Accepted(accepted).encode())
@@ -267,9 +265,7 @@ class ControlConnection(FrameProtocol):
             self._stalled = self._loop.call_later(UNREAD_TIMEOUT, self._drop_stalled)
 
     def resume_writing(self) -> None:
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
+        self._stalled = _cancelled(self._stalled)
         super().resume_writing()
         if self._held:
             self._release()
@@ -295,12 +291,8 @@ class ControlConnection(FrameProtocol):
             self._release()
 
     def connection_closed(self, exc: Exception | None) -> None:
-        if self._confirm_timer is not None:
-            self._confirm_timer.cancel()
-            self._confirm_timer = None
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
+        self._confirm_timer = _cancelled(self._confirm_timer)
+        self._stalled = _cancelled(self._stalled)
         if self._gated:
             self._gated = False
             self._gate.leave()
@@ -308,6 +300,13 @@ class ControlConnection(FrameProtocol):
         self._held_bytes = 0
         self.supervisor.forget(self)
         self.supervisor.results.forget(self)
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """Cancel ``timer`` if there is one; ``None``, for the attribute that held it."""
+    if timer is not None:
+        timer.cancel()
+    return None
 
 
 async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, Any]) -> None:
