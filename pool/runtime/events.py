@@ -42,8 +42,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from itertools import groupby
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -114,7 +112,6 @@ def _json_name(name: str) -> str:
     return quoted
 
 
-_TASK_RUN = itemgetter(0, 1, 3)  # kind, time, task name: what a run of task events shares
 _UNSAFE_IN_JSON = bytes(range(32)) + b'"\\'
 
 
@@ -126,35 +123,40 @@ def _plain(text: str) -> bool:
 def render_lines(items: list[Item]) -> bytes:
     """Events as JSON objects, one per line (no newline at the end).
 
-    The supervisor's own task events come in runs that share their kind, time and task name
-    (a turn of its loop queues, hands out or acknowledges many tasks): each run is rendered
-    at once, the ids checked together, only what differs formatted per task. The other
-    events go through the JSON encoder."""
+    The supervisor's own task events of one turn of its loop share their time, and mostly
+    their task name: what the events of one kind, time and name share is formatted once, and
+    all their ids are checked for escaping together. The other events
+    go through the JSON encoder."""
+    ids = "".join([item[2] for item in items if type(item) is tuple])
+    plain = _plain(ids)
     out: list[str] = []
-    for cls, run in groupby(items, type):
-        if cls is not tuple:
-            out.extend(map(_ENCODER.encode, run))
+    append = out.append
+    last_kind, last_at, last_name = "", -1.0, ""
+    head = rest = ""
+    shared: dict[tuple[str, float, str], tuple[str, str]] = {}  # what a run shares
+    for item in items:
+        if type(item) is not tuple:
+            append(_ENCODER.encode(item))
             continue
-        for (kind, at, name), same in groupby(run, _TASK_RUN):
-            group: list[TaskEvent] = list(same)  # type: ignore[arg-type]
-            ids = [item[2] for item in group]
-            if not _plain("".join(ids)):
-                ids = [_ENCODER.encode(task_id)[1:-1] for task_id in ids]
-            head = f'{{"event":"{kind}","time":{at!r},"task_id":"'
-            quoted = _NAMES.get(name) or _json_name(name)
-            if kind == "received":
-                tail = f'","task_name":{quoted}}}'
-                out.append(head + (tail + "\n" + head).join(ids) + tail)
-                continue
-            mid = f'","task_name":{quoted},"worker":'
-            if kind == "started":
-                lines = [f"{head}{i}{mid}{item[4]}}}" for i, item in zip(ids, group, strict=True)]
-            else:
-                lines = [
-                    f'{head}{i}{mid}{item[4]},"duration":{item[5]!r}}}'
-                    for i, item in zip(ids, group, strict=True)
-                ]
-            out.append("\n".join(lines))
+        kind, at, task_id, name, worker, duration = item
+        if kind is not last_kind or at != last_at or name is not last_name:
+            last_kind, last_at, last_name = kind, at, name
+            parts = shared.get((kind, at, name))
+            if parts is None:
+                quoted = _NAMES.get(name) or _json_name(name)
+                parts = shared[kind, at, name] = (
+                    f'{{"event":"{kind}","time":{at!r},"task_id":"',
+                    f'","task_name":{quoted}' + ("}" if kind == "received" else ',"worker":'),
+                )
+            head, rest = parts
+        if not plain:
+            task_id = _ENCODER.encode(task_id)[1:-1]
+        if kind == "received":
+            append(f"{head}{task_id}{rest}")
+        elif kind == "started":
+            append(f"{head}{task_id}{rest}{worker}}}")
+        else:
+            append(f'{head}{task_id}{rest}{worker},"duration":{duration!r}}}')
     return "\n".join(out).encode()
 
 
