@@ -125,8 +125,8 @@ def render_lines(items: list[Item]) -> bytes:
 
     The supervisor's own task events of one turn of its loop share their time, and mostly
     their task name: what the events of one kind, time and name share is formatted once, and
-    all their ids are checked for escaping together. The other events
-    go through the JSON encoder."""
+    all their ids are checked for escaping together. The other events go through the JSON
+    encoder."""
     ids = "".join([item[2] for item in items if type(item) is tuple])
     plain = _plain(ids)
     out: list[str] = []
