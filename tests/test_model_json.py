@@ -55,10 +55,10 @@ def test_a_model_written_either_way_reads_back_the_same(value: Any) -> None:
     for model in _models(value):
         taskiqs = serializer.dumpb(model.model_dump(mode="json"))
         ours = model_json.dump(model, serializer)
-        assert json.loads(ours) == json.loads(taskiqs) or "NaN" in taskiqs.decode()
+        assert json.loads(ours) == json.loads(taskiqs)
         for data in (taskiqs, ours):  # each side reads what either wrote
             theirs = type(model).model_validate(serializer.loadb(data))
-            assert model_json.load(type(model), data, serializer) == theirs or value != value
+            assert model_json.load(type(model), data, serializer) == theirs
 
 
 def test_a_value_neither_can_write_fails_and_other_serializers_are_used_as_taskiq_does() -> None:

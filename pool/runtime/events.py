@@ -143,7 +143,7 @@ def render_lines(items: list[Item]) -> bytes:
             last_kind, last_at, last_name = kind, at, name
             parts = shared.get((kind, at, name))
             if parts is None:
-                quoted = _NAMES.get(name) or _json_name(name)
+                quoted = _json_name(name)
                 parts = shared[kind, at, name] = (
                     f'{{"event":"{kind}","time":{at!r},"task_id":"',
                     f'","task_name":{quoted}' + ("}" if kind == "received" else ',"worker":'),
@@ -180,10 +180,8 @@ class Batch:
         """The lines, ``BATCH`` events at a time, each with its count of events."""
         if self._chunks is None:
             items = self.items
-            self._chunks = [
-                (render_lines(items[i : i + BATCH]), len(items[i : i + BATCH]))
-                for i in range(0, len(items), BATCH)
-            ]
+            parts = [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+            self._chunks = [(render_lines(part), len(part)) for part in parts]
         return self._chunks
 
 
