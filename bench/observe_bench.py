@@ -104,6 +104,19 @@ class Subscriber:
             await asyncio.to_thread(settle, proc.pid)
         return self
 
+    async def _caught_up(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
+        """Until ``pool events`` has written what the round sent: its output stops growing
+        (the events of the round's last tasks are still on their way when it ends)."""
+        size, still_since = -1, time.monotonic()
+        deadline = still_since + timeout
+        while time.monotonic() < deadline:
+            now_size = os.fstat(self.output.fileno()).st_size
+            if now_size != size:
+                size, still_since = now_size, time.monotonic()
+            elif time.monotonic() - still_since >= quiet:
+                return
+            await asyncio.sleep(0.05)
+
     @property
     def pids(self) -> list[int]:
         return [proc.pid for proc in self.procs]
@@ -112,6 +125,8 @@ class Subscriber:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        if self.kind in ("cli", "both"):
+            await self._caught_up()
         for proc in self.procs:
             stop(proc)
         if self.profile:

@@ -438,18 +438,21 @@ def test_a_crashed_worker_is_gone_with_its_reason() -> None:
 def test_a_slow_subscriber_drops_events_and_is_told_how_many() -> None:
     from pool.runtime import events as ev
 
+    # more events than the socket's buffers, SUBSCRIBER_UNREAD and SUBSCRIBER_BUFFER hold
+    tasks = 8000
+
     with observe_pool(2) as running:
 
         async def slow() -> tuple[int, int]:
             got: list[dict[str, Any]] = []
             client = await connect(running.run_dir)
-            client.on_events = lambda blob: got.extend(map(json.loads, blob.split(b"\n")))
+            client.on_events = lambda body: got.extend(map(ev.as_dict, ev.decode_items(body)))
             reply = await client.request({"cmd": "events"}, 10)
             assert reply["ok"]
             assert client.transport is not None
-            client.transport.pause_reading()  # reads nothing while 3 x 3000 events happen
+            client.transport.pause_reading()  # reads nothing while 3 x tasks events happen
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: run_sync(send_many(running, "noop", 3000))
+                None, lambda: run_sync(send_many(running, "noop", tasks))
             )
             client.transport.resume_reading()
             await asyncio.sleep(0)
@@ -459,15 +462,15 @@ def test_a_slow_subscriber_drops_events_and_is_told_how_many() -> None:
                 dropped = sum(e["count"] for e in got if e["event"] == "dropped")
                 return len([e for e in got if e["event"] != "dropped"]), dropped
 
-            while sum(counts()) < 9000 and time.monotonic() < deadline:
+            while sum(counts()) < 3 * tasks and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             client.close()
             return counts()
 
         delivered, dropped = run_sync(slow())
         assert dropped > 0
-        assert delivered + dropped == 9000  # each event either delivered or counted
-        assert delivered < 9000 - ev.SUBSCRIBER_BUFFER
+        assert delivered + dropped == 3 * tasks  # each event either delivered or counted
+        assert delivered < 3 * tasks - ev.SUBSCRIBER_BUFFER
         assert running.stats()["event_subscribers"] == 0  # forgotten once closed
         running.stop()
 

@@ -70,7 +70,7 @@ class ControlClient(FrameProtocol):
                 waiter.set_result(reply)
         elif isinstance(frame, Events):
             if self.on_events is not None:
-                self.on_events(frame.lines)
+                self.on_events(frame.items)
         else:
             raise FrameError(f"unexpected {type(frame).__name__} frame from the supervisor")
 

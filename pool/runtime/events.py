@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import marshal
 import time
 import traceback
 from collections import deque
@@ -167,8 +168,8 @@ def render(item: Item) -> str:
 
 # ----------------------------------------------------------------- supervisor side
 class Batch:
-    """The events of one flush, shared by every subscriber: rendered once, when a subscriber
-    first asks for the lines (the dashboard's digest reads the items themselves)."""
+    """The events of one flush, shared by every subscriber: encoded once, when a subscriber
+    first asks for its frames (the dashboard's digest reads the items themselves)."""
 
     __slots__ = ("_chunks", "items")
 
@@ -177,16 +178,48 @@ class Batch:
         self._chunks: list[tuple[bytes, int]] | None = None
 
     def chunks(self) -> list[tuple[bytes, int]]:
-        """The lines, ``BATCH`` events at a time, each with its count of events."""
+        """The frames' bodies, ``BATCH`` events at a time, each with its count of events."""
         if self._chunks is None:
             items = self.items
             parts = [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
-            self._chunks = [(render_lines(part), len(part)) for part in parts]
+            self._chunks = [(encode_items(part), len(part)) for part in parts]
         return self._chunks
 
 
+def encode_items(items: list[Item]) -> bytes:
+    """An ``Events`` frame's body: the events as they are, marshalled (several times cheaper
+    than JSON for the supervisor, which relays every task; the subscriber renders them)."""
+    return marshal.dumps(items)
+
+
+def decode_items(body: bytes) -> list[Item]:
+    """What ``encode_items`` wrote. The supervisor is trusted (the connection proved the
+    run directory's authkey), but its frame must still hold events and nothing else."""
+    items = marshal.loads(body)
+    if type(items) is not list or not all(_is_item(item) for item in items):
+        raise ValueError("an Events frame holds something other than events")
+    return items
+
+
+def _is_item(item: object) -> bool:
+    return (type(item) is tuple and len(item) == 6) or (type(item) is dict and "event" in item)
+
+
+def as_dict(item: Item) -> dict[str, Any]:
+    """An event as ``pool.events`` yields it."""
+    if type(item) is not tuple:
+        return item  # type: ignore[return-value]
+    kind, at, task_id, name, worker, duration = item
+    if kind == "received":
+        return {"event": kind, "time": at, "task_id": task_id, "task_name": name}
+    if kind == "started":
+        return {"event": kind, "time": at, "task_id": task_id, "task_name": name, "worker": worker}
+    return {"event": kind, "time": at, "task_id": task_id, "task_name": name, "worker": worker,
+            "duration": duration}  # fmt: skip
+
+
 class _Subscriber:
-    """A subscriber that gets every event: the rendered batches, queued per connection."""
+    """A subscriber that gets every event: the encoded batches, queued per connection."""
 
     __slots__ = ("conn", "dropped", "held", "pending")
 
@@ -215,12 +248,12 @@ class _Subscriber:
             if conn.unread_bytes > SUBSCRIBER_UNREAD:
                 return True
             if self.dropped:
-                conn.send(Events(render(event("dropped", count=self.dropped)).encode()))
+                conn.send(Events(encode_items([event("dropped", count=self.dropped)])))
                 self.dropped = 0
                 continue
-            lines, count = pending.popleft()
+            body, count = pending.popleft()
             self.held -= count
-            conn.send(Events(lines))
+            conn.send(Events(body))
         return False
 
 
@@ -238,7 +271,7 @@ class EventHub:
     """The supervisor's end of the stream: fans events out to its subscribers.
 
     Events wait in one list for ``FLUSH_DELAY``; then each subscriber gets that batch: one
-    append per event whatever the number of subscribers, and one rendering for all."""
+    append per event whatever the number of subscribers, and one encoding for all."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
@@ -532,35 +565,45 @@ async def event_batches(
     run_dir: str | Path | None = None, connect_timeout: float = 5.0
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """The events as they arrive, a list at a time (one per frame from the supervisor)."""
-    lines = event_lines(run_dir, connect_timeout)
+    frames = event_items(run_dir, connect_timeout)
     try:
-        async for blob in lines:
-            # one parse for the frame: a JSON text never holds a raw newline, so the lines
-            # joined with commas are an array
-            yield json.loads(b"[%s]" % blob.replace(b"\n", b","))
+        async for items in frames:
+            yield [as_dict(item) for item in items]
     finally:
-        await lines.aclose()
+        await frames.aclose()
 
 
 async def event_lines(
     run_dir: str | Path | None = None, connect_timeout: float = 5.0
 ) -> AsyncGenerator[bytes, None]:
-    """The events as the supervisor sent them: JSON objects, one per line (no newline at the
-    end), a frame at a time; ``pool events --json`` writes them as they are."""
+    """The events as JSON objects, one per line (no newline at the end), a frame at a time;
+    ``pool events --json`` writes them as they are."""
+    frames = event_items(run_dir, connect_timeout)
+    try:
+        async for items in frames:
+            yield render_lines(items)
+    finally:
+        await frames.aclose()
+
+
+async def event_items(
+    run_dir: str | Path | None = None, connect_timeout: float = 5.0
+) -> AsyncGenerator[list[Item], None]:
+    """The events as the supervisor sent them (``Item``s), a frame at a time."""
     from pool.runtime.client import connect
 
-    arrived: deque[bytes | None] = deque()
+    arrived: deque[list[Item] | None] = deque()
     woken = asyncio.Event()
     held = missed = 0
 
-    def on_events(blob: bytes) -> None:
+    def on_events(body: bytes) -> None:
         nonlocal held, missed
-        count = blob.count(b"\n") + 1
-        if held + count > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
-            missed += count
+        items = decode_items(body)
+        if held + len(items) > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
+            missed += len(items)
             return
-        held += count
-        arrived.append(blob)
+        held += len(items)
+        arrived.append(items)
         woken.set()
 
     def on_lost() -> None:
@@ -578,13 +621,13 @@ async def event_lines(
             await woken.wait()
             woken.clear()
             while arrived:
-                blob = arrived.popleft()
+                items = arrived.popleft()
                 if missed:
-                    yield render(event("dropped", count=missed)).encode()
+                    yield [event("dropped", count=missed)]
                     missed = 0
-                if blob is None:
+                if items is None:
                     return
-                held -= blob.count(b"\n") + 1
-                yield blob
+                held -= len(items)
+                yield items
     finally:
         client.close()

@@ -296,10 +296,10 @@ class Reply(Frame):
 @frame(Op.EVENTS)
 @dataclass(slots=True)
 class Events(Frame):
-    """Events for a subscriber (events.py): JSON objects, one per line, rendered once by the
-    supervisor so that ``pool events --json`` writes them as they came."""
+    """Events for a subscriber, marshalled once by the supervisor for all its subscribers
+    (``events.encode_items``); the subscriber renders them."""
 
-    lines: bytes
+    items: bytes
 
 
 # supervisor -> worker -------------------------------------------------------------------
