@@ -105,12 +105,12 @@ class Subscriber:
         return self
 
     async def _caught_up(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
-        """Until ``pool events`` has written what the round sent: its output stops growing
-        (the events of the round's last tasks are still on their way when it ends)."""
+        """Until the subscriber has read what the round sent: what it read stops growing (the
+        events of the round's last tasks are still on their way when the round ends)."""
         size, still_since = -1, time.monotonic()
         deadline = still_since + timeout
         while time.monotonic() < deadline:
-            now_size = os.fstat(self.output.fileno()).st_size
+            now_size = self.events + os.fstat(self.output.fileno()).st_size
             if now_size != size:
                 size, still_since = now_size, time.monotonic()
             elif time.monotonic() - still_since >= quiet:
@@ -122,11 +122,11 @@ class Subscriber:
         return [proc.pid for proc in self.procs]
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.counts_events:
+            await self._caught_up()
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        if self.kind in ("cli", "both"):
-            await self._caught_up()
         for proc in self.procs:
             stop(proc)
         if self.profile:
