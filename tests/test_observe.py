@@ -584,3 +584,25 @@ def test_a_flush_of_mixed_events_renders_each_as_its_own_line_in_order() -> None
         assert (parsed["event"], parsed["time"], parsed["task_id"]) == (kind, at, task_id)
         assert parsed["task_name"] == name and parsed.get("worker") == worker
         assert parsed.get("duration", 0.0) == duration
+
+
+def test_an_events_frame_decodes_to_its_events_and_as_pool_events_renders_them() -> None:
+    """What the supervisor sends (marshalled items) comes back as it was; each event as a
+    dict is exactly its JSON line parsed; a frame holding anything else is refused."""
+    import marshal
+
+    from pool.runtime import events as ev
+
+    items: list = [
+        ("received", 1.0, "t0", "app:a", None, 0.0),
+        ("started", 1.0, "t0", "app:a", 1, 0.0),
+        ("succeeded", 2.0, "t0", "app:a", 1, 0.25),
+        {"event": "worker_up", "time": 2.5, "worker": 0, "pid": 12},
+    ]
+    decoded = ev.decode_items(ev.encode_items(items))
+    assert decoded == items
+    assert [ev.as_dict(item) for item in decoded] == [json.loads(ev.render(i)) for i in items]
+    refused = [{"event": "x"}, [("short",)], [compile("1", "f", "eval")], [{"no": "kind"}]]
+    for body in map(marshal.dumps, refused):
+        with pytest.raises(ValueError, match="other than events"):
+            ev.decode_items(body)
