@@ -50,7 +50,7 @@ def _events(run_dir: str | None, as_json: bool) -> int:
 
     async def follow() -> None:
         out = sys.stdout.buffer
-        if as_json:  # the supervisor's own lines, one write for each of its frames
+        if as_json:  # one write for each frame of the supervisor
             async for blob in event_lines(run_dir):
                 out.write(blob + b"\n")
                 out.flush()
