@@ -63,9 +63,13 @@ class Restarts:
         self.pools: list[RunningPool] = []
 
     def start(
-        self, workers: int = 1, extra: list[str] | None = None, wait_ready: bool = True
+        self,
+        workers: int = 1,
+        extra: list[str] | None = None,
+        wait_ready: bool = True,
+        env: dict[str, str] | None = None,
     ) -> RunningPool:
-        running = RunningPool(workers=workers, extra=extra, run_dir=self.run_dir)
+        running = RunningPool(workers=workers, extra=extra, env=env, run_dir=self.run_dir)
         self.pools.append(running)
         return running.start(wait_ready=wait_ready)
 

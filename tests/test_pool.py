@@ -444,15 +444,18 @@ async def test_tasks_held_by_a_supervisor_killed_with_sigkill_run_in_the_next_po
 
 
 async def test_handles_not_waited_on_through_a_restart_still_get_their_results() -> None:
-    """The producer holds 3 handles, waits on none, and the pool is SIGKILLed: it reconnects
-    to the next pool at once and asks for their results, so they reach it though that pool
-    keeps only its newest 20 results and 100 others finish after them."""
+    """The producer holds 3 handles of confirmed tasks, waits on none, and the pool is
+    SIGKILLed: it reconnects to the next pool at once and asks for their results, so they
+    reach it though that pool keeps only its newest 20 results and 100 others finish after
+    them. (A task not yet confirmed is sent again instead, and its result comes unasked.)"""
     extra = ["--max-stored-results", "20"]
     with Restarts() as pools:
         gate = Path(pools.run_dir) / "open"
         first = pools.start(extra=extra)
         broker = PoolBroker(run_dir=pools.run_dir, connect_timeout=20)
         held = [await kicker(broker, "block_until").kiq(str(gate), f"h{i}") for i in range(3)]
+        # the confirmation may come up to POOL_CONFIRM_DELAY after the tasks
+        await until(lambda: not broker._unconfirmed, 10, "the pool to confirm the 3 tasks")
         first.wait_mark("running-h0")
         first.signal(signal.SIGKILL)
         first.proc.wait(10)  # type: ignore[union-attr]
@@ -460,6 +463,39 @@ async def test_handles_not_waited_on_through_a_restart_still_get_their_results()
         second = pools.start(extra=extra)
         awaited = second.stats
         await until(lambda: awaited()["results_awaited"] == 3, 20, "the producer to ask again")
+        gate.touch()
+        other = second.broker()
+        others = [await kicker(other, "count_run").kiq(f"o{i}") for i in range(100)]
+        assert not [r for r in [await h.wait_result(timeout=30) for h in others] if r.is_err]
+        await other.shutdown()
+        results = [await h.wait_result(timeout=10) for h in held]
+        lost = [r for r in results if r.is_err]
+        assert lost == [], f"{len(lost)} of 3 results lost"
+        await broker.shutdown()
+
+
+async def test_unconfirmed_handles_through_a_restart_still_get_their_results() -> None:
+    """The pool is SIGKILLed before it confirms the 3 tasks (its confirmation delay is 30 s):
+    the producer sends them again to the next pool, which has them from its journal already,
+    runs each once more and pushes its result to the producer unasked, though it keeps only
+    its newest 20 results and 100 others finish after them."""
+    extra = ["--max-stored-results", "20"]
+    with Restarts() as pools:
+        gate = Path(pools.run_dir) / "open"
+        first = pools.start(extra=extra, env={"POOL_CONFIRM_DELAY": "30"})
+        broker = PoolBroker(run_dir=pools.run_dir, connect_timeout=20)
+        held = [await kicker(broker, "block_until").kiq(str(gate), f"h{i}") for i in range(3)]
+        first.wait_mark("running-h0")
+        assert len(broker._unconfirmed) == 3
+        first.signal(signal.SIGKILL)
+        first.proc.wait(10)  # type: ignore[union-attr]
+        first.close()
+        second = pools.start(extra=extra)
+        await until(lambda: not broker._unconfirmed, 20, "the next pool to confirm them")
+        totals = second.stats()["totals"]
+        assert (
+            totals["queued"] + totals["in_flight"] == 3
+        )  # each once: the journal's and the resent
         gate.touch()
         other = second.broker()
         others = [await kicker(other, "count_run").kiq(f"o{i}") for i in range(100)]
