@@ -258,7 +258,7 @@ def _control_section(results: dict[str, Any]) -> list[str]:
 
 def _observe_section(results: dict[str, Any]) -> list[str]:
     rows: list[tuple[str, ...]] = [(
-        "subscriber", "tasks/s without", "with", "throughput cost",
+        "subscriber", "tasks/s without", "with", "throughput cost", "its quartiles",
         "pool CPU µs/task without", "with", "pool CPU cost", "subscriber's CPU µs/task",
         "events seen per task",
     )]  # fmt: skip
@@ -269,6 +269,7 @@ def _observe_section(results: dict[str, Any]) -> list[str]:
             f"{fig['without_subscriber_tasks_per_s']:.0f}",
             f"{fig['with_subscriber_tasks_per_s']:.0f}",
             f"{fig['cost_percent']:.1f}%",
+            "{:.1f}% to {:.1f}%".format(*fig.get("cost_percent_quartiles", (float("nan"),) * 2)),
             f"{fig['pool_cpu_us_per_task_without']:.1f}",
             f"{fig['pool_cpu_us_per_task_with']:.1f}",
             f"{fig['pool_cpu_cost_percent']:.1f}%",
@@ -278,7 +279,10 @@ def _observe_section(results: dict[str, Any]) -> list[str]:
     return [
         "## 9. Seeing the pool: throughput with an event subscriber or the dashboard open",
         _table(rows),
-        "Alternating rounds on one pool of 2 workers, medians. *Pool CPU* is the producer's, "
+        "Alternating rounds on one pool of 2 workers (without, with, ..., without). *Throughput "
+        "cost*: the median over the rounds with a subscriber of each one's drop against the "
+        "mean of the two rounds without around it, so that the machine's drift cancels; the "
+        "tasks/s are medians. *Pool CPU* is the producer's, "
         "the supervisor's, the workers' and the state server's, per task; the subscriber's own "
         "processes (Chromium, `pool events`) share this machine's 2 cores, so they lower "
         "throughput too. *Events seen per task* is 3 when the subscriber kept up (received, "
@@ -574,7 +578,7 @@ def _features() -> dict[str, Any]:
     kinds = ["cli", "in_process"]
     if shutil.which("chromium"):  # the issue's figure first: the page and a subscriber
         kinds = ["both", *kinds, "dashboard"]
-    observe = [asyncio.run(observe_bench.measure(rounds=5, kind=kind)) for kind in kinds]
+    observe = [asyncio.run(observe_bench.measure(kind=kind)) for kind in kinds]
     return {"control": asyncio.run(control_bench.measure()), "observe": observe}
 
 

@@ -1,12 +1,14 @@
 """Throughput of one pool with and without an event subscriber attached, in the same run.
 
-Rounds alternate (without, with, without, with, ...) on the same pool, so that both see the
-same machine; the figure of each is the median of its rounds. What watches the pool
+Rounds alternate (without, with, without, ..., without) on the same pool, so that both see
+the same machine. The cost is the median over the rounds with a subscriber of each one's
+drop against the mean of the two rounds without around it (so that the machine's drift
+between rounds cancels), with its quartiles. What watches the pool
 (``--subscriber``): by default the dashboard open in headless Chromium together with
 ``python -m pool events --json`` in a process of its own; or one of them alone; or
 ``pool.events`` in the producer's own loop, which then shares the producer's CPU.
 
-    python -m bench.observe_bench [--workers 2] [--tasks 20000] [--rounds 5]
+    python -m bench.observe_bench [--workers 2] [--tasks 20000] [--rounds 9]
                                   [--subscriber both|cli|in_process|dashboard]
 
 Beside throughput (noisy on a shared machine: the subscriber's processes share its cores)
@@ -43,6 +45,25 @@ SUBSCRIBERS = {
     "in_process": "`pool.events` in the producer's own loop",
     "dashboard": "the dashboard open in headless chromium",
 }
+
+
+# Chromium's own background work (updaters, sync, metrics, field trials), which a browser
+# on an operator's laptop does anyway, is not the cost of the page: switched off, as browser
+# automation does (Playwright's and Puppeteer's defaults hold these flags)
+CHROMIUM_QUIET = [
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-sync",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+    "--metrics-recording-only",
+    "--mute-audio",
+]
 
 
 class Subscriber:
@@ -83,7 +104,7 @@ class Subscriber:
             self.task = asyncio.create_task(self._read())
         if self.kind in ("dashboard", "both"):
             self.profile = tempfile.mkdtemp(prefix="pb-chromium-")
-            args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+            args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", *CHROMIUM_QUIET]
             self.procs.append(subprocess.Popen(
                 [*args, f"--user-data-dir={self.profile}", "--remote-debugging-port=0", self.page],
                 stdout=subprocess.DEVNULL,
@@ -167,6 +188,19 @@ async def measured_round(
     return rate, pool_cpu, (cpu_seconds(watcher_pids) - watchers_before) * 1e6 / total
 
 
+def bracketed_costs(without: list[float], with_: list[float]) -> list[float]:
+    """For each round with a subscriber, in percent, how much lower it is than the mean of
+    the rounds without just before and just after it (``without`` has one round more)."""
+    return [
+        100 * (1 - value / ((without[i] + without[i + 1]) / 2)) for i, value in enumerate(with_)
+    ]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 4], ordered[(3 * (len(ordered) - 1) + 3) // 4]
+
+
 def settle(pid: int, idle_percent: float = 10.0, timeout: float = 20.0) -> None:
     """Wait until the process ``pid`` and its children use less than ``idle_percent`` of a
     core over half a second (a browser's start is not the cost of its open page)."""
@@ -184,7 +218,7 @@ def settle(pid: int, idle_percent: float = 10.0, timeout: float = 20.0) -> None:
 
 
 async def measure(
-    workers: int = 2, total: int = 20000, rounds: int = 5, kind: str = "both"
+    workers: int = 2, total: int = 20000, rounds: int = 9, kind: str = "both"
 ) -> dict[str, Any]:
     """Alternating rounds without and with the subscriber ``kind`` (``SUBSCRIBERS``)."""
     from bench.apps import broker, noop
@@ -205,10 +239,12 @@ async def measure(
             await throughput(broker, noop, 1000)  # warm up
             assert bench_pool.proc is not None
             pids = [os.getpid(), bench_pool.proc.pid]
-            for _ in range(rounds):
+            for n in range(rounds + 1):  # without, with, ..., without: each with between two
                 rate, cpu, _ = await measured_round(broker, noop, total, pids, [])
                 rates["without"].append(rate)
                 pool_cpu["without"].append(cpu)
+                if n == rounds:
+                    break
                 async with Subscriber(bench_pool, kind, page) as sub:
                     rate, cpu, watching = await measured_round(broker, noop, total, pids, sub.pids)
                     rates["with"].append(rate)
@@ -221,6 +257,8 @@ async def measure(
     cpu_without, cpu_with = median(pool_cpu["without"]), median(pool_cpu["with"])
     watching = median(watcher_cpu)
     counted = kind != "dashboard"
+    costs = bracketed_costs(rates["without"], rates["with"])
+    cpu_costs = [-c for c in bracketed_costs(pool_cpu["without"], pool_cpu["with"])]
     return {
         "workers": workers,
         "tasks_per_round": total,
@@ -229,11 +267,14 @@ async def measure(
         "subscriber": SUBSCRIBERS[kind],
         "without_subscriber_tasks_per_s": round(base, 1),
         "with_subscriber_tasks_per_s": round(observed, 1),
-        "cost_percent": round(100 * (1 - observed / base), 1),
+        # the median over the rounds with a subscriber of each one's cost against the two
+        # rounds without around it (the machine's drift cancels), and their spread
+        "cost_percent": round(median(costs), 1),
+        "cost_percent_quartiles": [round(q, 1) for q in quartiles(costs)],
         # CPU per task of the producer and the pool's processes
         "pool_cpu_us_per_task_without": round(cpu_without, 1),
         "pool_cpu_us_per_task_with": round(cpu_with, 1),
-        "pool_cpu_cost_percent": round(100 * (cpu_with / cpu_without - 1), 1),
+        "pool_cpu_cost_percent": round(median(cpu_costs), 1),
         # and of the subscriber's own processes (chromium, pool events)
         "subscriber_cpu_us_per_task": round(watching, 1),
         "all_cpu_cost_percent": round(100 * ((cpu_with + watching) / cpu_without - 1), 1),
@@ -247,7 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument(
         "--subscriber",
         choices=sorted(SUBSCRIBERS),
