@@ -45,7 +45,7 @@ class ControlClient(FrameProtocol):
         self.lost_callbacks: list[Callable[[], None]] = []
         # told how many of this connection's Kick frames the supervisor has in its journal
         self.on_accepted: Callable[[int], None] | None = None
-        # the events of a subscription (``{"cmd": "events"}``; events.py), as JSON lines
+        # the frames of an events subscription (``{"cmd": "events"}``; events.py)
         self.on_events: Callable[[bytes], None] | None = None
 
     @property
