@@ -475,45 +475,6 @@ def test_a_slow_subscriber_drops_events_and_is_told_how_many() -> None:
         running.stop()
 
 
-def test_subscribers_of_both_formats_get_the_same_events_and_a_bad_format_is_refused() -> None:
-    """One subscriber takes the events marshalled (``pool.events``), one as JSON lines (``pool
-    events --json``): the same events reach both. A format the pool does not know is refused
-    with its name, and the connection subscribes to nothing."""
-    from pool.runtime import events as ev
-
-    with observe_pool(1) as running:
-
-        async def both() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-            got: dict[str, list[dict[str, Any]]] = {"items": [], "lines": []}
-            decode = {
-                "items": lambda body: [ev.as_dict(item) for item in ev.decode_items(body)],
-                "lines": lambda body: [json.loads(line) for line in body.split(b"\n")],
-            }
-            clients = []
-            for fmt in ("items", "lines"):
-                client = await connect(running.run_dir)
-                client.on_events = lambda body, fmt=fmt: got[fmt].extend(decode[fmt](body))
-                assert (await client.request({"cmd": "events", "format": fmt}, 10))["ok"]
-                clients.append(client)
-            bad = await connect(running.run_dir)
-            refused = await bad.request({"cmd": "events", "format": "xml"}, 10)
-            await send_many(running, "noop", 20)
-            deadline = time.monotonic() + 10
-            while min(len(got["items"]), len(got["lines"])) < 60 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            subscribers = running.stats()["event_subscribers"]
-            for client in [*clients, bad]:
-                client.close()
-            return got["items"], got["lines"], {**refused, "subscribers": subscribers}
-
-        items, lines, refused = run_sync(both())
-        tasks = [e for e in items if e["event"] in ("received", "started", "succeeded")]
-        assert len(tasks) == 60 and items == lines
-        assert not refused["ok"] and "unknown events format 'xml'" in refused["error"]
-        assert refused["subscribers"] == 2
-        running.stop()
-
-
 def test_pool_events_cli_prints_json_lines_and_text() -> None:
     with observe_pool(1) as running:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}

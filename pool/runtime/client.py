@@ -45,7 +45,7 @@ class ControlClient(FrameProtocol):
         self.lost_callbacks: list[Callable[[], None]] = []
         # told how many of this connection's Kick frames the supervisor has in its journal
         self.on_accepted: Callable[[int], None] | None = None
-        # the frames of an events subscription (``{"cmd": "events"}``; events.py)
+        # the events of a subscription (``{"cmd": "events"}``; events.py), as JSON lines
         self.on_events: Callable[[bytes], None] | None = None
 
     @property

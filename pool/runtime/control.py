@@ -327,7 +327,7 @@ async def answer(sup: Supervisor, conn: ControlConnection, request: dict[str, An
         elif cmd == "cancel":
             reply = sup.steering.cancel(str(request["task_id"]))
         elif cmd == "events":
-            sup.events.subscribe(conn, str(request.get("format", "items")))
+            sup.events.subscribe(conn)
             reply = {"ok": True}
         elif cmd == "ping":
             reply = {"ok": True, "pid": os.getpid()}

@@ -44,7 +44,7 @@ import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from pool.runtime.control import ControlConnection
@@ -168,29 +168,27 @@ def render(item: Item) -> str:
 
 # ----------------------------------------------------------------- supervisor side
 class Batch:
-    """The events of one flush, shared by every subscriber: encoded once per format that a
-    subscriber asks for, when it first does (the dashboard's digest reads the items)."""
+    """The events of one flush, shared by every subscriber: encoded once, when a subscriber
+    first asks for its frames (the dashboard's digest reads the items themselves)."""
 
     __slots__ = ("_chunks", "items")
 
     def __init__(self, items: list[Item]) -> None:
         self.items = items
-        self._chunks: dict[str, list[tuple[bytes, int]]] = {}
+        self._chunks: list[tuple[bytes, int]] | None = None
 
-    def chunks(self, fmt: str = "items") -> list[tuple[bytes, int]]:
-        """The frames' bodies in ``fmt`` (``FORMATS``), ``BATCH`` events at a time, each with
-        its count of events."""
-        chunks = self._chunks.get(fmt)
-        if chunks is None:
-            items, encode = self.items, FORMATS[fmt]
+    def chunks(self) -> list[tuple[bytes, int]]:
+        """The frames' bodies, ``BATCH`` events at a time, each with its count of events."""
+        if self._chunks is None:
+            items = self.items
             parts = [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
-            chunks = self._chunks[fmt] = [(encode(part), len(part)) for part in parts]
-        return chunks
+            self._chunks = [(encode_items(part), len(part)) for part in parts]
+        return self._chunks
 
 
 def encode_items(items: list[Item]) -> bytes:
-    """An ``Events`` frame's body for a subscriber that wants the events themselves
-    (``pool.events``): marshalled, several times cheaper than JSON to write and to read."""
+    """An ``Events`` frame's body: the events as they are, marshalled (several times cheaper
+    than JSON for the supervisor, which relays every task; the subscriber renders them)."""
     return marshal.dumps(items)
 
 
@@ -220,28 +218,20 @@ def as_dict(item: Item) -> dict[str, Any]:
             "duration": duration}  # fmt: skip
 
 
-# How a subscriber wants its frames (``{"cmd": "events", "format": ...}``): ``items`` for
-# ``pool.events``, which builds dicts from them; ``lines`` (JSON objects, one per line) for
-# ``pool events --json``, which writes them as they came: rendered once by the supervisor
-# for all such subscribers, which is cheaper than each subscriber rendering its own.
-FORMATS: dict[str, Callable[[list[Item]], bytes]] = {"items": encode_items, "lines": render_lines}
-
-
 class _Subscriber:
     """A subscriber that gets every event: the encoded batches, queued per connection."""
 
-    __slots__ = ("conn", "dropped", "fmt", "held", "pending")
+    __slots__ = ("conn", "dropped", "held", "pending")
 
-    def __init__(self, conn: ControlConnection, fmt: str = "items") -> None:
+    def __init__(self, conn: ControlConnection) -> None:
         self.conn = conn
-        self.fmt = fmt
         self.pending: deque[tuple[bytes, int]] = deque()
         self.held = 0  # events in pending
         self.dropped = 0
 
     def add(self, batch: Batch) -> None:
         pending = self.pending
-        for chunk in batch.chunks(self.fmt):
+        for chunk in batch.chunks():
             pending.append(chunk)
             self.held += chunk[1]
         while self.held > SUBSCRIBER_BUFFER:  # the oldest go
@@ -258,7 +248,7 @@ class _Subscriber:
             if conn.unread_bytes > SUBSCRIBER_UNREAD:
                 return True
             if self.dropped:
-                conn.send(Events(FORMATS[self.fmt]([event("dropped", count=self.dropped)])))
+                conn.send(Events(encode_items([event("dropped", count=self.dropped)])))
                 self.dropped = 0
                 continue
             body, count = pending.popleft()
@@ -308,11 +298,9 @@ class EventHub:
     def active(self) -> bool:
         return bool(self.subscribers)
 
-    def subscribe(self, conn: ControlConnection, fmt: str = "items") -> None:
-        """A connection that asked for every event (``{"cmd": "events"}``), in ``fmt``."""
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown events format {fmt!r} (one of {', '.join(FORMATS)})")
-        self.attach(_Subscriber(conn, fmt))
+    def subscribe(self, conn: ControlConnection) -> None:
+        """A connection that asked for every event (``{"cmd": "events"}``)."""
+        self.attach(_Subscriber(conn))
 
     def attach(self, sub: Subscriber) -> None:
         was_active = self.active
@@ -588,12 +576,12 @@ async def event_batches(
 async def event_lines(
     run_dir: str | Path | None = None, connect_timeout: float = 5.0
 ) -> AsyncGenerator[bytes, None]:
-    """The events as JSON objects, one per line (no newline at the end), a frame at a time,
-    as the supervisor rendered them; ``pool events --json`` writes them as they are."""
-    frames = _frames(run_dir, connect_timeout, "lines", lambda body: (body, body.count(b"\n") + 1))
+    """The events as JSON objects, one per line (no newline at the end), a frame at a time;
+    ``pool events --json`` writes them as they are."""
+    frames = event_items(run_dir, connect_timeout)
     try:
-        async for body in frames:
-            yield body
+        async for items in frames:
+            yield render_lines(items)
     finally:
         await frames.aclose()
 
@@ -602,44 +590,20 @@ async def event_items(
     run_dir: str | Path | None = None, connect_timeout: float = 5.0
 ) -> AsyncGenerator[list[Item], None]:
     """The events as the supervisor sent them (``Item``s), a frame at a time."""
-
-    def decode(body: bytes) -> tuple[list[Item], int]:
-        items = decode_items(body)
-        return items, len(items)
-
-    frames = _frames(run_dir, connect_timeout, "items", decode)
-    try:
-        async for items in frames:
-            yield items
-    finally:
-        await frames.aclose()
-
-
-_Frame = TypeVar("_Frame")
-
-
-async def _frames(
-    run_dir: str | Path | None,
-    connect_timeout: float,
-    fmt: str,
-    decode: Callable[[bytes], tuple[_Frame, int]],
-) -> AsyncGenerator[_Frame, None]:
-    """A subscription's frames in ``fmt``, each ``decode``d to (frame, its count of events);
-    a reader that falls behind by ``CLIENT_BUFFER`` events loses whole frames, and is told."""
     from pool.runtime.client import connect
 
-    arrived: deque[tuple[_Frame, int] | None] = deque()
+    arrived: deque[list[Item] | None] = deque()
     woken = asyncio.Event()
     held = missed = 0
 
     def on_events(body: bytes) -> None:
         nonlocal held, missed
-        frame, count = decode(body)
-        if held + count > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
-            missed += count
+        items = decode_items(body)
+        if held + len(items) > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
+            missed += len(items)
             return
-        held += count
-        arrived.append((frame, count))
+        held += len(items)
+        arrived.append(items)
         woken.set()
 
     def on_lost() -> None:
@@ -650,23 +614,20 @@ async def _frames(
     client.on_events = on_events
     client.lost_callbacks.append(on_lost)
     try:
-        request = {"cmd": "events", "format": fmt}
-        reply = await client.request(request, connect_timeout)
+        reply = await client.request({"cmd": "events"}, connect_timeout)
         if not reply.get("ok"):
             raise RuntimeError(f"the pool refused the subscription: {reply.get('error')}")
         while True:
             await woken.wait()
             woken.clear()
             while arrived:
-                got = arrived.popleft()
+                items = arrived.popleft()
                 if missed:
-                    dropped: list[Item] = [event("dropped", count=missed)]
-                    yield decode(FORMATS[fmt](dropped))[0]
+                    yield [event("dropped", count=missed)]
                     missed = 0
-                if got is None:
+                if items is None:
                     return
-                frame, count = got
-                held -= count
-                yield frame
+                held -= len(items)
+                yield items
     finally:
         client.close()

@@ -296,8 +296,8 @@ class Reply(Frame):
 @frame(Op.EVENTS)
 @dataclass(slots=True)
 class Events(Frame):
-    """Events for a subscriber, encoded once by the supervisor for all its subscribers in
-    the format each asked for (``events.FORMATS``: marshalled, or JSON lines)."""
+    """Events for a subscriber, marshalled once by the supervisor for all its subscribers
+    (``events.encode_items``); the subscriber renders them."""
 
     items: bytes
 
