@@ -60,6 +60,7 @@ FLUSH_RETRY = 0.05  # s: a subscriber whose connection is full is tried again af
 # and the subscriber a wake-up and a read)
 FLUSH_DELAY = 0.05
 TRACEBACK_LIMIT = 16 * 1024
+MARSHAL_VERSION = 4  # of the Events frames (encode_items)
 KINDS = (
     "received",
     "started",
@@ -188,8 +189,10 @@ class Batch:
 
 def encode_items(items: list[Item]) -> bytes:
     """An ``Events`` frame's body: the events as they are, marshalled (several times cheaper
-    than JSON for the supervisor, which relays every task; the subscriber renders them)."""
-    return marshal.dumps(items)
+    than JSON for the supervisor, which relays every task; the subscriber renders them).
+    Format version 4 is read alike by every Python pool supports, so a subscriber under
+    another interpreter than the supervisor's reads it too."""
+    return marshal.dumps(items, MARSHAL_VERSION)
 
 
 def decode_items(body: bytes) -> list[Item]:
