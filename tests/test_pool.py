@@ -8,9 +8,11 @@ import signal
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+from taskiq import AsyncTaskiqTask
 
 from pool import (
     PoolBroker,
@@ -443,6 +445,21 @@ async def test_tasks_held_by_a_supervisor_killed_with_sigkill_run_in_the_next_po
         await broker.shutdown()
 
 
+async def _held_results_outlast_newer_ones(
+    second: RunningPool, gate: Path, held: list[AsyncTaskiqTask[Any]]
+) -> None:
+    """Open the gate the held tasks wait at, run 100 other tasks to their end on the pool
+    ``second`` (which keeps only its newest 20 results), then every held handle's result."""
+    gate.touch()
+    other = second.broker()
+    others = [await kicker(other, "count_run").kiq(f"o{i}") for i in range(100)]
+    assert not [r for r in [await h.wait_result(timeout=30) for h in others] if r.is_err]
+    await other.shutdown()
+    results = [await h.wait_result(timeout=10) for h in held]
+    lost = [r for r in results if r.is_err]
+    assert lost == [], f"{len(lost)} of 3 results lost"
+
+
 async def test_handles_not_waited_on_through_a_restart_still_get_their_results() -> None:
     """The producer holds 3 handles of confirmed tasks, waits on none, and the pool is
     SIGKILLed: it reconnects to the next pool at once and asks for their results, so they
@@ -463,14 +480,7 @@ async def test_handles_not_waited_on_through_a_restart_still_get_their_results()
         second = pools.start(extra=extra)
         awaited = second.stats
         await until(lambda: awaited()["results_awaited"] == 3, 20, "the producer to ask again")
-        gate.touch()
-        other = second.broker()
-        others = [await kicker(other, "count_run").kiq(f"o{i}") for i in range(100)]
-        assert not [r for r in [await h.wait_result(timeout=30) for h in others] if r.is_err]
-        await other.shutdown()
-        results = [await h.wait_result(timeout=10) for h in held]
-        lost = [r for r in results if r.is_err]
-        assert lost == [], f"{len(lost)} of 3 results lost"
+        await _held_results_outlast_newer_ones(second, gate, held)
         await broker.shutdown()
 
 
@@ -492,18 +502,9 @@ async def test_unconfirmed_handles_through_a_restart_still_get_their_results() -
         first.close()
         second = pools.start(extra=extra)
         await until(lambda: not broker._unconfirmed, 20, "the next pool to confirm them")
-        totals = second.stats()["totals"]
-        assert (
-            totals["queued"] + totals["in_flight"] == 3
-        )  # each once: the journal's and the resent
-        gate.touch()
-        other = second.broker()
-        others = [await kicker(other, "count_run").kiq(f"o{i}") for i in range(100)]
-        assert not [r for r in [await h.wait_result(timeout=30) for h in others] if r.is_err]
-        await other.shutdown()
-        results = [await h.wait_result(timeout=10) for h in held]
-        lost = [r for r in results if r.is_err]
-        assert lost == [], f"{len(lost)} of 3 results lost"
+        totals = second.stats()["totals"]  # each task once: the journal's and the resent
+        assert totals["queued"] + totals["in_flight"] == 3
+        await _held_results_outlast_newer_ones(second, gate, held)
         await broker.shutdown()
 
 
