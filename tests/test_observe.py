@@ -547,7 +547,10 @@ def test_started_events_carry_the_trace_of_taskiqs_opentelemetry_middleware() ->
     "task_id", ["0f3a5c2b9d8e4f7a", "ünïcödé", 'quote"and\\back', "ünï-cödé id", "a\nb"]
 )
 def test_the_supervisor_s_own_events_render_as_the_json_of_their_fields(task_id: str) -> None:
-    from pool.runtime.events import render
+    from pool.runtime.events import render_lines
+
+    def render(item: tuple) -> bytes:
+        return render_lines([item])
 
     name = 'app:odd "name"'
     started = json.loads(render(("started", 1.25, task_id, name, 3, 0.0)))
@@ -558,7 +561,7 @@ def test_the_supervisor_s_own_events_render_as_the_json_of_their_fields(task_id:
     assert received == {"event": "received", "time": 2.5, "task_id": task_id, "task_name": name}
     succeeded = json.loads(render(("succeeded", 3.0, task_id, name, 0, 0.125)))
     assert succeeded["duration"] == 0.125 and succeeded["worker"] == 0
-    assert "\n" not in render(("started", 1.0, task_id, name, 1, 0.0))  # one event, one line
+    assert b"\n" not in render(("started", 1.0, task_id, name, 1, 0.0))  # one event, one line
 
 
 def test_a_flush_of_mixed_events_renders_each_as_its_own_line_in_order() -> None:
@@ -601,7 +604,9 @@ def test_an_events_frame_decodes_to_its_events_and_as_pool_events_renders_them()
     ]
     decoded = ev.decode_items(ev.encode_items(items))
     assert decoded == items
-    assert [ev.as_dict(item) for item in decoded] == [json.loads(ev.render(i)) for i in items]
+    assert [ev.as_dict(item) for item in decoded] == [
+        json.loads(line) for line in ev.render_lines(items).split(b"\n")
+    ]
     refused = [{"event": "x"}, [("short",)], [compile("1", "f", "eval")], [{"no": "kind"}]]
     for body in map(marshal.dumps, refused):
         with pytest.raises(ValueError, match="other than events"):

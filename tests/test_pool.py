@@ -158,8 +158,8 @@ async def test_a_confirmation_rides_with_the_result_or_comes_alone_soon() -> Non
         await _confirmations(running)
 
 
-async def _confirmations(pool2: RunningPool) -> None:
-    broker = pool2.broker()
+async def _confirmations(running: RunningPool) -> None:
+    broker = running.broker()
     client = await broker.connection()
     reads = 0
     frames: list[tuple[int, str]] = []  # (read, frame type) as the producer received them
@@ -182,10 +182,10 @@ async def _confirmations(pool2: RunningPool) -> None:
     # sent at once, a confirmation would mostly come alone, before the task even ran
     assert len(together) >= 15, f"results read with their confirmation: {frames}"
     # a task that runs on: its confirmation does not wait for its result
-    handle = await kicker(broker, "block_until").kiq(str(pool2.mark_path("go")), "t", 30.0)
+    handle = await kicker(broker, "block_until").kiq(str(running.mark_path("go")), "t", 30.0)
     await until(lambda: not broker._unconfirmed, 5, "the confirmation of a running task")
     assert not broker.pool_results._stored(handle.task_id)
-    pool2.mark_path("go").write_text("")
+    running.mark_path("go").write_text("")
     assert (await handle.wait_result(timeout=30)).raise_for_error().return_value
     await broker.shutdown()
 

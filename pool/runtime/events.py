@@ -162,11 +162,6 @@ def render_lines(items: list[Item]) -> bytes:
     return "\n".join(out).encode()
 
 
-def render(item: Item) -> str:
-    """One event as one line of JSON."""
-    return render_lines([item]).decode()
-
-
 # ----------------------------------------------------------------- supervisor side
 class Batch:
     """The events of one flush, shared by every subscriber: encoded once, when a subscriber
