@@ -565,9 +565,9 @@ def test_the_supervisor_s_own_events_render_as_the_json_of_their_fields(task_id:
 
 
 def test_a_flush_of_mixed_events_renders_each_as_its_own_line_in_order() -> None:
-    """Runs that share kind, time and name are rendered at once: a run holding one id that
-    needs escaping, a worker's dict event between runs and a new time each keep every line
-    whole and in order."""
+    """Events that share a time and a name reuse what was rendered of them: an id that needs
+    escaping among plain ones, a worker's dict event between them, a new time and a new name
+    each keep every line whole and in order."""
     from pool.runtime.events import render_lines
 
     failed = {"event": "failed", "time": 2.0, "task_id": "x", "error": "E: é\n"}
@@ -607,7 +607,9 @@ def test_an_events_frame_decodes_to_its_events_and_as_pool_events_renders_them()
     assert [ev.as_dict(item) for item in decoded] == [
         json.loads(line) for line in ev.render_lines(items).split(b"\n")
     ]
+    task_events_and_one_short = [items[0], ("short",)]
     refused = [{"event": "x"}, [("short",)], [compile("1", "f", "eval")], [{"no": "kind"}]]
+    refused.append(task_events_and_one_short)
     for body in map(marshal.dumps, refused):
         with pytest.raises(ValueError, match="other than events"):
             ev.decode_items(body)

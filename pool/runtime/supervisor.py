@@ -775,7 +775,8 @@ class Supervisor:
             name = entry.task_name if entry is not None else "unknown"
             self.count_finished(handle, name, frame.outcome == 2, frame.duration)
             if frame.outcome == 1:  # a failure's event comes from the worker, with its traceback
-                self.events.task_succeeded(handle, frame.task_id, name, frame.duration)
+                task_id = entry.task_id if entry is not None else frame.task_id
+                self.events.task_succeeded(handle, task_id, name, frame.duration)
         if entry is not None and entry.retry is not None:
             self.steering.followed(entry)
         self.dispatch()
