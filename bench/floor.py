@@ -73,7 +73,7 @@ async def _measure(count: int) -> dict[str, float]:
     frames = [
         p.Kick(one.task_id, one.task_name, one.message),
         p.Task(1, one.task_id, one.message),
-        p.Done(1, one.task_id, payload, 1, 0.0001),
+        p.Done(1, one.task_id, payload, 1, 100),
         p.Result(one.task_id, payload),
         p.Spooled(one.task_id, one.task_name, one.message, 0),
         p.Settled(one.task_id, payload),

@@ -365,6 +365,10 @@ def test_the_event_stream_tells_each_task_and_worker_event(tmp_path: Path) -> No
         assert failed["error"] == "ValueError: boom-2" and failed["worker"] == 0
         assert "Traceback (most recent call last)" in failed["traceback"]
         assert "raise ValueError(message)" in failed["traceback"]
+        succeeded = events.of("succeeded", task_id=noop_id)[0]
+        for told in (succeeded, failed):  # in seconds, to the whole microsecond
+            microseconds = told["duration"] * 1e6
+            assert told["duration"] > 0 and abs(microseconds - round(microseconds)) < 1e-6
 
         running.signal(signal.SIGTTIN)
         up = events.wait("worker_up", worker=1)[0]

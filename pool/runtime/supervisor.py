@@ -773,10 +773,11 @@ class Supervisor:
             handle.idle_since = time.monotonic()
         if frame.outcome:
             name = entry.task_name if entry is not None else "unknown"
-            self.count_finished(handle, name, frame.outcome == 2, frame.duration)
+            duration = frame.duration_us / 1e6
+            self.count_finished(handle, name, frame.outcome == 2, duration)
             if frame.outcome == 1:  # a failure's event comes from the worker, with its traceback
                 task_id = entry.task_id if entry is not None else frame.task_id
-                self.events.task_succeeded(handle, task_id, name, frame.duration)
+                self.events.task_succeeded(handle, task_id, name, duration)
         if entry is not None and entry.retry is not None:
             self.steering.followed(entry)
         self.dispatch()
@@ -790,7 +791,7 @@ class Supervisor:
     def on_finished(self, handle: WorkerHandle, frame: Finished) -> None:
         """A task ran to its end in a worker (one from an external broker, or acknowledged
         before it ended)."""
-        self.count_finished(handle, frame.task_name, frame.failed, frame.duration)
+        self.count_finished(handle, frame.task_name, frame.failed, frame.duration_us / 1e6)
 
     def count_finished(
         self, handle: WorkerHandle, task_name: str, failed: bool, duration: float

@@ -49,7 +49,7 @@ EXIT_OK = 0
 EXIT_STARTUP_FAILED = 3
 EXIT_ORPHANED = 70
 
-_NOT_FINISHED = (0, 0.0)
+_NOT_FINISHED = (0, 0)
 
 
 @dataclass
@@ -288,9 +288,11 @@ class Worker:
     def acknowledge(self, delivery: int, task_id: str) -> None:
         if self._unacked.get(task_id) == delivery:
             del self._unacked[task_id]
-        outcome, duration = self._outcomes.pop(task_id, _NOT_FINISHED)
+        outcome, duration_us = self._outcomes.pop(task_id, _NOT_FINISHED)
         assert self.pipe is not None
-        self.pipe.send(Done(delivery, task_id, self._stashed.pop(task_id, b""), outcome, duration))
+        self.pipe.send(
+            Done(delivery, task_id, self._stashed.pop(task_id, b""), outcome, duration_us)
+        )
 
     def cancel(self, frame: Cancel) -> None:
         """The supervisor cancelled a running delivery: once stopped, it is acknowledged."""
@@ -312,16 +314,18 @@ class Worker:
 
     # ----------------------------------------------------------------- the rest
     def _finished(self, message: Any, result: Any, duration: float) -> None:
-        """A task ran to its end: tell the supervisor, for stats and metrics."""
+        """A task ran to its end: tell the supervisor, for stats and metrics (its duration
+        in whole microseconds, as every event and figure shows it)."""
         told_with_ack = message.task_id in self._unacked
+        duration_us = int(duration * 1e6)
         if self.events.enabled:
             error = task_error(result) if result.is_err else None
-            self.events.finished(message, error, duration, acknowledged=not told_with_ack)
+            self.events.finished(message, error, duration_us / 1e6, acknowledged=not told_with_ack)
         if told_with_ack:  # told with the acknowledgement, in one frame
-            self._outcomes[message.task_id] = (2 if result.is_err else 1, duration)
+            self._outcomes[message.task_id] = (2 if result.is_err else 1, duration_us)
         else:
             assert self.pipe is not None
-            self.pipe.send(Finished(message.task_name, bool(result.is_err), duration))
+            self.pipe.send(Finished(message.task_name, bool(result.is_err), duration_us))
         forget = getattr(self.broker.result_backend, "forget_local", None)
         if forget is not None:
             forget(message.task_id)
