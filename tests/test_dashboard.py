@@ -188,12 +188,11 @@ def test_the_page_s_digest_is_bounded_whatever_the_rate_of_tasks() -> None:
     from pool.runtime.events import Batch
 
     digest = _Digest(None)  # type: ignore[arg-type]
-    digest.add(Batch([("started", float(i), f"t{i}", "app:noop", i % 2, 0.0) for i in range(10)]))
+    digest.add(Batch([("started", 0.0, "app:noop", 0, [f"t{i}" for i in range(10)], [])]))
     for i in range(10, RUNNING_KEPT + 500):  # one event per batch, and many
-        digest.add(Batch([("started", float(i), f"t{i}", "app:noop", i % 2, 0.0)]))
-    digest.add(
-        Batch([("succeeded", 1.0, f"t{i}", "app:noop", i % 2, i / 1000) for i in range(3000)])
-    )
+        digest.add(Batch([("started", float(i), "app:noop", i % 2, [f"t{i}"], [])]))
+    ended = [f"t{i}" for i in range(3000)]
+    digest.add(Batch([("succeeded", 1.0, "app:noop", 1, ended, [i / 1000 for i in range(3000)])]))
     failed = {"event": "failed", "time": 2.0, "task_id": "x", "task_name": "app:fail",
               "worker": 0, "duration": 0.5, "error": "E", "traceback": "tb"}  # fmt: skip
     digest.add(Batch([failed]))

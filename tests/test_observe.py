@@ -379,6 +379,24 @@ def test_the_event_stream_tells_each_task_and_worker_event(tmp_path: Path) -> No
         running.stop()
 
 
+def test_each_task_of_a_burst_is_told_received_started_succeeded_once_in_that_order() -> None:
+    """The supervisor tells the task events of one turn of its loop as runs (one per kind,
+    name and worker): however a burst is grouped, each task is told once of each kind, in
+    the order they happened."""
+    count = 500
+    with observe_pool(2) as running, Events(running) as events:
+        results = run_sync(send_many(running, "noop", count))
+        assert not any(result.is_err for result in results)
+        events.wait("succeeded", count)
+        told: dict[str, list[str]] = {}
+        for one in list(events.items):
+            if "task_id" in one:
+                told.setdefault(one["task_id"], []).append(one["event"])
+        assert len(told) == count
+        assert {tuple(kinds) for kinds in told.values()} == {("received", "started", "succeeded")}
+        running.stop()
+
+
 @pytest.mark.parametrize("ack", ["when_saved", "when_received"])
 def test_a_retry_of_a_failed_task_is_told_as_retried(ack: str) -> None:
     # the retry has the attempt's task id: it is queued when the attempt ends, not taken for
@@ -450,7 +468,9 @@ def test_a_slow_subscriber_drops_events_and_is_told_how_many() -> None:
         async def slow() -> tuple[int, int]:
             got: list[dict[str, Any]] = []
             client = await connect(running.run_dir)
-            client.on_events = lambda body: got.extend(map(ev.as_dict, ev.decode_items(body)))
+            client.on_events = lambda body: got.extend(
+                one for item in ev.decode_items(body) for one in ev.as_dicts(item)
+            )
             reply = await client.request({"cmd": "events"}, 10)
             assert reply["ok"]
             assert client.transport is not None
@@ -557,40 +577,51 @@ def test_the_supervisor_s_own_events_render_as_the_json_of_their_fields(task_id:
         return render_lines([item])
 
     name = 'app:odd "name"'
-    started = json.loads(render(("started", 1.25, task_id, name, 3, 0.0)))
+    started = json.loads(render(("started", 1.25, name, 3, [task_id], [])))
     assert started == {
         "event": "started", "time": 1.25, "task_id": task_id, "task_name": name, "worker": 3
     }  # fmt: skip
-    received = json.loads(render(("received", 2.5, task_id, name, None, 0.0)))
+    received = json.loads(render(("received", 2.5, name, None, [task_id], [])))
     assert received == {"event": "received", "time": 2.5, "task_id": task_id, "task_name": name}
-    succeeded = json.loads(render(("succeeded", 3.0, task_id, name, 0, 0.125)))
+    succeeded = json.loads(render(("succeeded", 3.0, name, 0, [task_id], [0.125])))
     assert succeeded["duration"] == 0.125 and succeeded["worker"] == 0
-    assert b"\n" not in render(("started", 1.0, task_id, name, 1, 0.0))  # one event, one line
+    assert b"\n" not in render(("started", 1.0, name, 1, [task_id], []))  # one event, one line
 
 
 def test_a_flush_of_mixed_events_renders_each_as_its_own_line_in_order() -> None:
-    """Events that share a time and a name reuse what was rendered of them: an id that needs
-    escaping among plain ones, a worker's dict event between them, a new time and a new name
-    each keep every line whole and in order."""
-    from pool.runtime.events import render_lines
+    """A run's events are rendered with one join: an id that needs escaping among plain ones,
+    a worker's dict event between runs, a new time and a new name each keep every line whole
+    and in order."""
+    from pool.runtime.events import as_dicts, render_lines
 
     failed = {"event": "failed", "time": 2.0, "task_id": "x", "error": "E: é\n"}
-    items: list = [("received", 1.0, f"t{i}", "app:a", None, 0.0) for i in range(3)]
-    items += [("received", 1.0, 'odd "id"', "app:a", None, 0.0), failed]
-    items += [("started", 1.0, f"t{i}", "app:a", i % 2, 0.0) for i in range(3)]
-    items += [("started", 1.5, "t3", "app:b", 0, 0.0)]
-    items += [("succeeded", 2.0, f"t{i}", "app:a", i % 2, i / 8) for i in range(3)]
+    items: list = [("received", 1.0, "app:a", None, ["t0", "t1", 'odd "id"', "t2"], []), failed]
+    items += [
+        ("started", 1.0, "app:a", 0, ["t0", "t2"], []),
+        ("started", 1.0, "app:a", 1, ["t1"], []),
+    ]
+    items += [("started", 1.5, "app:b", 0, ["t3"], [])]
+    items += [("succeeded", 2.0, "app:a", 1, ["t0", "t1", "t2"], [0.0, 0.125, 2.5e-05])]
+    told = [one for item in items for one in as_dicts(item)]
     lines = render_lines(items).decode().split("\n")
-    assert len(lines) == len(items)
-    for line, item in zip(lines, items, strict=True):
-        parsed = json.loads(line)
-        if isinstance(item, dict):
-            assert parsed == item
-            continue
-        kind, at, task_id, name, worker, duration = item
-        assert (parsed["event"], parsed["time"], parsed["task_id"]) == (kind, at, task_id)
-        assert parsed["task_name"] == name and parsed.get("worker") == worker
-        assert parsed.get("duration", 0.0) == duration
+    assert [json.loads(line) for line in lines] == told
+    assert [one["task_id"] for one in told if one["event"] == "succeeded"] == ["t0", "t1", "t2"]
+    assert [one.get("worker") for one in told if one["event"] == "started"] == [0, 0, 1, 0]
+
+
+def test_a_run_longer_than_a_frame_is_cut_into_frames_that_keep_every_event_in_order() -> None:
+    from pool.runtime import events as ev
+
+    ids = [f"t{i}" for i in range(ev.BATCH * 2 + 7)]
+    items: list = [{"event": "worker_up", "time": 0.5, "worker": 0, "pid": 1}]
+    items += [("succeeded", 1.0, "app:a", 0, ids, [i / 1e6 for i in range(len(ids))])]
+    items += [("received", 1.0, "app:a", None, ["last"], [])]
+    chunks = ev.Batch(items).chunks()
+    assert [count for _, count in chunks] == [ev.BATCH, ev.BATCH, 9]
+    told = [
+        one for body, _ in chunks for item in ev.decode_items(body) for one in ev.as_dicts(item)
+    ]
+    assert told == [one for item in items for one in ev.as_dicts(item)]
 
 
 def test_an_events_frame_decodes_to_its_events_and_as_pool_events_renders_them() -> None:
@@ -601,19 +632,22 @@ def test_an_events_frame_decodes_to_its_events_and_as_pool_events_renders_them()
     from pool.runtime import events as ev
 
     items: list = [
-        ("received", 1.0, "t0", "app:a", None, 0.0),
-        ("started", 1.0, "t0", "app:a", 1, 0.0),
-        ("succeeded", 2.0, "t0", "app:a", 1, 0.25),
+        ("received", 1.0, "app:a", None, ["t0", "t1"], []),
+        ("started", 1.0, "app:a", 1, ["t0"], []),
+        ("succeeded", 2.0, "app:a", 1, ["t0"], [0.25]),
         {"event": "worker_up", "time": 2.5, "worker": 0, "pid": 12},
     ]
     decoded = ev.decode_items(ev.encode_items(items))
     assert decoded == items
-    assert [ev.as_dict(item) for item in decoded] == [
+    assert [one for item in decoded for one in ev.as_dicts(item)] == [
         json.loads(line) for line in ev.render_lines(items).split(b"\n")
     ]
-    task_events_and_one_short = [items[0], ("short",)]
     refused = [{"event": "x"}, [("short",)], [compile("1", "f", "eval")], [{"no": "kind"}]]
-    refused.append(task_events_and_one_short)
+    refused.append([items[0], ("short",)])
+    refused.append([("started", 1.0, "app:a", 1, [], [])])  # a run of no event
+    refused.append([("succeeded", 1.0, "app:a", 1, ["t0", "t1"], [0.5])])  # a duration short
+    refused.append([("started", 1.0, "app:a", 1, ["t0", 7], [])])  # an id not a str
+    refused.append([("weird", 1.0, "app:a", 1, ["t0"], [])])  # not a task event's kind
     for body in map(marshal.dumps, refused):
         with pytest.raises(ValueError, match="other than events"):
             ev.decode_items(body)

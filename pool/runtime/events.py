@@ -42,7 +42,7 @@ import marshal
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -97,12 +97,15 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _NAMES: dict[str, str] = {}  # task name -> its JSON string (the app's few names)
 
 
-# The supervisor's own task events (received, started, succeeded: one of each per task) stay
-# tuples until they are rendered, several times cheaper than dicts and the JSON encoder:
-# (event, time, task_id, task_name, worker, duration); worker None for received, duration
-# 0.0 but for succeeded. Every other event is a dict.
-TaskEvent: TypeAlias = "tuple[str, float, str, str, int | None, float]"
-Item: TypeAlias = "dict[str, Any] | TaskEvent"
+# The supervisor's own task events (received, started, succeeded: one of each per task) go
+# as runs: the events of one kind, task name and worker in one turn of its loop (which
+# share their time) are one tuple (event, time, task_name, worker, task_ids, durations);
+# worker None for received, durations empty but for succeeded. A busy pool's turn holds
+# some 45 events in 1 or 2 runs: a subscriber renders a run's lines with one join, where a
+# tuple per event cost it an f-string each. Every other event is a dict.
+TaskRun: TypeAlias = "tuple[str, float, str, int | None, list[str], list[float]]"
+Item: TypeAlias = "dict[str, Any] | TaskRun"
+RUN_KINDS = ("received", "started", "succeeded")  # the order of a turn's runs
 
 
 def _json_name(name: str) -> str:
@@ -125,46 +128,50 @@ def _plain(text: str) -> bool:
 def render_lines(items: list[Item]) -> bytes:
     """Events as JSON objects, one per line (no newline at the end).
 
-    The subscriber renders some 50,000 of these a second beside a busy pool, so the
-    supervisor's task events get one f-string each: the events of one turn of its loop share
-    their time (one float, rendered once) and mostly their task name (quoted once), and all
-    their ids are checked for escaping together. The other events go through the encoder."""
-    ids = "".join([item[2] for item in items if type(item) is tuple])
-    plain = _plain(ids)
+    The subscriber renders some 50,000 of these a second beside a busy pool: what the
+    events of a run share (kind, time, name, worker) is rendered once and their ids are
+    joined between it (a succeeded's duration is the one thing rendered per event). The
+    other events go through the JSON encoder."""
     out: list[str] = []
     append = out.append
-    last_at: float | None = None
-    last_name: str | None = None
-    at_text = name_text = ""
     for item in items:
         if type(item) is not tuple:
             append(_ENCODER.encode(item))
             continue
-        kind, at, task_id, name, worker, duration = item
-        if at is not last_at:
-            last_at, at_text = at, repr(at)
-        if name is not last_name:
-            last_name, name_text = name, _json_name(name)
-        if not plain:
-            task_id = _ENCODER.encode(task_id)[1:-1]
+        kind, at, name, worker, task_ids, durations = item
+        if not _plain("".join(task_ids)):
+            task_ids = [_ENCODER.encode(task_id)[1:-1] for task_id in task_ids]
+        head = f'{{"event":"{kind}","time":{at!r},"task_id":"'
+        fields = f'","task_name":{_json_name(name)}'
         if kind == "succeeded":
-            append(
-                f'{{"event":"succeeded","time":{at_text},"task_id":"{task_id}",'
-                f'"task_name":{name_text},"worker":{worker},"duration":{duration!r}}}'
-            )
-        elif kind == "started":
-            append(
-                f'{{"event":"started","time":{at_text},"task_id":"{task_id}",'
-                f'"task_name":{name_text},"worker":{worker}}}'
-            )
-        elif kind == "received":
-            append(
-                f'{{"event":"received","time":{at_text},"task_id":"{task_id}",'
-                f'"task_name":{name_text}}}'
-            )
-        else:
-            append(_ENCODER.encode(as_dict(item)))
+            fields += f',"worker":{_ENCODER.encode(worker)},"duration":'
+            lines = map(fields.join, zip(task_ids, map(repr, durations), strict=True))
+            append(head + ("}\n" + head).join(lines) + "}")
+            continue
+        if kind == "started":
+            fields += f',"worker":{_ENCODER.encode(worker)}'
+        append(head + (fields + "}\n" + head).join(task_ids) + fields + "}")
     return "\n".join(out).encode()
+
+
+def as_dicts(item: Item) -> list[dict[str, Any]]:
+    """An item's events as ``pool.events`` yields them (a run's, one dict per task)."""
+    if type(item) is not tuple:
+        return [item]  # type: ignore[list-item]
+    kind, at, name, worker, task_ids, durations = item
+    told = [{"event": kind, "time": at, "task_id": task_id, "task_name": name}
+            for task_id in task_ids]  # fmt: skip
+    if kind != "received":
+        for one in told:
+            one["worker"] = worker
+    if kind == "succeeded":
+        for one, duration in zip(told, durations, strict=True):
+            one["duration"] = duration
+    return told
+
+
+def count_events(items: list[Item]) -> int:
+    return sum(len(item[4]) if type(item) is tuple else 1 for item in items)
 
 
 # ----------------------------------------------------------------- supervisor side
@@ -181,10 +188,33 @@ class Batch:
     def chunks(self) -> list[tuple[bytes, int]]:
         """The frames' bodies, ``BATCH`` events at a time, each with its count of events."""
         if self._chunks is None:
-            items = self.items
-            parts = [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
-            self._chunks = [(encode_items(part), len(part)) for part in parts]
+            self._chunks = [(encode_items(part), count) for part, count in _parts(self.items)]
         return self._chunks
+
+
+def _parts(items: list[Item]) -> Iterator[tuple[list[Item], int]]:
+    """The items cut into lists of at most ``BATCH`` events (a longer run is cut too)."""
+    part: list[Item] = []
+    room = BATCH
+    for item in items:
+        if type(item) is not tuple:
+            part.append(item)
+            room -= 1
+        else:
+            kind, at, name, worker, task_ids, durations = item
+            while len(task_ids) > room:
+                part.append((kind, at, name, worker, task_ids[:room], durations[:room]))
+                yield part, BATCH
+                task_ids, durations = task_ids[room:], durations[room:]
+                part, room = [], BATCH
+            if task_ids:
+                part.append((kind, at, name, worker, task_ids, durations))
+                room -= len(task_ids)
+        if not room:
+            yield part, BATCH
+            part, room = [], BATCH
+    if part:
+        yield part, BATCH - room
 
 
 def encode_items(items: list[Item]) -> bytes:
@@ -199,34 +229,22 @@ def decode_items(body: bytes) -> list[Item]:
     """What ``encode_items`` wrote. The supervisor is trusted (the connection proved the
     run directory's authkey), but its frame must still hold events and nothing else."""
     items = marshal.loads(body)
-    if type(items) is not list or not _all_items(items):
+    if type(items) is not list or not all(_is_item(item) for item in items):
         raise ValueError("an Events frame holds something other than events")
     return items
 
 
-def _all_items(items: list[Any]) -> bool:
-    """Whether every element is an ``Item``: for a frame of task events alone (the usual
-    one), two passes in C rather than a call per element."""
-    if set(map(type, items)) <= {tuple} and set(map(len, items)) <= {6}:
-        return True
-    return all(_is_item(item) for item in items)
-
-
 def _is_item(item: object) -> bool:
-    return (type(item) is tuple and len(item) == 6) or (type(item) is dict and "event" in item)
-
-
-def as_dict(item: Item) -> dict[str, Any]:
-    """An event as ``pool.events`` yields it."""
-    if type(item) is not tuple:
-        return item  # type: ignore[return-value]
-    kind, at, task_id, name, worker, duration = item
-    if kind == "received":
-        return {"event": kind, "time": at, "task_id": task_id, "task_name": name}
-    if kind == "started":
-        return {"event": kind, "time": at, "task_id": task_id, "task_name": name, "worker": worker}
-    return {"event": kind, "time": at, "task_id": task_id, "task_name": name, "worker": worker,
-            "duration": duration}  # fmt: skip
+    if type(item) is dict:
+        return "event" in item
+    if type(item) is not tuple or len(item) != 6 or item[0] not in RUN_KINDS:
+        return False
+    kind, at, _, _, task_ids, durations = item
+    if type(at) is not float or type(task_ids) is not list or type(durations) is not list:
+        return False
+    if not task_ids or (kind == "succeeded" and len(durations) != len(task_ids)):
+        return False
+    return set(map(type, task_ids)) == {str} and set(map(type, durations)) <= {float}
 
 
 class _Subscriber:
@@ -282,12 +300,22 @@ class EventHub:
     """The supervisor's end of the stream: fans events out to its subscribers.
 
     Events wait in one list for ``FLUSH_DELAY``; then each subscriber gets that batch: one
-    append per event whatever the number of subscribers, and one encoding for all."""
+    append per event whatever the number of subscribers, and one encoding for all. The
+    supervisor's own task events gather first in the runs of the current segment: one turn
+    of its loop, up to a dict event (which keeps its place among them). A segment's runs go
+    in ``RUN_KINDS`` order, so a task received and started in one turn is told in that
+    order."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.subscribers: dict[Any, Subscriber] = {}
         self._waiting: list[Item] = []
+        self._waiting_events = 0
+        self._segment_at: float | None = None  # the time of the segment's turn
+        # the segment's runs of each kind, by task name and worker
+        self._received: dict[tuple[str, int | None], TaskRun] = {}
+        self._started: dict[tuple[str, int | None], TaskRun] = {}
+        self._succeeded: dict[tuple[str, int | None], TaskRun] = {}
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
         self.published = 0
@@ -340,16 +368,48 @@ class EventHub:
             handle.pipe.send(Request({"events": self.active if on is None else on}))
 
     # ------------------------------------------------------------- publishing
-    def publish(self, item: Item) -> None:
+    def publish(self, item: dict[str, Any]) -> None:
         if not self.subscribers:
             return
-        waiting = self._waiting
-        waiting.append(item)
+        self._close_segment()
+        self._waiting.append(item)
+        self._added()
+
+    def _task_event(
+        self,
+        runs: dict[tuple[str, int | None], TaskRun],
+        kind: str,
+        task_id: str,
+        name: str,
+        worker: int | None,
+        duration: float | None = None,
+    ) -> None:
+        now = self._turn_time or self.now()
+        if now is not self._segment_at:
+            self._close_segment()
+            self._segment_at = now
+        run = runs.get((name, worker))
+        if run is None:
+            run = runs[name, worker] = (kind, now, name, worker, [], [])
+        run[4].append(task_id)
+        if duration is not None:
+            run[5].append(duration)
+        self._added()
+
+    def _added(self) -> None:
+        self._waiting_events += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
-        elif len(waiting) >= SUBSCRIBER_BUFFER:  # a burst: its memory stays bounded
+        elif self._waiting_events >= SUBSCRIBER_BUFFER:  # a burst: its memory stays bounded
             self.flush()
+
+    def _close_segment(self) -> None:
+        self._segment_at = None
+        for runs in (self._received, self._started, self._succeeded):
+            if runs:
+                self._waiting.extend(runs.values())
+                runs.clear()
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.subscribers:
@@ -367,12 +427,10 @@ class EventHub:
     # hooks of the supervisor -------------------------------------------------
     def task_received(self, task_id: str, task_name: str) -> None:
         if self.subscribers:
-            now = self._turn_time or self.now()
-            self.publish(("received", now, task_id, task_name, None, 0.0))
+            self._task_event(self._received, "received", task_id, task_name, None)
 
     def task_started(self, handle: WorkerHandle, entry: Entry) -> None:
         """A PoolBroker's task handed to a worker (the router calls it while subscribed)."""
-        now = self._turn_time or self.now()
         retry = entry.control and entry.control.get("retry")
         if retry:
             self.publish(
@@ -384,15 +442,16 @@ class EventHub:
                     attempt=retry,
                 )
             )
-        self.publish(("started", now, entry.task_id, entry.task_name, handle.slot, 0.0))
+        self._task_event(self._started, "started", entry.task_id, entry.task_name, handle.slot)
 
     def task_succeeded(
         self, handle: WorkerHandle, task_id: str, task_name: str, duration: float
     ) -> None:
         """A PoolBroker's task acknowledged as succeeded (its ``Done`` frame says so)."""
         if self.subscribers:
-            now = self._turn_time or self.now()
-            self.publish(("succeeded", now, task_id, task_name, handle.slot, duration))
+            self._task_event(
+                self._succeeded, "succeeded", task_id, task_name, handle.slot, duration
+            )
 
     def task_cancelled(
         self, task_id: str, task_name: str, worker: int | None = None, reason: str = ""
@@ -417,7 +476,9 @@ class EventHub:
     def flush(self) -> None:
         """Hand each subscriber the waiting events and send what its connection takes."""
         self._flush_scheduled = False
+        self._close_segment()
         items, self._waiting = self._waiting, []
+        self._waiting_events = 0
         batch = Batch(items) if items else None
         self.published += len(items)
         behind = False
@@ -579,7 +640,7 @@ async def event_batches(
     frames = event_items(run_dir, connect_timeout)
     try:
         async for items in frames:
-            yield [as_dict(item) for item in items]
+            yield [event for item in items for event in as_dicts(item)]
     finally:
         await frames.aclose()
 
@@ -603,18 +664,19 @@ async def event_items(
     """The events as the supervisor sent them (``Item``s), a frame at a time."""
     from pool.runtime.client import connect
 
-    arrived: deque[list[Item] | None] = deque()
+    arrived: deque[tuple[list[Item], int] | None] = deque()
     woken = asyncio.Event()
     held = missed = 0
 
     def on_events(body: bytes) -> None:
         nonlocal held, missed
         items = decode_items(body)
-        if held + len(items) > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
-            missed += len(items)
+        count = count_events(items)
+        if held + count > CLIENT_BUFFER:  # this reader is behind: a frame is dropped whole
+            missed += count
             return
-        held += len(items)
-        arrived.append(items)
+        held += count
+        arrived.append((items, count))
         woken.set()
 
     def on_lost() -> None:
@@ -632,13 +694,14 @@ async def event_items(
             await woken.wait()
             woken.clear()
             while arrived:
-                items = arrived.popleft()
+                frame = arrived.popleft()
                 if missed:
                     yield [event("dropped", count=missed)]
                     missed = 0
-                if items is None:
+                if frame is None:
                     return
-                held -= len(items)
+                items, count = frame
+                held -= count
                 yield items
     finally:
         client.close()

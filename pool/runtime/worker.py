@@ -195,7 +195,7 @@ class Worker:
         self.inbox: asyncio.Queue[tuple[int, str, bytes]] = asyncio.Queue()
         self._unacked: dict[str, int] = {}
         self._stashed: dict[str, bytes] = {}
-        self._outcomes: dict[str, tuple[int, float]] = {}
+        self._outcomes: dict[str, tuple[int, int]] = {}
         self.events = WorkerEvents(self._send_events)
 
     def _send_events(self, body: dict[str, Any]) -> None:

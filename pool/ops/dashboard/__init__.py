@@ -27,7 +27,7 @@ import hmac
 import json
 import logging
 from importlib import resources
-from itertools import islice
+from itertools import islice, repeat
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -85,14 +85,15 @@ class _Digest:
         running, durations = self.running, self.durations
         finished = 0
         for item in batch.items:
-            if type(item) is tuple:  # the supervisor's own: received, started, succeeded
-                kind = item[0]
+            if type(item) is tuple:  # a run of the supervisor's own task events
+                kind, at, name, worker, task_ids, run_durations = item
                 if kind == "started":
-                    running[item[2]] = (item[3], item[4], item[1])
+                    running.update(zip(task_ids, repeat((name, worker, at))))
                 elif kind == "succeeded":
-                    running.pop(item[2], None)
-                    durations.append(item[5])
-                    finished += 1
+                    for task_id in task_ids:
+                        running.pop(task_id, None)
+                    durations += run_durations
+                    finished += len(task_ids)
                 continue
             assert isinstance(item, dict)
             kind = item["event"]
