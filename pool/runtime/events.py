@@ -6,7 +6,7 @@ Events (each a JSON object with ``event``, ``time`` (Unix seconds) and the field
                                                supervisor queued it; other brokers: the
                                                worker's receiver took the message)
     started     task_id, task_name, worker     the task began to run
-    succeeded   task_id, task_name, worker, duration
+    succeeded   task_id, task_name, worker, duration (s, to the microsecond)
     failed      task_id, task_name, worker, duration, error, traceback
     retried     task_id, task_name, worker, attempt   a retry of a failed task started
                                                (taskiq's retry middlewares' ``_retries``)
