@@ -367,7 +367,10 @@ def _redis_peers_section(results: dict[str, Any]) -> list[str]:
         "commands* is the `INFO commandstats` delta over that batch: it adds the calls made "
         "inside Lua scripts, and whatever other clients of that Redis did meanwhile. saq's "
         "round trip re-reads its job every 50 ms (a job that completes between saq's read and "
-        "its pub/sub subscription is never announced): that is its p99." + skipped,
+        "its pub/sub subscription is never announced): that is its p99. Celery runs its "
+        "default prefork pool (2 children and their parent). *Idle PSS* is the whole "
+        "deployment's (the worker processes and all their children: pool's supervisor, state "
+        "server and workers) 2 s after the producer is done, a median over the rounds." + skipped,
         _table(redis_peers.commands_table(fig)),
         "Reproduce: `python -m bench.redis_peers [--rounds N] [--tasks N]`; the profile of "
         "pool's processes: `python -m bench.redis_peers --profile DIR`.",

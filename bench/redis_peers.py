@@ -2,7 +2,8 @@
 
 Peers on the same Redis, 2 worker processes each, a no-op task, every result awaited and
 checked: pool + ``pool.redis`` under ``python -m pool run``, taskiq + taskiq-redis, dramatiq
-(``RedisBroker`` + ``Results``/``RedisBackend``), saq and arq. Each app is in
+(``RedisBroker`` + ``Results``/``RedisBackend``), saq, arq and Celery (its Redis broker and
+result backend, its default prefork pool). Each app is in
 ``bench/peer_apps``. Per peer and round: start its workers, run its producer
 (``bench.peer_apps.drive``) for a throughput batch and sequential round trips, stop and reap
 everything, delete the run's keys (each contains a name of that run alone). Rounds interleave
@@ -44,6 +45,7 @@ from bench.stats import median
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 ARQ_PYTHON = Path(os.environ.get("BENCH_ARQ_PYTHON", ROOT / ".venv-arq" / "bin" / "python"))
 POLL = 0.005  # seconds, for every knob where a peer polls (see each app's docstring)
+IDLE_SETTLE_S = 2.0  # after the producer is done, before the deployment's memory is read
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ PEERS = [
         PY, "-m", "saq", "bench.peer_apps.saq_app.settings", "--workers", str(n)]]),
     Peer("arq_app", "arq", "arq", str(ARQ_PYTHON),
          _each([str(ARQ_PYTHON), "-m", "bench.peer_apps.arq_app"])),
+    Peer("celery_app", "Celery", "celery", PY, lambda n, _: [[
+        PY, "-m", "celery", "-A", "bench.peer_apps.celery_app", "worker", "--concurrency",
+        str(n), "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+        "--without-heartbeat"]]),
 ]  # fmt: skip
 POOL = "pool_redis"
 
@@ -211,8 +217,29 @@ DIRECT = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 
 
 async def _timed(peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
-    async with _peer_run(peer, args, DIRECT) as (env, _):
-        return await _drive(peer, args, env)
+    async with _peer_run(peer, args, DIRECT) as (env, workers):
+        fig = await _drive(peer, args, env)
+        await asyncio.sleep(IDLE_SETTLE_S)
+        return {**fig, "idle_pss_mib": idle_pss_mib(workers.procs)}
+
+
+def idle_pss_mib(procs: list[subprocess.Popen[bytes]]) -> float:
+    """What the peer's whole deployment costs the machine once idle after its work: the PSS
+    of its worker processes and all their children (a pool's supervisor, state server and
+    workers; Celery's parent and its prefork children; ...)."""
+    import psutil
+
+    from bench.memory_bench import process_memory
+
+    total = 0.0
+    for proc in procs:
+        root = psutil.Process(proc.pid)
+        for member in [root, *root.children(recursive=True)]:
+            try:
+                total += process_memory(member.pid)["pss_mib"]
+            except (psutil.Error, OSError):
+                pass  # gone meanwhile
+    return total
 
 
 async def _server_calls() -> dict[str, int]:
@@ -282,6 +309,7 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "throughput_tasks_per_s": median([r["throughput_tasks_per_s"] for r in rounds]),
         "p50_ms": median([r["p50_ms"] for r in rounds]),
         "p99_ms": median([r["p99_ms"] for r in rounds]),
+        "idle_pss_mib": median([r["idle_pss_mib"] for r in rounds]),
         "rounds": [{k: v for k, v in r.items() if k != "samples_ms"} for r in rounds],
     }
 
@@ -473,8 +501,8 @@ def rows(fig: dict[str, Any]) -> list[tuple[str, ...]]:
     pool = peers.get(POOL)
     out: list[tuple[str, ...]] = [(
         "setup (2 worker processes)", "tasks/s", "pool / it", "p50 ms", "p99 ms",
-        "its p50 / pool's", "commands/task (producer + workers)", "round trips/task",
-        "server commands/task",
+        "its p50 / pool's", "idle PSS MiB", "commands/task (producer + workers)",
+        "round trips/task", "server commands/task",
     )]  # fmt: skip
     for key, peer in peers.items():
         batch = peer.get("counted", {}).get("batch")
@@ -493,6 +521,7 @@ def rows(fig: dict[str, Any]) -> list[tuple[str, ...]]:
             f"{peer['p50_ms']:.3f}",
             f"{peer['p99_ms']:.3f}",
             "" if mine else _ratio(peer["p50_ms"] / pool["p50_ms"]),
+            f"{peer['idle_pss_mib']:.1f}",
             *counted,
         ))  # fmt: skip
     return out
