@@ -318,7 +318,6 @@ class EventHub:
         self._succeeded: dict[tuple[str, int | None], TaskRun] = {}
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
-        self.published = 0
         self._turn_time: float | None = None
 
     def now(self) -> float:
@@ -480,7 +479,6 @@ class EventHub:
         items, self._waiting = self._waiting, []
         self._waiting_events = 0
         batch = Batch(items) if items else None
-        self.published += len(items)
         behind = False
         for sub in list(self.subscribers.values()):
             if not sub.conn.is_open:
