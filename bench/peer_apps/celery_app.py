@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench.peer_apps import QUEUE, REDIS_URL
+from bench.peer_apps import QUEUE, REDIS_URL, SyncDriver
 
 app = Celery("bench_celery", broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(
@@ -29,22 +29,11 @@ def noop() -> None:
     return None
 
 
-class Driver:
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        app.close()
-
-    async def batch(self, n: int) -> None:
-        results = [noop.delay() for _ in range(n)]
-        for result in results:
-            _check(result.get(timeout=120))
-
-    async def one(self, timeout: float) -> None:
-        _check(noop.delay().get(timeout=timeout))
+def Driver() -> SyncDriver:
+    return SyncDriver(noop.delay, _wait, app.close)
 
 
-def _check(value: Any) -> None:
+def _wait(result: Any, timeout: float) -> None:
+    value = result.get(timeout=timeout)
     if value is not None:
         raise AssertionError(f"noop returned {value!r}")

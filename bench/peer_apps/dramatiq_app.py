@@ -15,7 +15,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.results import Results
 from dramatiq.results.backends.redis import RedisBackend
 
-from bench.peer_apps import POLL, QUEUE, REDIS_URL
+from bench.peer_apps import POLL, QUEUE, REDIS_URL, SyncDriver
 
 broker = RedisBroker(url=REDIS_URL, namespace=QUEUE)
 broker.add_middleware(
@@ -33,20 +33,12 @@ def noop() -> None:
     return None
 
 
-class Driver:
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        broker.close()
-
-    async def batch(self, n: int) -> None:
-        messages = [noop.send() for _ in range(n)]
-        for message in messages:
-            message.get_result(block=True, timeout=120_000)
-
-    async def one(self, timeout: float) -> None:
-        noop.send().get_result(block=True, timeout=int(timeout * 1000))
+def Driver() -> SyncDriver:
+    return SyncDriver(
+        noop.send,
+        lambda message, timeout: message.get_result(block=True, timeout=int(timeout * 1000)),
+        broker.close,
+    )
 
 
 def main() -> None:
