@@ -94,6 +94,7 @@ def format_traceback(error: BaseException) -> str:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+_NAMES: dict[str, str] = {}  # task name -> its JSON string (the app's few names)
 
 
 # The supervisor's own task events (received, started, succeeded: one of each per task) go
@@ -104,7 +105,16 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 # tuple per event cost it an f-string each. Every other event is a dict.
 TaskRun: TypeAlias = "tuple[str, float, str, int | None, list[str], list[float]]"
 Item: TypeAlias = "dict[str, Any] | TaskRun"
-RUN_KINDS = ("received", "started", "succeeded")  # what a run may be, in the order told
+RUN_KINDS = ("received", "started", "succeeded")  # the order of a turn's runs
+
+
+def _json_name(name: str) -> str:
+    quoted = _NAMES.get(name)
+    if quoted is None:
+        quoted = _ENCODER.encode(name)
+        if len(_NAMES) < 1024:
+            _NAMES[name] = quoted
+    return quoted
 
 
 _UNSAFE_IN_JSON = bytes(range(32)) + b'"\\'
@@ -132,7 +142,7 @@ def render_lines(items: list[Item]) -> bytes:
         if not _plain("".join(task_ids)):
             task_ids = [_ENCODER.encode(task_id)[1:-1] for task_id in task_ids]
         head = f'{{"event":"{kind}","time":{at!r},"task_id":"'
-        fields = f'","task_name":{_ENCODER.encode(name)}'
+        fields = f'","task_name":{_json_name(name)}'
         if kind == "succeeded":
             fields += f',"worker":{_ENCODER.encode(worker)},"duration":'
             lines = map(fields.join, zip(task_ids, map(repr, durations), strict=True))
