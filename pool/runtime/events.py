@@ -105,7 +105,7 @@ _NAMES: dict[str, str] = {}  # task name -> its JSON string (the app's few names
 # tuple per event cost it an f-string each. Every other event is a dict.
 TaskRun: TypeAlias = "tuple[str, float, str, int | None, list[str], list[float]]"
 Item: TypeAlias = "dict[str, Any] | TaskRun"
-RUN_KINDS = ("received", "started", "succeeded")  # the order of a turn's runs
+RUN_KINDS = ("received", "started", "succeeded")  # what a run may be, in the order told
 
 
 def _json_name(name: str) -> str:
