@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool.runtime.config import PoolConfig
+from pool.runtime.eager import eager
 from pool.runtime.events import WorkerEvents
 from pool.runtime.inline import run_inline
 from pool.runtime.protocol import (
@@ -528,9 +529,9 @@ def _cancel_safe_listen(broker: Any) -> None:
         step: asyncio.Future[Any] | None = None
         try:
             while True:
-                step = asyncio.ensure_future(inner.__anext__())
+                step = eager(inner.__anext__())  # a message ready: no task, no shield
                 try:
-                    message = await asyncio.shield(step)
+                    message = step.result() if step.done() else await asyncio.shield(step)
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
