@@ -355,7 +355,11 @@ def _redis_peers_section(results: dict[str, Any]) -> list[str]:
         _table(redis_peers.rows(fig)),
         redis_peers.verdict(fig),
         f"One Redis 127.0.0.1:6379, 2 worker processes per setup, a no-op task. Throughput: "
-        f"{fig['tasks']:,} tasks in batches of 1,000, every result awaited and checked; round "
+        f"{fig['tasks']:,} tasks in batches of 1,000, every result awaited and checked, each "
+        "batch *sent at once* where the producer's client is asyncio's (`asyncio.gather` of "
+        "the sends; saq's `Queue.map`) or *one send after another* (each awaited before the "
+        "next); dramatiq's and Celery's clients block, so they send one after another in both "
+        "columns (marked \\*); round "
         f"trip: {fig['calls']} sequential send-and-await. Medians of {fig['rounds']} rounds, "
         f"the peers interleaved. Where a peer polls (taskiq's `wait_result`, arq's worker and "
         f"`Job.result`, saq's `Queue.map`, dramatiq's idle consumer) the interval is "

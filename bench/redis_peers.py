@@ -55,6 +55,7 @@ class Peer:
     package: str  # what must import
     python: str
     workers: Callable[[int, str], list[list[str]]]  # (processes, run_dir) -> commands
+    at_once: bool = True  # its producer can send a batch at once (an asyncio client)
 
     def missing(self) -> str | None:
         """Why this peer cannot run here, or None."""
@@ -83,7 +84,7 @@ PEERS = [
         PY, "-m", "taskiq", "worker", "bench.taskiq_app:broker", "--workers", str(n),
         "--log-level", "WARNING"]]),
     Peer("dramatiq_app", "dramatiq + Results", "dramatiq", PY,
-         _each([PY, "-m", "bench.peer_apps.dramatiq_app"])),
+         _each([PY, "-m", "bench.peer_apps.dramatiq_app"]), at_once=False),
     Peer("saq_app", "saq", "saq", PY, lambda n, _: [[
         PY, "-m", "saq", "bench.peer_apps.saq_app.settings", "--workers", str(n)]]),
     Peer("arq_app", "arq", "arq", str(ARQ_PYTHON),
@@ -91,8 +92,9 @@ PEERS = [
     Peer("celery_app", "Celery", "celery", PY, lambda n, _: [[
         PY, "-m", "celery", "-A", "bench.peer_apps.celery_app", "worker", "--concurrency",
         str(n), "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
-        "--without-heartbeat"]]),
+        "--without-heartbeat"]], at_once=False),
 ]  # fmt: skip
+_BY_KEY = {peer.key: peer for peer in PEERS}
 POOL = "pool_redis"
 
 
@@ -307,6 +309,7 @@ def _by_count(calls: dict[str, int], tasks: int) -> dict[str, float]:
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "throughput_tasks_per_s": median([r["throughput_tasks_per_s"] for r in rounds]),
+        "sequential_tasks_per_s": median([r["sequential_tasks_per_s"] for r in rounds]),
         "p50_ms": median([r["p50_ms"] for r in rounds]),
         "p99_ms": median([r["p99_ms"] for r in rounds]),
         "idle_pss_mib": median([r["idle_pss_mib"] for r in rounds]),
@@ -337,8 +340,9 @@ async def measure(
                 failures.setdefault(peer.key, []).append(repr(exc))
                 continue
             samples[peer.key].append(fig)
-            print(f"round {index + 1} {peer.label}: {fig['throughput_tasks_per_s']:.0f} tasks/s, "
-                  f"p50 {fig['p50_ms']:.3f} ms", flush=True)  # fmt: skip
+            print(f"round {index + 1} {peer.label}: {fig['throughput_tasks_per_s']:.0f} tasks/s "
+                  f"(one by one {fig['sequential_tasks_per_s']:.0f}), p50 {fig['p50_ms']:.3f} ms",
+                  flush=True)  # fmt: skip
     for key, errors in failures.items():
         if not samples[key]:
             skipped[key] = f"failed in every round: {errors[0]}"
@@ -500,7 +504,8 @@ def rows(fig: dict[str, Any]) -> list[tuple[str, ...]]:
     peers = fig["peers"]
     pool = peers.get(POOL)
     out: list[tuple[str, ...]] = [(
-        "setup (2 worker processes)", "tasks/s", "pool / it", "p50 ms", "p99 ms",
+        "setup (2 worker processes)", "tasks/s, sent at once", "pool / it",
+        "tasks/s, one send after another", "pool / it", "p50 ms", "p99 ms",
         "its p50 / pool's", "idle PSS MiB", "commands/task (producer + workers)",
         "round trips/task", "server commands/task",
     )]  # fmt: skip
@@ -516,8 +521,10 @@ def rows(fig: dict[str, Any]) -> list[tuple[str, ...]]:
         mine = key == POOL or pool is None
         out.append((
             peer["label"] + (f" ({fig['versions'][key]})" if key in fig["versions"] else ""),
-            f"{peer['throughput_tasks_per_s']:.0f}",
+            f"{peer['throughput_tasks_per_s']:.0f}" + ("" if _BY_KEY[key].at_once else "*"),
             "" if mine else _ratio(pool["throughput_tasks_per_s"] / peer["throughput_tasks_per_s"]),
+            f"{peer['sequential_tasks_per_s']:.0f}",
+            "" if mine else _ratio(pool["sequential_tasks_per_s"] / peer["sequential_tasks_per_s"]),
             f"{peer['p50_ms']:.3f}",
             f"{peer['p99_ms']:.3f}",
             "" if mine else _ratio(peer["p50_ms"] / pool["p50_ms"]),
@@ -533,10 +540,13 @@ def verdict(fig: dict[str, Any]) -> str:
     if pool is None or not peers:
         return "pool + Redis or every peer was skipped: no ratio."
     fast = max(peers.values(), key=lambda p: p["throughput_tasks_per_s"])
+    steady = max(peers.values(), key=lambda p: p["sequential_tasks_per_s"])
     quick = min(peers.values(), key=lambda p: p["p50_ms"])
     return (
         f"Best peer by throughput: {fast['label']}; pool + Redis / it = "
         f"{pool['throughput_tasks_per_s'] / fast['throughput_tasks_per_s']:.2f}x (goal: 3x). "
+        f"One send after another: {steady['label']}; pool + Redis / it = "
+        f"{pool['sequential_tasks_per_s'] / steady['sequential_tasks_per_s']:.2f}x. "
         f"Best peer by round trip p50: {quick['label']}; its p50 / pool's = "
         f"{quick['p50_ms'] / pool['p50_ms']:.2f}x."
     )

@@ -9,6 +9,7 @@ arq 0.28 needs redis-py < 6: it runs in a virtualenv of its own (``make bench-ar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -48,7 +49,12 @@ class Driver:
         return job
 
     async def batch(self, n: int) -> None:
-        jobs = [await self._send() for _ in range(n)]
+        await self._wait_all([await self._send() for _ in range(n)])
+
+    async def batch_at_once(self, n: int) -> None:
+        await self._wait_all(await asyncio.gather(*(self._send() for _ in range(n))))
+
+    async def _wait_all(self, jobs: list[Any]) -> None:
         for job in jobs:
             await job.result(timeout=120, poll_delay=POLL)
 

@@ -1,9 +1,10 @@
 """One peer's producer: ``python -m bench.peer_apps.drive PEER --tasks N --calls M [--count]``.
 
 Waits for the peer's workers (a first task that comes back), warms up, then either times
-(``--tasks`` in batches of ``--batch``, then ``--calls`` sequential round trips; prints one
-JSON line) or, with ``--count``, frames the same two phases for ``bench.redis_peers``'s
-counting proxy: before and after each it prints ``@<mark>`` and waits for a line on stdin.
+(``--tasks`` in batches of ``--batch`` sent at once, the same sent one after another, then
+``--calls`` sequential round trips; prints one JSON line) or, with ``--count``, frames the
+batches sent at once and the round trips for ``bench.redis_peers``'s counting proxy: before
+and after each it prints ``@<mark>`` and waits for a line on stdin.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ def mark(name: str) -> None:
     sys.stdin.readline()
 
 
-async def throughput(driver: Any, tasks: int, batch: int) -> float:
+async def throughput(driver: Any, tasks: int, batch: int, at_once: bool = True) -> float:
+    """Tasks per second, in batches: sent at once where the client can (``batch_at_once``:
+    ``asyncio.gather``, saq's ``Queue.map``), else one send after another (``batch``)."""
+    send = getattr(driver, "batch_at_once", driver.batch) if at_once else driver.batch
     start = time.perf_counter()
     for offset in range(0, tasks, batch):
-        await driver.batch(min(batch, tasks - offset))
+        await send(min(batch, tasks - offset))
     return tasks / (time.perf_counter() - start)
 
 
@@ -67,11 +71,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             mark("calls-done")
             return {}
         tasks_per_s = await throughput(driver, args.tasks, args.batch)
+        one_by_one = await throughput(driver, args.tasks, args.batch, at_once=False)
         samples = await round_trips(driver, args.calls)
     finally:
         await driver.stop()
     return {
         "throughput_tasks_per_s": tasks_per_s,
+        "sequential_tasks_per_s": one_by_one,
         "p50_ms": median(samples),
         "p99_ms": percentile(samples, 99),
         "samples_ms": samples,

@@ -1,9 +1,9 @@
 """saq: its Redis queue; workers under saq's own CLI (``saq ...settings --workers 2``).
 
-saq's workers dequeue with ``BLMOVE`` (no polling). The producer sends a batch with
-``Queue.map`` (which polls the jobs every ``poll_interval``: here ``BENCH_POLL``) and one task
-with ``enqueue`` + ``Job.refresh(until_complete=...)``, woken by saq's pub/sub (re-read
-every 50 ms: see ``Driver.one``).
+saq's workers dequeue with ``BLMOVE`` (no polling). The producer sends a batch at once with
+``Queue.map`` (which polls the jobs every ``poll_interval``: here ``BENCH_POLL``), or one
+``enqueue`` after another, and one task with ``enqueue`` + ``Job.refresh(until_complete=...)``,
+woken by saq's pub/sub (re-read every 50 ms: see ``Driver._wait``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,18 @@ class Driver:
     async def stop(self) -> None:
         await queue.disconnect()
 
-    async def batch(self, n: int) -> None:
+    async def batch_at_once(self, n: int) -> None:
         await queue.map("noop", [{} for _ in range(n)], timeout=120, poll_interval=POLL)
 
+    async def batch(self, n: int) -> None:
+        jobs = [await queue.enqueue("noop", timeout=120) for _ in range(n)]
+        for job in jobs:
+            await self._wait(job, 120)
+
     async def one(self, timeout: float) -> None:
-        job = await queue.enqueue("noop", timeout=timeout)
+        await self._wait(await queue.enqueue("noop", timeout=timeout), timeout)
+
+    async def _wait(self, job: Any, timeout: float) -> None:
         assert job is not None
         deadline = time.monotonic() + timeout
         while True:

@@ -6,6 +6,7 @@ backend is polled (taskiq's default interval: 0.2 s).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from bench.peer_apps import POLL
@@ -24,7 +25,12 @@ class TaskiqDriver:
         await self.broker.shutdown()
 
     async def batch(self, n: int) -> None:
-        handles = [await self.task.kiq() for _ in range(n)]
+        await self._wait_all([await self.task.kiq() for _ in range(n)])
+
+    async def batch_at_once(self, n: int) -> None:
+        await self._wait_all(await asyncio.gather(*(self.task.kiq() for _ in range(n))))
+
+    async def _wait_all(self, handles: list[Any]) -> None:
         for handle in handles:
             (await handle.wait_result(check_interval=POLL, timeout=120)).raise_for_error()
 
