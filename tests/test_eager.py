@@ -11,6 +11,7 @@ import pytest
 from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage
 from taskiq.receiver import Receiver
 
+from pool import Context, TaskiqDepends
 from pool.runtime.eager import eager
 from pool.runtime.receiver import PoolReceiver
 
@@ -138,3 +139,43 @@ async def test_taskiqs_receiver_takes_turns_for_each_message_of_the_batch() -> N
     turns = await _start_turns(Receiver, 50)
     assert len(turns) == 50
     assert max(turns) - min(turns) >= 50
+
+
+class _EndingBroker(_BatchBroker):
+    """``listen()`` has its messages ready, then ends, or fails with ``error``."""
+
+    def __init__(self, count: int, error: Exception | None = None) -> None:
+        super().__init__(count)
+        self.error = error
+
+    async def listen(self) -> AsyncGenerator[bytes, None]:
+        for n in range(self.count):
+            message = TaskiqMessage(
+                task_id=f"t{n}", task_name="note", labels={}, args=[], kwargs={}
+            )
+            yield self.formatter.dumps(message).message
+        if self.error is not None:
+            raise self.error
+
+
+async def _listen_to(broker: _EndingBroker) -> list[str]:
+    ran: list[str] = []
+
+    @broker.task(task_name="note")
+    async def note(context: Context = TaskiqDepends()) -> None:
+        ran.append(context.message.task_id)
+
+    receiver = PoolReceiver(broker, run_startup=False, max_async_tasks=10)
+    await asyncio.wait_for(receiver.listen(asyncio.Event()), 10)
+    return ran
+
+
+async def test_a_listen_that_ends_ends_the_receiver_after_its_tasks() -> None:
+    assert sorted(await _listen_to(_EndingBroker(3))) == ["t0", "t1", "t2"]
+
+
+async def test_a_listen_that_fails_at_once_fails_the_receiver_as_in_taskiq() -> None:
+    with pytest.raises(Exception) as raised:  # taskiq's task group: the same under taskiq
+        await _listen_to(_EndingBroker(0, ConnectionError("broker gone")))
+    errors = getattr(raised.value, "exceptions", [raised.value])
+    assert [repr(error) for error in errors] == ["ConnectionError('broker gone')"]
