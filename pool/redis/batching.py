@@ -47,12 +47,17 @@ class Batcher(Generic[_Op]):
 
     async def submit(self, op: _Op) -> None:
         """Return once ``op`` was sent with its batch; raise the batch's error."""
+        await self.add(op)
+
+    def add(self, op: _Op) -> asyncio.Future[None]:
+        """:meth:`submit` without a coroutine of its own: the future of ``op``'s batch (a
+        producer's burst holds one per task while it waits)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((op, future))
         if self._task is None:
             self._task = loop.create_task(self._flush())
-        await future
+        return future
 
     async def _flush(self) -> None:
         try:

@@ -1,0 +1,102 @@
+"""What Python's cyclic garbage collector costs a producer that sends in bursts.
+
+A producer that sends 1,000 tasks at once (``asyncio.gather`` of ``kiq``) holds 1,000 chains
+of coroutines, futures and messages while they wait for Redis: they outlive the young
+collections and move to the oldest generation, whose growth then triggers full collections,
+each of which walks every object the process holds (taskiq, pydantic, the app). Freezing the
+heap once the app has started (``gc.freeze()``, Python's own advice for long-lived
+processes) keeps what exists then out of those walks. pool's supervisor does so before it
+forks workers; a producer is the application's process, so it is the application's call.
+
+Rounds of ``--tasks`` on pool + ``pool.redis`` (2 workers), sent 1,000 at once, alternate:
+the collector as it is, then (after ``gc.freeze()``) frozen. Prints the producer's CPU per
+task and how much of it the collector took (``gc.callbacks``). Reproduce:
+``python -m bench.producer_gc [--rounds N] [--tasks N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import time
+from typing import Any
+
+from bench.pool_run import BenchPool
+from bench.stats import median
+
+
+class _CollectorClock:
+    """CPU time spent in the collector, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.runs = 0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.thread_time()
+        else:
+            self.runs += 1
+            self.seconds += time.thread_time() - self._start
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+async def _round(task: Any, tasks: int, clock: _CollectorClock) -> dict[str, float]:
+    cpu, spent, runs = time.thread_time(), clock.seconds, clock.runs
+    start = time.perf_counter()
+    for offset in range(0, tasks, 1000):
+        handles = await asyncio.gather(*(task.kiq() for _ in range(min(1000, tasks - offset))))
+        for handle in handles:
+            (await handle.wait_result(timeout=120)).raise_for_error()
+    return {
+        "tasks_per_s": tasks / (time.perf_counter() - start),
+        "producer_cpu_us": (time.thread_time() - cpu) / tasks * 1e6,
+        "collector_us": (clock.seconds - spent) / tasks * 1e6,
+        "collections_per_1000": (clock.runs - runs) / tasks * 1000,
+    }
+
+
+async def measure(rounds: int = 3, tasks: int = 4000) -> dict[str, Any]:
+    os.environ.setdefault("BENCH_QUEUE", f"bench-gc-{os.getpid()}")
+    from bench import redis_apps
+
+    async with BenchPool(2, "bench.redis_apps:broker"):
+        broker, task = redis_apps.broker, redis_apps.noop
+        await broker.startup()
+        clock = _CollectorClock()
+        try:
+            await _round(task, 2000, clock)  # warm: connections, scripts, the workers
+            figures: dict[str, list[dict[str, float]]] = {"as_is": [], "frozen": []}
+            for _ in range(rounds):
+                for mode in figures:
+                    if mode == "frozen":
+                        gc.freeze()
+                    figures[mode].append(await _round(task, tasks, clock))
+                    if mode == "frozen":
+                        gc.unfreeze()
+        finally:
+            clock.close()
+            await broker.shutdown()
+    return {
+        mode: {key: median([r[key] for r in runs]) for key in runs[0]}
+        for mode, runs in figures.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.producer_gc", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=4000)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(measure(args.rounds, args.tasks)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
