@@ -1495,24 +1495,29 @@ async def test_a_notification_of_an_older_pool_is_understood(space: RedisSpace) 
         await waiter.shutdown()
 
 
-async def test_a_saved_result_acknowledges_its_message_in_the_same_call(space: RedisSpace) -> None:
+@pytest.mark.parametrize("task_id", ["rides", 'ri"d\\és'], ids=["plain id", "escaped id"])
+async def test_a_saved_result_acknowledges_its_message_in_the_same_call(
+    space: RedisSpace, task_id: str
+) -> None:
     """With the result backend on the broker's Redis, the script that saves a task's result
-    acknowledges its stream entry too; the receiver's acknowledgement then sends nothing."""
+    acknowledges its stream entry too; the receiver's acknowledgement then sends nothing.
+    The broker reads the id off the start of taskiq's JSON, or parses a message whose id
+    JSON escapes."""
     broker = make_broker(space)
     backend = broker.result_backend
     assert isinstance(backend, RedisResultBackend)
     gen = broker.listen()
     try:
         await broker.kick(message(broker.formatter.dumps(
-            TaskiqMessage(task_id="rides", task_name="t", labels={}, args=[], kwargs={})
-        ).message, task_id="rides"))  # fmt: skip
+            TaskiqMessage(task_id=task_id, task_name="t", labels={}, args=[], kwargs={})
+        ).message, task_id=task_id))  # fmt: skip
         raw = await next_message(gen)
         assert pending_count(broker.queue_name, broker.consumer_group_name) == 1
-        await backend.set_result("rides", result_of(1))
+        await backend.set_result(task_id, result_of(1))
         assert pending_count(broker.queue_name, broker.consumer_group_name) == 0
         assert stream_len(broker.queue_name) == 0
         await ack(raw)  # nothing left to do
-        assert (await backend.get_result("rides")).return_value == 1
+        assert (await backend.get_result(task_id)).return_value == 1
     finally:
         await gen.aclose()
         await broker.shutdown()

@@ -581,6 +581,25 @@ def _as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_TASK_ID_FIRST = b'{"task_id": "'
+
+
+def _leading_task_id(data: bytes) -> str | None:
+    """The task id of a message that starts with it, as taskiq's JSON serializer writes
+    every ``TaskiqMessage`` (``task_id`` is its first field), without parsing the rest; None
+    for any other message, and for an id with an escape in it (the caller parses those)."""
+    if not data.startswith(_TASK_ID_FIRST):
+        return None
+    end = data.find(b'"', len(_TASK_ID_FIRST))
+    raw = data[len(_TASK_ID_FIRST) : end]
+    if end < 0 or b"\\" in raw:
+        return None
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
 def _fields(flat: list[Any]) -> dict[bytes, bytes]:
     """A stream entry's fields from a script's reply (a flat list: name, value, ...)."""
     return {_as_bytes(flat[i]): _as_bytes(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
@@ -1090,13 +1109,15 @@ class RedisStreamBroker(AsyncBroker):
         backend = self.result_backend
         if not isinstance(backend, RedisResultBackend) or backend.redis_url != self.url:
             return None
-        try:
-            if type(self.formatter) is ProxyFormatter:  # no model: only the id is needed
-                task_id = self.formatter.broker.serializer.loadb(data)["task_id"]
-            else:
-                task_id = self.formatter.loads(data).task_id
-        except Exception:
-            return None  # taskiq's receiver reports it; acknowledged the usual way
+        task_id = _leading_task_id(data)
+        if task_id is None:
+            try:
+                if type(self.formatter) is ProxyFormatter:  # no model: only the id is needed
+                    task_id = self.formatter.broker.serializer.loadb(data)["task_id"]
+                else:
+                    task_id = self.formatter.loads(data).task_id
+            except Exception:
+                return None  # taskiq's receiver reports it; acknowledged the usual way
         if not isinstance(task_id, str):
             return None
         rider = Rider(self.queue_name, self.consumer_group_name, entry_id,
