@@ -430,7 +430,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             [p["throughput_tasks_per_s"] for p in peers.values()],
             color="tab:green",
         )
-        axes[2].set_title("Redis peers: throughput, no-op tasks (tasks/s)")
+        axes[2].set_title(
+            "Redis peers, tasks/s: batches sent at once\n(dramatiq, Celery: one send after another)"
+        )
         axes[2].tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
