@@ -518,9 +518,10 @@ def _cancel_safe_listen(broker: Any) -> None:
     The receiver stops reading by cancelling the pending ``anext()`` of ``listen()``. A
     cancellation that arrives just as a blocking read returns can be lost in redis-py
     (redis/redis-py#2028): the broker's loop goes on reading and the worker never stops. Here
-    the pending read runs in a task of its own; once cancelled, it is cancelled again until
-    it ends (a message it got meanwhile is handed over, as taskiq does with a late delivery),
-    and after ``LISTEN_CANCEL_GRACE`` seconds it is left behind.
+    a read that has to wait runs in a task of its own (a message the broker has ready is
+    taken at once: ``eager``); once cancelled, it is cancelled again until it ends (a message
+    it got meanwhile is handed over, as taskiq does with a late delivery), and after
+    ``LISTEN_CANCEL_GRACE`` seconds it is left behind.
     """
     listen = broker.listen
 
