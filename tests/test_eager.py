@@ -53,7 +53,8 @@ async def test_a_coroutine_that_waits_goes_on_in_a_task_with_what_it_awaited() -
     assert await asyncio.wait_for(step, 5) == "got it"
 
 
-async def test_cancelling_the_rest_reaches_the_coroutine() -> None:
+@pytest.mark.parametrize("turns", [0, 1], ids=["before its task ran", "while it waits"])
+async def test_cancelling_the_rest_reaches_the_coroutine(turns: int) -> None:
     cleaned: list[bool] = []
 
     async def waits_forever() -> None:
@@ -63,7 +64,8 @@ async def test_cancelling_the_rest_reaches_the_coroutine() -> None:
             cleaned.append(True)
 
     step = eager(waits_forever())
-    await asyncio.sleep(0)
+    for _ in range(turns):
+        await asyncio.sleep(0)  # the task's first step: it hands the task the coroutine's wait
     step.cancel()
     with pytest.raises(asyncio.CancelledError):
         await step

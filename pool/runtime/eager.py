@@ -11,43 +11,48 @@ Python 3.12's eager tasks do what :func:`eager` does; Python 3.11 has none.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
 
-class _Resumed:
-    """A coroutine whose first step already ran and suspended on ``pending``, awaited from
-    there on as if from its start: what its task sends or throws in goes on to it."""
+_STARTED = object()
+
+
+class _Resumed(Coroutine[Any, Any, Any]):
+    """A coroutine whose first step already ran and suspended on ``pending``, run by a task
+    from there on: its task's first step hands the task ``pending``, and what the task sends
+    or throws in later goes on to the coroutine (a task cancelled before it ever ran throws
+    the cancellation in at the coroutine's suspension point, so it still hears of it)."""
 
     __slots__ = ("pending", "step")
 
     def __init__(self, step: Any, pending: Any) -> None:
         self.step, self.pending = step, pending
 
-    def __await__(self) -> Generator[Any, Any, Any]:
-        step, pending = self.step, self.pending
-        while True:
-            try:
-                sent = yield pending
-            except GeneratorExit:
-                step.close()
-                raise
-            except BaseException as exc:  # cancelled while it waits: the coroutine hears it
-                try:
-                    pending = step.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    pending = step.send(sent)
-                except StopIteration as stop:
-                    return stop.value
+    def send(self, value: Any) -> Any:
+        pending = self.pending
+        if pending is _STARTED:
+            return self.step.send(value)
+        self.pending = _STARTED
+        return pending
 
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self.pending = _STARTED
+        return self.step.throw(typ, val, tb) if val is not None else self.step.throw(typ)
 
-async def _rest(step: Any, pending: Any) -> Any:
-    return await _Resumed(step, pending)
+    def close(self) -> None:
+        self.step.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __iter__(self) -> _Resumed:
+        return self
+
+    def __await__(self) -> _Resumed:
+        return self
 
 
 def eager(coro: Awaitable[_T]) -> asyncio.Future[_T]:
@@ -70,4 +75,4 @@ def eager(coro: Awaitable[_T]) -> asyncio.Future[_T]:
         failed: asyncio.Future[_T] = loop.create_future()
         failed.set_exception(exc)
         return failed
-    return asyncio.ensure_future(_rest(coro, pending))
+    return asyncio.ensure_future(_Resumed(coro, pending))
