@@ -24,6 +24,7 @@ import os
 import time
 from typing import Any
 
+from bench.peer_apps.taskiq_redis import TaskiqDriver
 from bench.pool_run import BenchPool
 from bench.stats import median
 
@@ -48,13 +49,11 @@ class _CollectorClock:
         gc.callbacks.remove(self._callback)
 
 
-async def _round(task: Any, tasks: int, clock: _CollectorClock) -> dict[str, float]:
+async def _round(driver: TaskiqDriver, tasks: int, clock: _CollectorClock) -> dict[str, float]:
     cpu, spent, runs = time.thread_time(), clock.seconds, clock.runs
     start = time.perf_counter()
     for offset in range(0, tasks, 1000):
-        handles = await asyncio.gather(*(task.kiq() for _ in range(min(1000, tasks - offset))))
-        for handle in handles:
-            (await handle.wait_result(timeout=120)).raise_for_error()
+        await driver.batch_at_once(min(1000, tasks - offset))
     return {
         "tasks_per_s": tasks / (time.perf_counter() - start),
         "producer_cpu_us": (time.thread_time() - cpu) / tasks * 1e6,
@@ -65,25 +64,25 @@ async def _round(task: Any, tasks: int, clock: _CollectorClock) -> dict[str, flo
 
 async def measure(rounds: int = 3, tasks: int = 4000) -> dict[str, Any]:
     os.environ.setdefault("BENCH_QUEUE", f"bench-gc-{os.getpid()}")
-    from bench import redis_apps
+    from bench.peer_apps.pool_redis import Driver
 
     async with BenchPool(2, "bench.redis_apps:broker"):
-        broker, task = redis_apps.broker, redis_apps.noop
-        await broker.startup()
+        driver = Driver()
+        await driver.start()
         clock = _CollectorClock()
         try:
-            await _round(task, 2000, clock)  # warm: connections, scripts, the workers
+            await _round(driver, 2000, clock)  # warm: connections, scripts, the workers
             figures: dict[str, list[dict[str, float]]] = {"as_is": [], "frozen": []}
             for _ in range(rounds):
                 for mode in figures:
                     if mode == "frozen":
                         gc.freeze()
-                    figures[mode].append(await _round(task, tasks, clock))
+                    figures[mode].append(await _round(driver, tasks, clock))
                     if mode == "frozen":
                         gc.unfreeze()
         finally:
             clock.close()
-            await broker.shutdown()
+            await driver.stop()
     return {
         mode: {key: median([r[key] for r in runs]) for key in runs[0]}
         for mode, runs in figures.items()

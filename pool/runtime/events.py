@@ -384,7 +384,7 @@ class EventHub:
         duration: float | None = None,
     ) -> None:
         now = self._turn_time or self.now()
-        if now is not self._segment_at:
+        if now != self._segment_at:
             self._close_segment()
             self._segment_at = now
         run = runs.get((name, worker))
