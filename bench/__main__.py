@@ -44,6 +44,9 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
     if release:
         setups.append((f"release {commit} + its PoolBroker (section 0)", release))
+    limit = results.get("limit")
+    if limit:
+        setups.append(("the limit: the same processes and hops, essentials only", limit))
     for name, fig in setups:
         thr, p50 = fig["throughput_tasks_per_s"], fig["p50_ms"]
         rows.append((
@@ -60,6 +63,17 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
         "Round trip = `kiq` then `wait_result()` with default arguments (taskiq polls its "
         "result backend every 0.2 s by default; pool's results are pushed)."
     ]
+    if limit:
+        ours = results["pool"]
+        share = ours["throughput_tasks_per_s"] / limit["throughput_tasks_per_s"]
+        notes.append(
+            "*The limit* (`python -m bench.limit`): a producer, a relay and 2 workers on Unix "
+            "sockets, JSON messages with the task id in a frame header, every result decoded "
+            "and checked, each task written when sent, one write per peer per read "
+            "elsewhere; none of taskiq's code and nothing of what pool adds. pool + "
+            f"PoolBroker does {share:.0%} of its throughput; its round trip p50 is "
+            f"{ours['p50_ms'] / limit['p50_ms']:.2f}x the limit's."
+        )
     notes += _cpu_notes(results)
     if peer and "fast_poll" in peer:
         fast = peer["fast_poll"]
@@ -81,7 +95,10 @@ def _cpu_notes(results: dict[str, Any]) -> list[str]:
     if not cpu:
         return []
     floor = results.get("floor", {})
-    rows: list[tuple[str, ...]] = [("process", "CPU µs per task", "floor µs", "over the floor")]
+    limit = results.get("limit", {}).get("cpu_us_per_task", {})
+    rows: list[tuple[str, ...]] = [
+        ("process", "CPU µs per task", "floor µs", "over the floor", "the limit µs")
+    ]
     for name, value in cpu.items():
         if name == "other children" and value < 0.5:
             continue
@@ -91,16 +108,18 @@ def _cpu_notes(results: dict[str, Any]) -> list[str]:
             base = base / max(1, sum(n.startswith("worker") for n in cpu))  # tasks split
         if name == "total" and floor:
             base = floor["producer"] + floor["supervisor"] + floor["worker"]
+        bare = limit.get("relay" if name == "supervisor" else name)
         rows.append((
             name, f"{value:.1f}", f"{base:.1f}" if base else "",
-            f"{value / base:.1f}x" if base else "",
+            f"{value / base:.1f}x" if base else "", f"{bare:.1f}" if bare else "",
         ))  # fmt: skip
     return [
         "CPU per task during the throughput run of pool + PoolBroker (user + system time of "
         "each process over the run / tasks; a worker runs half the tasks). The floor is "
         "taskiq's own code for one no-op task in one process without any pool I/O "
         "(`python -m bench.floor`): its kicker and result decoding (producer), its receiver "
-        "(worker), the frames of one task (supervisor).",
+        "(worker), the frames of one task (supervisor). *The limit* is the same process "
+        "in `bench.limit` (the relay for the supervisor).",
         _table(rows),
     ]
 
@@ -413,15 +432,23 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, k in (("pool+PoolBroker", "pool"), ("pool+Redis", "pool_redis"),
-                            ("taskiq+redis", "taskiq")) if results.get(k)]  # fmt: skip
-    keys = [k for k in ("pool", "pool_redis", "taskiq") if results.get(k)]
+    setups = {
+        "pool+PoolBroker": results.get("pool"),
+        "pool+Redis": results.get("pool_redis"),
+        "taskiq+redis": results.get("taskiq"),
+        "release": (results.get("release") or {}).get("release"),
+        "the limit": results.get("limit"),
+    }
+    shown = {name: fig for name, fig in setups.items() if fig}
+    names = list(shown)
     peers = (results.get("redis_peers") or {}).get("peers", {})
     fig, axes = plt.subplots(1, 3 if peers else 2, figsize=(15 if peers else 10, 4))
     left, right = axes[0], axes[1]
-    left.bar(names, [results[k]["throughput_tasks_per_s"] for k in keys], color="tab:blue")
+    left.bar(names, [f["throughput_tasks_per_s"] for f in shown.values()], color="tab:blue")
     left.set_title("throughput, no-op tasks (tasks/s)")
-    right.bar(names, [results[k]["p50_ms"] for k in keys], color="tab:orange")
+    left.tick_params(axis="x", labelsize=8)
+    right.bar(names, [f["p50_ms"] for f in shown.values()], color="tab:orange")
+    right.tick_params(axis="x", labelsize=8)
     right.set_yscale("log")
     right.set_title("round trip p50 (ms, log scale)")
     if peers:
@@ -475,7 +502,7 @@ def main() -> None:
         "--e2e-only",
         action="store_true",
         help="run only sections 0-2 (PoolBroker, taskiq + taskiq-redis, the release, the "
-        "floor), into the existing results",
+        "floor, the limit), into the existing results",
     )
     args = parser.parse_args()
 
@@ -483,6 +510,7 @@ def main() -> None:
         chaos,
         faults,
         floor,
+        limit,
         memory_bench,
         pool_bench,
         release_peer,
@@ -498,6 +526,7 @@ def main() -> None:
             "taskiq": asyncio.run(taskiq_peer.measure(2, args.tasks, args.calls)),
             "release": release_peer.measure(args.tasks, args.calls),
             "floor": floor.measure(),
+            "limit": asyncio.run(limit.measure()),
         }
 
     def redis() -> dict[str, Any]:
@@ -557,6 +586,7 @@ def main() -> None:
     )
     results["release"] = release_peer.measure(args.tasks, args.calls)
     results["floor"] = floor.measure()
+    results["limit"] = asyncio.run(limit.measure())
     results["state"] = state_bench.run()
     if not args.quick:
         results["ops"] = asyncio.run(scale_bench.measure())
