@@ -32,8 +32,14 @@ $(VENV)-arq/.installed: pyproject.toml
 
 bench-arq: $(VENV)-arq/.installed
 
+# what a user's `pip install taskiq-pool` has (no test or bench extras): idle memory there
+$(VENV)-plain/.installed: pyproject.toml
+	test -x $(VENV)-plain/bin/python || python3 -m venv $(VENV)-plain
+	$(VENV)-plain/bin/python -m pip install -q -e .
+	touch $@
+
 ## bench: side-by-side measurements against taskiq and the Redis peers from PyPI
-bench: $(VENV)/.bench-installed $(VENV)-arq/.installed
+bench: $(VENV)/.bench-installed $(VENV)-arq/.installed $(VENV)-plain/.installed
 	$(PY) -m bench
 
 lint: venv
@@ -42,4 +48,4 @@ lint: venv
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(VENV)-arq .pool .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(VENV)-arq $(VENV)-plain .pool .pytest_cache .mypy_cache

@@ -349,9 +349,31 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
     for row in fig["layers"]:
         layers.append((row["layer"], f"{row['anon_mib']:.1f}", f"{row['pss_mib']:.1f}"))
     floor = fig["forked_child_uss_mib"]
+    plain = results.get("memory_plain")
+    installs: list[tuple[str, ...]] = [
+        ("environment", "FastAPI installed", "pool's idle PSS MiB", "USS MiB",
+         "the least its imports allow MiB"),
+    ]  # fmt: skip
+    for name, env in (("this venv (`.[dev,bench]`)", fig), ("`pip install taskiq-pool`", plain)):
+        if env and "least_pss_mib" in env:
+            installs.append((
+                name, str(env["fastapi_installed"]), f"{env['pool']['total']['pss_mib']:.1f}",
+                f"{env['pool']['total']['uss_mib']:.1f}", f"{env['least_pss_mib']:.1f}",
+            ))  # fmt: skip
+    least = [
+        _table(installs),
+        "*The least its imports allow*: the supervisor's imports in one process (the sum of "
+        "the layers below) plus, for each of the other 3 processes, a child forked from it "
+        "that runs an idle event loop. A child forked from the imports is the cheapest "
+        "process there is (a fresh interpreter alone is 6.8 MiB), so 4 processes cost at "
+        "least this while one of them imports taskiq. `.venv-plain` is a venv with "
+        "pool and its dependencies only (taskiq-fastapi, a test dependency, brings FastAPI "
+        "into the dev venv).",
+    ] if len(installs) > 1 else []  # fmt: skip
     return [
         "## 10. Idle memory: supervisor, state server and 2 workers (PoolBroker)",
         _table(rows),
+        *least,
         f"Python {fig['python_version']}, FastAPI installed: {fig['fastapi_installed']}. "
         "PSS splits a shared page among the processes that map it, so the total is what the "
         "pool costs the machine; USS is a process's own pages. What one process pays for "
@@ -511,7 +533,6 @@ def main() -> None:
         faults,
         floor,
         limit,
-        memory_bench,
         pool_bench,
         release_peer,
         scale_bench,
@@ -550,7 +571,7 @@ def main() -> None:
     # --X-only: those sections alone, into the results of the last whole run
     only = {
         "features_only": _features,
-        "memory_only": lambda: {"memory": memory_bench.measure()},
+        "memory_only": _memory,
         "e2e_only": e2e,
         "redis_only": redis,
         "state_ops_only": lambda: {
@@ -590,12 +611,23 @@ def main() -> None:
     results["state"] = state_bench.run()
     if not args.quick:
         results["ops"] = asyncio.run(scale_bench.measure())
-        results["memory"] = memory_bench.measure()
+        results.update(_memory())
         results["chaos"] = asyncio.run(chaos.measure(args.tasks))
         results["faults"] = asyncio.run(faults.measure(args.tasks))
         results.update(_features())
     results["redis_peers"] = _redis_peers()
     _write(results, args.out)
+
+
+def _memory() -> dict[str, Any]:
+    """Idle memory in this venv, and in a plain install where ``make bench`` made one."""
+    from bench import memory_bench
+
+    plain = Path(__file__).resolve().parent.parent / ".venv-plain" / "bin" / "python"
+    figures = {"memory": memory_bench.measure()}
+    if plain.exists():
+        figures["memory_plain"] = memory_bench.measure_in(str(plain))
+    return figures
 
 
 def _redis_peers() -> dict[str, Any]:
