@@ -365,7 +365,8 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
         "*The least its imports allow*: the supervisor's imports in one process (the sum of "
         "the layers below) plus, for each of the other 3 processes, a child forked from it "
         "that runs an idle event loop. A child forked from the imports is the cheapest "
-        "process there is (a fresh interpreter alone is 6.8 MiB), so 4 processes cost at "
+        f"process there is (a fresh interpreter alone is {fig['bare']['pass']['pss_mib']:.1f} "
+        "MiB), so 4 processes cost at "
         "least this while one of them imports taskiq. `.venv-plain` is a venv with "
         "pool and its dependencies only (taskiq-fastapi, a test dependency, brings FastAPI "
         "into the dev venv).",
