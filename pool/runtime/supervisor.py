@@ -658,7 +658,16 @@ class Supervisor:
         if conn is not None:
             self.accepted[conn] = self.accepted.get(conn, 0) + 1
             self.unconfirmed.add(conn)
-            self._schedule_commit()
+        try:
+            self._accept(entry)
+        finally:
+            # scheduled after the dispatch, so a lone task's frame leaves before the journal
+            # is written: a crash in between runs it again, as any crash before the journal
+            # does (its producer is told only after the journal, and sends it again)
+            if conn is not None:
+                self._schedule_commit()
+
+    def _accept(self, entry: Entry) -> None:
         if self.steering.joined(entry):  # already here, done, or a duplicate
             return
         self.events.task_received(entry.task_id, entry.task_name)
