@@ -125,36 +125,44 @@ def _cpu_notes(results: dict[str, Any]) -> list[str]:
 
 
 def _state_section(results: dict[str, Any]) -> list[str]:
-    ours = results["state"]["pool_state"]
-    manager = results["state"]["manager_dict"]
-    redis = results["state"].get("redis", {})
-    rows: list[tuple[str, ...]] = [
-        (
-            "operation",
-            "pool state µs",
-            "pool ops/s",
-            "Manager dict µs",
-            "Manager / pool",
-            "Redis µs",
-        )
-    ]
-    for key, label in (
-        ("get_unchanged_us", "get, unchanged key"),
-        ("set_us", "set"),
-        ("incr_us", "incr (Manager: get + set under a Manager lock; Redis: INCR)"),
-    ):
+    from bench.state_bench import OPERATIONS
+
+    state = results["state"]
+    ours, lmdb = state["pool_state"], state.get("lmdb", {})
+    manager, redis = state["manager_dict"], state.get("redis", {})
+    labels = {
+        "get_unchanged": "get, unchanged key",
+        "set": "set",
+        "incr": "incr (Manager: get + set under a Manager lock; Redis: INCR)",
+        "get_changed": "get of a key another process just changed",
+        "lock": "lock taken and released (Redis: SET NX, then DEL)",
+    }
+    rows: list[tuple[str, ...]] = [(
+        "operation", "pool state µs", "raw LMDB µs", "pool / LMDB (goal: 10x)",
+        "Manager dict µs", "Manager / pool", "Redis µs", "Redis / pool",
+    )]  # fmt: skip
+    for op in OPERATIONS:
+        key = f"{op}_us"
+        if key not in ours:
+            continue
         rows.append((
-            label,
+            labels[op],
             f"{ours[key]:.2f}",
-            f"{1e6 / ours[key]:,.0f}",
-            f"{manager[key]:.2f}",
-            _ratio(manager[key], ours[key]),
+            f"{lmdb[key]:.2f}" if key in lmdb else "",
+            _ratio(ours[key], lmdb[key]) if key in lmdb else "",
+            f"{manager[key]:.2f}" if key in manager else "",
+            _ratio(manager[key], ours[key]) if key in manager else "",
             f"{redis[key]:.2f}" if key in redis else "",
+            _ratio(redis[key], ours[key]) if key in redis else "",
         ))  # fmt: skip
     worker = results["pool"]["state_in_worker"]
     return [
         "## 3. Shared state from one client (median µs per operation)",
         _table(rows),
+        "*Raw LMDB* is py-lmdb configured as pool's store (the shared memory pool's state"
+        " lives in), measured in turns with pool's state: the shared-memory floor. A changed"
+        " get is one read just after another process wrote the key. Reproduce:"
+        " `python -m bench.state_bench`.",
         "From inside a pool worker: " + ", ".join(f"{k} {v:.2f} µs" for k, v in worker.items()),
     ]
 
