@@ -141,20 +141,20 @@ def _state_section(results: dict[str, Any]) -> list[str]:
         "operation", "pool state µs", "raw LMDB µs", "pool / LMDB (goal: 10x)",
         "Manager dict µs", "Manager / pool", "Redis µs", "Redis / pool",
     )]  # fmt: skip
+
+    def us(side: dict[str, float], key: str) -> str:
+        return f"{side[key]:.2f}" if key in side else ""
+
+    def over(top: dict[str, float], bottom: dict[str, float], key: str) -> str:
+        return _ratio(top[key], bottom[key]) if key in top and key in bottom else ""
+
     for op in OPERATIONS:
-        key = f"{op}_us"
-        if key not in ours:
-            continue
-        rows.append((
-            labels[op],
-            f"{ours[key]:.2f}",
-            f"{lmdb[key]:.2f}" if key in lmdb else "",
-            _ratio(ours[key], lmdb[key]) if key in lmdb else "",
-            f"{manager[key]:.2f}" if key in manager else "",
-            _ratio(manager[key], ours[key]) if key in manager else "",
-            f"{redis[key]:.2f}" if key in redis else "",
-            _ratio(redis[key], ours[key]) if key in redis else "",
-        ))  # fmt: skip
+        k = f"{op}_us"
+        if k in ours:
+            rows.append((
+                labels[op], us(ours, k), us(lmdb, k), over(ours, lmdb, k),
+                us(manager, k), over(manager, ours, k), us(redis, k), over(redis, ours, k),
+            ))  # fmt: skip
     worker = results["pool"]["state_in_worker"]
     return [
         "## 3. Shared state from one client (median µs per operation)",
