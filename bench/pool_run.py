@@ -45,6 +45,8 @@ class BenchPool:
     async def __aenter__(self) -> BenchPool:
         from taskiq.exceptions import SendTaskError
 
+        from pool.runtime.signals import parent_death_signal
+
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         out = open(self.log, "ab") if self.log is not None else None  # noqa: SIM115
         try:
@@ -54,6 +56,9 @@ class BenchPool:
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
+                # a benchmark killed before it stops its pool leaves no pool behind to
+                # share the machine with the next measurement: SIGTERM drains and exits
+                preexec_fn=parent_death_signal(signal.SIGTERM),
             )
         finally:
             if out is not None:

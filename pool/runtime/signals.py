@@ -10,12 +10,17 @@ so ``WAITERS`` of them wait at once: while one waits for the GIL, the next takes
 signal (in the kernel, without the GIL).
 
 Processes started afterwards inherit the blocked mask: ``unblock()`` in a child undoes it.
+
+Also here: ``parent_death_signal``, the signal Linux sends a child when its parent dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -50,3 +55,20 @@ def count_signals(
 def unblock() -> None:
     """In a child process: the counted signals back to normal delivery."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, COUNTED)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def parent_death_signal(sig: int) -> Callable[[], object]:
+    """A call that asks Linux to send ``sig`` to the calling process once its parent dies
+    (elsewhere it does nothing). libc is looked up now, so the call can run between fork
+    and exec (``preexec_fn``), where loading a library is not safe."""
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            pass
+        else:
+            return functools.partial(prctl, PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return lambda: None

@@ -10,7 +10,6 @@ parent-death signal is the backstop if the event loop is blocked).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -138,13 +137,9 @@ def _leave_parent_context(config: WorkerConfig) -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGKILL us if the supervisor dies, even when our event loop is blocked."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
+    from pool.runtime.signals import parent_death_signal
+
+    parent_death_signal(signal.SIGKILL)()
     if os.getppid() != parent_pid:  # it died before prctl took effect
         os._exit(EXIT_ORPHANED)
 
