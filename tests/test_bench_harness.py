@@ -53,6 +53,8 @@ def test_a_bench_pool_stops_when_the_benchmark_that_started_it_is_killed() -> No
         if benchmark.poll() is None:
             benchmark.kill()
             benchmark.wait(10)
+        if benchmark.stdout is not None:
+            benchmark.stdout.close()
         for pid in wait_for_gone(family, timeout=0):
             os.kill(pid, signal.SIGKILL)
         if run_dir:
