@@ -74,6 +74,7 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
             f"PoolBroker does {share:.0%} of its throughput; its round trip p50 is "
             f"{ours['p50_ms'] / limit['p50_ms']:.2f}x the limit's."
         )
+        notes += _wake_notes(ours, limit)
     notes += _cpu_notes(results)
     if peer and "fast_poll" in peer:
         fast = peer["fast_poll"]
@@ -86,6 +87,23 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
         "## 1-2. End to end: no-op tasks in batches of 1,000, then sequential round trips",
         _table(rows),
         *notes,
+    ]
+
+
+def _wake_notes(ours: dict[str, Any], limit: dict[str, Any]) -> list[str]:
+    """What a wake-up costs on this machine, and the round trips without those across CPUs."""
+    wake = limit.get("wake_us")
+    if not wake or "one_cpu_p50_ms" not in ours:
+        return []
+    across = wake["across_cpus"]
+    return [
+        "*Wake-ups*: 40 bytes there and back between two processes (two wake-ups) take "
+        f"{wake['same_cpu']:.0f} µs on one CPU"
+        + (f" and {across:.0f} µs across two" if across is not None else "")
+        + ". With every process on one CPU, the round trip p50 is "
+        f"{ours['one_cpu_p50_ms']:.3f} ms for pool + PoolBroker (against "
+        f"{ours['p50_ms']:.3f} on two) and {limit['one_cpu_p50_ms']:.3f} ms for the limit "
+        f"(against {limit['p50_ms']:.3f})."
     ]
 
 

@@ -14,6 +14,9 @@ workers and routes each result back to the producer that sent the task. Like poo
 Left out, because they are what pool adds: taskiq's message, kicker and receiver, the
 journal, acknowledgements, the shared state, events, stats and every check of a peer.
 
+It also measures what this machine charges for a wake-up (:func:`measure`), which bounds
+the round trip of any topology of four processes.
+
 Reproduce: ``python -m bench.limit``.
 """
 
@@ -21,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +210,65 @@ async def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.contextmanager
+def on_one_cpu() -> Iterator[None]:
+    """This process, and every process it starts meanwhile, on its first CPU only."""
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mask)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
+def wake_cost(across_cpus: bool, rounds: int = 3000) -> float | None:
+    """Median µs of one round of 40 bytes between two processes over a socket pair (two
+    wake-ups), both pinned to one CPU or each to its own; None without a second CPU. The
+    sender idles 0.3 ms between rounds, as the processes of a round trip do."""
+    mask = os.sched_getaffinity(0)
+    if across_cpus and len(mask) < 2:
+        return None
+    mine, theirs = sorted(mask)[:2] if across_cpus else (min(mask), min(mask))
+    ours, peer = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo: nothing but recv and send, then out without cleanup
+        ours.close()
+        os.sched_setaffinity(0, {theirs})
+        while data := peer.recv(64):
+            peer.send(data)
+        os._exit(0)
+    peer.close()
+    os.sched_setaffinity(0, {mine})
+    samples = []
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            ours.send(b"x" * 40)
+            ours.recv(64)
+            samples.append((time.perf_counter() - start) * 1e6)
+            time.sleep(0.0003)
+    finally:
+        os.sched_setaffinity(0, mask)
+        ours.close()
+        os.waitpid(pid, 0)
+    return median(samples)
+
+
 async def measure(
+    workers: int = 2, total: int = 30_000, calls: int = 1000, rounds: int = 3
+) -> dict[str, Any]:
+    """:func:`measure_topology`, then what this machine charges for a wake-up: the limit's
+    round trip with every process on one CPU, and :func:`wake_cost` on one CPU and across
+    two (on a VM whose idle CPUs halt, a wake-up across CPUs can cost several times one
+    on the same CPU, which no code of pool's can avoid)."""
+    figures = await measure_topology(workers, total, calls, rounds)
+    with on_one_cpu():
+        figures["one_cpu_p50_ms"] = (await measure_topology(workers, 2000, calls, 1))["p50_ms"]
+    figures["wake_us"] = {"same_cpu": wake_cost(False), "across_cpus": wake_cost(True)}
+    return figures
+
+
+async def measure_topology(
     workers: int = 2, total: int = 30_000, calls: int = 1000, rounds: int = 3
 ) -> dict[str, Any]:
     """Throughput and CPU µs per task of each process (medians of ``rounds`` runs of

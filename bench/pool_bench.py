@@ -84,8 +84,26 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
         "throughput_tasks_per_s": tasks_per_s,
         "cpu_us_per_task": cpu_us,
         **latency,
+        "one_cpu_p50_ms": await one_cpu_round_trip(workers, calls),
         "state_in_worker": in_worker.raise_for_error().return_value,
     }
+
+
+async def one_cpu_round_trip(workers: int, calls: int) -> float:
+    """The round trip p50 with this producer and the whole pool on one CPU: without the
+    wake-ups across CPUs that a VM may charge dearly for (``bench.limit.measure``)."""
+    from bench.apps import broker, noop
+    from bench.limit import on_one_cpu
+
+    with on_one_cpu():
+        async with BenchPool(workers) as pool:
+            broker.run_dir = pool.run_dir
+            await broker.startup()
+            try:
+                await throughput(broker, noop, 1000)  # warm up
+                return (await round_trips(noop, calls))["p50_ms"]
+            finally:
+                await broker.shutdown()
 
 
 if __name__ == "__main__":
