@@ -59,3 +59,34 @@ def test_a_bench_pool_stops_when_the_benchmark_that_started_it_is_killed() -> No
             os.kill(pid, signal.SIGKILL)
         if run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(30)
+def test_on_one_cpu_pins_the_processes_started_inside_and_restores_the_mask() -> None:
+    from bench.limit import on_one_cpu
+
+    mask = os.sched_getaffinity(0)
+    with on_one_cpu():
+        assert os.sched_getaffinity(0) == {min(mask)}
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert child.stdout.strip() == str([min(mask)])
+    assert os.sched_getaffinity(0) == mask
+
+
+@pytest.mark.timeout(30)
+def test_wake_cost_measures_with_a_child_it_reaps() -> None:
+    from bench.limit import wake_cost
+
+    before = {child.pid for child in psutil.Process().children()}
+    mask = os.sched_getaffinity(0)
+    same = wake_cost(across_cpus=False, rounds=50)
+    across = wake_cost(across_cpus=True, rounds=50)
+    assert same is not None and same > 0
+    assert across is None if len(mask) < 2 else across > 0
+    assert os.sched_getaffinity(0) == mask
+    assert {child.pid for child in psutil.Process().children()} == before
