@@ -231,16 +231,18 @@ def wake_cost(across_cpus: bool, rounds: int = 3000) -> float | None:
     mine, theirs = sorted(mask)[:2] if across_cpus else (min(mask), min(mask))
     ours, peer = socket.socketpair()
     pid = os.fork()
-    if pid == 0:  # the echo: nothing but recv and send, then out without cleanup
-        ours.close()
-        os.sched_setaffinity(0, {theirs})
-        while data := peer.recv(64):
-            peer.send(data)
-        os._exit(0)
+    if pid == 0:  # the echo: nothing but recv and send, then out without any cleanup
+        try:
+            ours.close()
+            os.sched_setaffinity(0, {theirs})
+            while data := peer.recv(64):
+                peer.send(data)
+        finally:
+            os._exit(0)
     peer.close()
-    os.sched_setaffinity(0, {mine})
     samples = []
     try:
+        os.sched_setaffinity(0, {mine})
         for _ in range(rounds):
             start = time.perf_counter()
             ours.send(b"x" * 40)
