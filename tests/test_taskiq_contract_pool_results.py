@@ -180,6 +180,24 @@ async def test_the_oldest_results_are_dropped_unless_a_live_handle_holds_them(
     assert not await backend.is_result_ready("a")
 
 
+async def test_a_newer_handle_of_the_same_task_keeps_its_result_when_the_older_dies(
+    broker: PoolBroker,
+) -> None:
+    backend = broker.pool_results
+    backend.max_stored_results = 1
+    older, newer = PoolTask("a", backend), PoolTask("a", backend)
+    backend.track("a", older)
+    backend.track("a", newer)  # the task sent again (a rerun): its new handle
+    backend.deliver("a", backend.encode(ok("a")))
+    backend.deliver("b", backend.encode(ok("b")))  # pushes "a" out of the stored results
+    del older
+    gc.collect()
+    assert (await newer.get_result()).return_value == "a"
+    del newer
+    gc.collect()
+    assert not await backend.is_result_ready("a")
+
+
 # ------------------------------------------------------------------ waiting on a handle
 async def test_wait_result_returns_when_the_result_is_pushed(broker: PoolBroker) -> None:
     backend = broker.pool_results

@@ -54,6 +54,23 @@ _FRAME_HEADROOM = 1024
 _ANY_RESULT = TaskiqResult[Any]
 
 
+class _HandleRef(weakref.ref[Any]):
+    """A weak reference to a task's handle that names its task: one object per handle for
+    the garbage collector to walk in a producer with many in flight, where a closure as
+    the callback is four more (the function, its cells and their tuple)."""
+
+    __slots__ = ("task_id",)
+    task_id: str
+
+    def __new__(cls, handle: Any, callback: Any, task_id: str) -> _HandleRef:
+        ref = super().__new__(cls, handle, callback)
+        ref.task_id = task_id
+        return ref
+
+    def __init__(self, handle: Any, callback: Any, task_id: str) -> None:
+        super().__init__(handle, callback)  # type: ignore[call-arg]  # ref's own, in C
+
+
 class PoolResultBackend(AsyncResultBackend[Any]):
     """Results kept by the supervisor and pushed to the connection that waits for them.
 
@@ -69,7 +86,8 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self.max_stored_results = max_stored_results
         self._results: OrderedDict[str, bytes] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
-        self._live_handles: dict[str, weakref.ref[Any]] = {}
+        self._live_handles: dict[str, _HandleRef] = {}
+        self._handle_gone = self._unpin  # one bound method for every handle's reference
         self._pinned: dict[str, bytes] = {}
         self._progress_waiters: dict[str, list[asyncio.Future[bytes]]] = {}
         self._local_progress: dict[str, bytes] = {}
@@ -112,11 +130,13 @@ class PoolResultBackend(AsyncResultBackend[Any]):
 
     def track(self, task_id: str, handle: Any) -> None:
         """Keep the result of ``task_id`` while ``handle`` lives."""
-        self._live_handles[task_id] = weakref.ref(handle, lambda _: self._unpin(task_id))
+        self._live_handles[task_id] = _HandleRef(handle, self._handle_gone, task_id)
 
-    def _unpin(self, task_id: str) -> None:
-        self._live_handles.pop(task_id, None)
-        self._pinned.pop(task_id, None)
+    def _unpin(self, ref: _HandleRef) -> None:
+        task_id = ref.task_id
+        if self._live_handles.get(task_id) is ref:  # not a newer handle's, for a rerun
+            del self._live_handles[task_id]
+            self._pinned.pop(task_id, None)
 
     def reconnected(self, client: ControlClient) -> None:
         """A new connection: ask at once for the result of every task a live handle still
