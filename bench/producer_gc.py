@@ -10,8 +10,10 @@ forks workers; a producer is the application's process, so it is the application
 
 Rounds of ``--tasks`` on pool + ``pool.redis`` (2 workers), sent 1,000 at once, alternate:
 the collector as it is, then (after ``gc.freeze()``) frozen. Prints the producer's CPU per
-task and how much of it the collector took (``gc.callbacks``). Reproduce:
-``python -m bench.producer_gc [--rounds N] [--tasks N]``.
+task and how much of it the collector took (``gc.callbacks``). ``--embedded``: on
+``PoolBroker`` instead, 1,000 ``kiq`` one after another and then their results, as in
+``make bench``'s throughput. Reproduce:
+``python -m bench.producer_gc [--embedded] [--rounds N] [--tasks N]``.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ class _CollectorClock:
         gc.callbacks.remove(self._callback)
 
 
-async def _round(driver: TaskiqDriver, tasks: int, clock: _CollectorClock) -> dict[str, float]:
+async def _round(
+    driver: TaskiqDriver, tasks: int, clock: _CollectorClock, at_once: bool = True
+) -> dict[str, float]:
     cpu, spent, runs = time.thread_time(), clock.seconds, clock.runs
     start = time.perf_counter()
+    send = driver.batch_at_once if at_once else driver.batch
     for offset in range(0, tasks, 1000):
-        await driver.batch_at_once(min(1000, tasks - offset))
+        await send(min(1000, tasks - offset))
     return {
         "tasks_per_s": tasks / (time.perf_counter() - start),
         "producer_cpu_us": (time.thread_time() - cpu) / tasks * 1e6,
@@ -62,22 +67,26 @@ async def _round(driver: TaskiqDriver, tasks: int, clock: _CollectorClock) -> di
     }
 
 
-async def measure(rounds: int = 3, tasks: int = 4000) -> dict[str, Any]:
+async def measure(rounds: int = 3, tasks: int = 4000, embedded: bool = False) -> dict[str, Any]:
     os.environ.setdefault("BENCH_QUEUE", f"bench-gc-{os.getpid()}")
+    from bench import apps
     from bench.peer_apps.pool_redis import Driver
 
-    async with BenchPool(2, "bench.redis_apps:broker"):
-        driver = Driver()
+    async with BenchPool(2, "bench.apps:broker" if embedded else "bench.redis_apps:broker") as pool:
+        if embedded:
+            apps.broker.run_dir = pool.run_dir
+        driver = TaskiqDriver(apps.broker, apps.noop) if embedded else Driver()
         await driver.start()
         clock = _CollectorClock()
+        at_once = not embedded
         try:
-            await _round(driver, 2000, clock)  # warm: connections, scripts, the workers
+            await _round(driver, 2000, clock, at_once)  # warm: connections, the workers
             figures: dict[str, list[dict[str, float]]] = {"as_is": [], "frozen": []}
             for _ in range(rounds):
                 for mode in figures:
                     if mode == "frozen":
                         gc.freeze()
-                    figures[mode].append(await _round(driver, tasks, clock))
+                    figures[mode].append(await _round(driver, tasks, clock, at_once))
                     if mode == "frozen":
                         gc.unfreeze()
         finally:
@@ -93,8 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.producer_gc", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=4000)
+    parser.add_argument("--embedded", action="store_true", help="PoolBroker, not pool.redis")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(measure(args.rounds, args.tasks)), indent=1))
+    print(json.dumps(asyncio.run(measure(args.rounds, args.tasks, args.embedded)), indent=1))
 
 
 if __name__ == "__main__":
