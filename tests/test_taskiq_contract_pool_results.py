@@ -198,6 +198,17 @@ async def test_a_newer_handle_of_the_same_task_keeps_its_result_when_the_older_d
     assert not await backend.is_result_ready("a")
 
 
+async def test_a_tracked_handle_costs_the_collector_two_objects(broker: PoolBroker) -> None:
+    """What a producer with many tasks in flight makes the garbage collector walk."""
+    backend = broker.pool_results
+    gc.collect()
+    before = len(gc.get_objects())
+    handles = [PoolTask(f"t-{i}", backend) for i in range(1000)]
+    for handle in handles:
+        backend.track(handle.task_id, handle)
+    assert len(gc.get_objects()) - before <= 2 * len(handles) + 10  # the handle, its ref
+
+
 # ------------------------------------------------------------------ waiting on a handle
 async def test_wait_result_returns_when_the_result_is_pushed(broker: PoolBroker) -> None:
     backend = broker.pool_results
