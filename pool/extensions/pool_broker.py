@@ -135,7 +135,7 @@ class PoolResultBackend(AsyncResultBackend[Any]):
     def _unpin(self, ref: _HandleRef) -> None:
         task_id = ref.task_id
         if self._live_handles.get(task_id) is ref:  # not a newer handle's, for a rerun
-            del self._live_handles[task_id]
+            self._live_handles.pop(task_id, None)  # (a handle may die in another thread)
             self._pinned.pop(task_id, None)
 
     def reconnected(self, client: ControlClient) -> None:
