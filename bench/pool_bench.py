@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from bench.pool_run import BenchPool
@@ -61,23 +63,32 @@ class CpuMeter:
         return per_task
 
 
-async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> dict[str, Any]:
-    from bench.apps import broker, noop, state_bench
+@contextlib.asynccontextmanager
+async def _warm_pool(workers: int) -> AsyncIterator[BenchPool]:
+    """A pool of ``bench.apps`` with its broker connected and 1,000 tasks run through it."""
+    from bench.apps import broker, noop
 
     async with BenchPool(workers) as pool:
         broker.run_dir = pool.run_dir
         await broker.startup()
         try:
-            await throughput(broker, noop, 1000)  # warm up
-            assert pool.proc is not None
-            stats = await pool.stats()
-            meter = CpuMeter(pool.proc.pid, [w["pid"] for w in stats["workers"]])
-            tasks_per_s = await throughput(broker, noop, total)
-            cpu_us = meter.per_task_us(total)
-            latency = await round_trips(noop, calls)
-            in_worker = await (await state_bench.kiq(5000)).wait_result(timeout=120)
+            await throughput(broker, noop, 1000)
+            yield pool
         finally:
             await broker.shutdown()
+
+
+async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> dict[str, Any]:
+    from bench.apps import broker, noop, state_bench
+
+    async with _warm_pool(workers) as pool:
+        assert pool.proc is not None
+        stats = await pool.stats()
+        meter = CpuMeter(pool.proc.pid, [w["pid"] for w in stats["workers"]])
+        tasks_per_s = await throughput(broker, noop, total)
+        cpu_us = meter.per_task_us(total)
+        latency = await round_trips(noop, calls)
+        in_worker = await (await state_bench.kiq(5000)).wait_result(timeout=120)
     return {
         "workers": workers,
         "tasks": total,
@@ -92,18 +103,12 @@ async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> d
 async def one_cpu_round_trip(workers: int, calls: int) -> float:
     """The round trip p50 with this producer and the whole pool on one CPU: without the
     wake-ups across CPUs that a VM may charge dearly for (``bench.limit.measure``)."""
-    from bench.apps import broker, noop
+    from bench.apps import noop
     from bench.limit import on_one_cpu
 
     with on_one_cpu():
-        async with BenchPool(workers) as pool:
-            broker.run_dir = pool.run_dir
-            await broker.startup()
-            try:
-                await throughput(broker, noop, 1000)  # warm up
-                return (await round_trips(noop, calls))["p50_ms"]
-            finally:
-                await broker.shutdown()
+        async with _warm_pool(workers):
+            return (await round_trips(noop, calls))["p50_ms"]
 
 
 if __name__ == "__main__":

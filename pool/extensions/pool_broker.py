@@ -133,10 +133,10 @@ class PoolResultBackend(AsyncResultBackend[Any]):
         self._live_handles[task_id] = _HandleRef(handle, self._handle_gone, task_id)
 
     def _unpin(self, ref: _HandleRef) -> None:
-        task_id = ref.task_id
-        if self._live_handles.get(task_id) is ref:  # not a newer handle's, for a rerun
-            self._live_handles.pop(task_id, None)  # (a handle may die in another thread)
-            self._pinned.pop(task_id, None)
+        # only a reference still in the table can call back: one that a newer handle of
+        # the same task replaced was freed with the entry, before its handle died
+        self._live_handles.pop(ref.task_id, None)
+        self._pinned.pop(ref.task_id, None)
 
     def reconnected(self, client: ControlClient) -> None:
         """A new connection: ask at once for the result of every task a live handle still
