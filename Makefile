@@ -1,8 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PY312 ?= python3.12
 
-.PHONY: run test bench bench-arq lint venv clean
+.PHONY: run test bench bench-arq profile lint venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,10 +43,20 @@ $(VENV)-plain/.installed: pyproject.toml
 bench: $(VENV)/.bench-installed $(VENV)-arq/.installed $(VENV)-plain/.installed
 	$(PY) -m bench
 
+# perf names Python functions on Python 3.12+ only (its trampolines): a venv of its own
+$(VENV)-312/.installed: pyproject.toml
+	test -x $(VENV)-312/bin/python || $(PY312) -m venv $(VENV)-312
+	$(VENV)-312/bin/python -m pip install -q -e '.[dev]'
+	touch $@
+
+## profile: where each process of the embedded path spends its CPU, by package (perf, Python 3.12)
+profile: $(VENV)-312/.installed
+	$(VENV)-312/bin/python -m bench.where --out bench/where.md
+
 lint: venv
 	$(VENV)/bin/ruff check pool shared_state tests bench
 	$(VENV)/bin/ruff format --check pool shared_state tests bench
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(VENV)-arq $(VENV)-plain .pool .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(VENV)-arq $(VENV)-plain $(VENV)-312 .pool .pytest_cache .mypy_cache

@@ -64,11 +64,11 @@ class CpuMeter:
 
 
 @contextlib.asynccontextmanager
-async def _warm_pool(workers: int) -> AsyncIterator[BenchPool]:
+async def warm_pool(workers: int, env: dict[str, str] | None = None) -> AsyncIterator[BenchPool]:
     """A pool of ``bench.apps`` with its broker connected and 1,000 tasks run through it."""
     from bench.apps import broker, noop
 
-    async with BenchPool(workers) as pool:
+    async with BenchPool(workers, env=env) as pool:
         broker.run_dir = pool.run_dir
         await broker.startup()
         try:
@@ -81,7 +81,7 @@ async def _warm_pool(workers: int) -> AsyncIterator[BenchPool]:
 async def measure(workers: int = 2, total: int = 10_000, calls: int = 1000) -> dict[str, Any]:
     from bench.apps import broker, noop, state_bench
 
-    async with _warm_pool(workers) as pool:
+    async with warm_pool(workers) as pool:
         assert pool.proc is not None
         stats = await pool.stats()
         meter = CpuMeter(pool.proc.pid, [w["pid"] for w in stats["workers"]])
@@ -107,7 +107,7 @@ async def one_cpu_round_trip(workers: int, calls: int) -> float:
     from bench.limit import on_one_cpu
 
     with on_one_cpu():
-        async with _warm_pool(workers):
+        async with warm_pool(workers):
             return (await round_trips(noop, calls))["p50_ms"]
 
 

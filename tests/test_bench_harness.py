@@ -90,3 +90,40 @@ def test_wake_cost_measures_with_a_child_it_reaps() -> None:
     assert across is None if len(mask) < 2 else across > 0
     assert os.sched_getaffinity(0) == mask
     assert {child.pid for child in psutil.Process().children()} == before
+
+
+PERF_SCRIPT = """\
+\t    7f01 _PyEval_EvalFrameDefault
+\t    7f02 py::Receiver.run_task:/v/lib/python3.12/site-packages/taskiq/receiver/receiver.py
+\t    7f03 py::consume:{root}/pool/runtime/worker.py
+
+\t    9f01 unix_stream_sendmsg
+\t    9f02 __GI___libc_write
+\t    9f03 py::_SelectorSocketTransport.write:/py/lib/python3.12/asyncio/selector_events.py
+
+\t    8f01 epoll_wait
+
+\t    6f01 py::encode:<string>
+"""
+
+
+def test_bench_where_gives_each_sample_to_its_innermost_python_function() -> None:
+    from bench.where import attribute
+
+    counts = attribute(PERF_SCRIPT.format(root=ROOT))
+    assert counts == {
+        ("taskiq", "Receiver.run_task"): 1,  # not pool's consume, further out
+        ("stdlib asyncio", "_SelectorSocketTransport.write"): 1,  # the system call's caller
+        ("no Python frame (the event loop's C, the kernel)", ""): 1,
+        ("generated code (pool's frame codecs, dataclasses' __init__)", "encode"): 1,
+    }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="checks the message of Python < 3.12")
+def test_bench_where_says_what_it_needs_on_python_before_3_12() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.where"], cwd=ROOT, capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 2
+    assert "needs Python 3.12" in done.stderr
