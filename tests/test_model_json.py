@@ -7,6 +7,7 @@ import datetime
 import decimal
 import enum
 import json
+import os
 import uuid
 from typing import Any
 
@@ -96,3 +97,36 @@ def test_the_pool_broker_s_task_ids_are_uuid4_as_taskiq_s_are() -> None:
         parsed = uuid.UUID(task_id)
         assert parsed.hex == task_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert broker.with_id_generator(lambda: "mine").id_generator() == "mine"
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_producer_does_not_hand_out_its_parent_s_task_ids() -> None:
+    from pool.extensions.task_ids import uuid4_hex
+
+    uuid4_hex()  # the parent holds ids read ahead
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.close(read)
+        os.write(write, "".join(uuid4_hex() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        theirs = pipe.read().decode()
+    os.waitpid(child, 0)
+    ours = "".join(uuid4_hex() for _ in range(10))
+    assert len(theirs) == 320 and theirs != ours
+
+
+@pytest.mark.timeout(30)
+def test_task_ids_stay_unique_when_threads_take_them_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pool.extensions.task_ids import uuid4_hex
+
+    def take(_: int) -> list[str]:
+        return [uuid4_hex() for _ in range(5000)]
+
+    with ThreadPoolExecutor(4) as threads:
+        ids = [task_id for batch in threads.map(take, range(4)) for task_id in batch]
+    assert len(set(ids)) == len(ids) == 20_000

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import weakref
 from collections import OrderedDict, deque
@@ -23,6 +22,7 @@ from taskiq.exceptions import ResultGetError, SendTaskError, TaskiqResultTimeout
 from pool.extensions import model_json
 from pool.extensions.errors import MessageTooLargeError
 from pool.extensions.handles import Cancellation, PoolDecoratedTask
+from pool.extensions.task_ids import uuid4_hex
 from pool.runtime import protocol
 from pool.runtime.protocol import GetProgress, Kick, KickWith, Subscribe
 from pool.runtime.taskcontrol import Limit, control_of
@@ -327,14 +327,6 @@ async def _ask(
             waiters.remove(waiter)
             if not waiters:
                 del table[task_id]
-
-
-def uuid4_hex() -> str:
-    """A task id as taskiq's default generator makes it (``uuid4().hex``), without building a
-    ``UUID`` (a third of the time)."""
-    digits = os.urandom(16).hex()
-    variant = "89ab"[int(digits[16], 16) & 3]
-    return f"{digits[:12]}4{digits[13:16]}{variant}{digits[17:]}"
 
 
 class PoolBroker(AsyncBroker):
