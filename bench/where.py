@@ -133,6 +133,35 @@ async def profile(tasks: int, rate: int, out: Path) -> dict[str, Any]:
     return result
 
 
+def _side(package: str) -> str:
+    """Whose code a package is: pool's, taskiq's, pydantic's, the standard library's, ..."""
+    if package.startswith(("pool", "shared_state", "generated")):
+        return "pool"
+    if package.startswith("taskiq"):
+        return "taskiq"
+    if package.startswith("pydantic"):
+        return "pydantic"
+    if package.startswith("stdlib"):
+        return "stdlib"
+    if package == "bench":
+        return "bench"
+    return "outside Python" if package == _NO_PYTHON else "other"
+
+
+SIDES = ("pool", "taskiq", "pydantic", "stdlib", "bench", "outside Python", "other")
+
+
+def summary(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per process: its CPU µs per task and how much of it is whose code."""
+    rows: list[tuple[str, ...]] = [("process", "µs per task", *SIDES)]
+    for role, fig in result["processes"].items():
+        sides: Counter[str] = Counter()
+        for package, us in fig["by_package_us"]:
+            sides[_side(package)] += us
+        rows.append((role, f"{fig['cpu_us_per_task']:.1f}", *(f"{sides[s]:.1f}" for s in SIDES)))
+    return rows
+
+
 def report(result: dict[str, Any]) -> str:
     lines = [
         f"# Where the CPU of the embedded path goes ({result['tasks']} no-op tasks, "
@@ -140,8 +169,13 @@ def report(result: dict[str, Any]) -> str:
         "",
         "CPU µs per task of each process, split by the package of the innermost Python "
         "function of each `perf` sample (C and kernel time count for the Python function "
-        "that called them). Reproduce: `python -m bench.where` (Python 3.12+, perf).",
+        "that called them). *stdlib* is mostly asyncio, *bench* the task and the producer's "
+        "loop. Reproduce: `make profile` (`python -m bench.where`, Python 3.12+ and perf).",
+        "",
     ]
+    head, *rows = summary(result)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     for role, fig in result["processes"].items():
         lines += [
             "",
