@@ -52,6 +52,7 @@ $(VENV)-312/.installed: pyproject.toml
 ## profile: where each process of the embedded path spends its CPU, by package (perf, Python 3.12)
 profile: $(VENV)-312/.installed
 	$(VENV)-312/bin/python -m bench.where --out bench/where.md
+	$(VENV)-312/bin/python -m bench.where --round-trips --out bench/where-round-trips.md
 
 lint: venv
 	$(VENV)/bin/ruff check pool shared_state tests bench

@@ -1,9 +1,10 @@
 """Where the CPU of pool's embedded path goes, by process and by package, with ``perf``.
 
-``python -m bench.where [--tasks N]`` (Python 3.12 or later, and ``perf``): a pool of
-``bench.apps`` with 2 workers runs a throughput batch, as in ``make bench``, while ``perf
-record`` samples the producer (this process), the supervisor and each worker. Python 3.12's
-perf trampolines name the Python function on every sample's native stack, so each sample
+``python -m bench.where [--tasks N] [--round-trips]`` (Python 3.12 or later, and ``perf``): a
+pool of ``bench.apps`` with 2 workers runs a throughput batch as in ``make bench`` (or, with
+``--round-trips``, ``kiq`` and ``wait_result`` one task at a time), while ``perf record``
+samples the producer (this process), the supervisor and each worker. Python 3.12's perf
+trampolines name the Python function on every sample's native stack, so each sample
 goes to the innermost Python function, whatever C code it was in: the Rust of pydantic-core
 counts for the function that called it, a system call for the function that made it. Each
 share is then scaled to the process's CPU time (psutil's user + system) per task.
@@ -24,11 +25,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.pool_bench import CpuMeter, throughput, warm_pool
+from bench.pool_bench import CpuMeter, round_trips, throughput, warm_pool
 
 _PY_FRAME = re.compile(r"py::([^:\s]+):(\S+)")
 _NO_PYTHON = "no Python frame (the event loop's C, the kernel)"
@@ -88,7 +90,7 @@ def _record(pid: int, rate: int, data: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def profile(tasks: int, rate: int, out: Path) -> dict[str, Any]:
+async def profile(tasks: int, rate: int, out: Path, one_by_one: bool = False) -> dict[str, Any]:
     """Per process: CPU µs per task, and how it splits by package and by function."""
     sys.activate_stack_trampoline("perf")  # type: ignore[attr-defined]
     from bench.apps import broker, noop
@@ -103,7 +105,12 @@ async def profile(tasks: int, rate: int, out: Path) -> dict[str, Any]:
         await asyncio.sleep(1.0)  # perf attached
         meter = CpuMeter(pool.proc.pid, workers)
         others = [proc.pid for proc in meter.procs["other children"]]  # the state server
-        tasks_per_s = await throughput(broker, noop, tasks)
+        if one_by_one:
+            started = time.perf_counter()
+            p50_ms = (await round_trips(noop, tasks))["p50_ms"]
+            tasks_per_s = tasks / (time.perf_counter() - started)
+        else:
+            tasks_per_s, p50_ms = await throughput(broker, noop, tasks), None
         cpu = meter.per_task_us(tasks)
         for recorder in recorders.values():
             recorder.send_signal(signal.SIGINT)
@@ -111,7 +118,8 @@ async def profile(tasks: int, rate: int, out: Path) -> dict[str, Any]:
             recorder.wait(60)
     # a forked worker's functions from before the fork are in the supervisor's map file
     supervisor_map = Path(f"/tmp/perf-{roles['supervisor']}.map")
-    result: dict[str, Any] = {"tasks": tasks, "tasks_per_s": tasks_per_s, "processes": {}}
+    result: dict[str, Any] = {"tasks": tasks, "tasks_per_s": tasks_per_s, "p50_ms": p50_ms}
+    result["processes"] = {}
     for role, pid in roles.items():
         own_map = Path(f"/tmp/perf-{pid}.map")
         if role.startswith("worker") and supervisor_map.exists():
@@ -165,7 +173,11 @@ def summary(result: dict[str, Any]) -> list[tuple[str, ...]]:
 def report(result: dict[str, Any]) -> str:
     lines = [
         f"# Where the CPU of the embedded path goes ({result['tasks']} no-op tasks, "
-        f"{result['tasks_per_s']:.0f} tasks/s under perf)",
+        + (
+            f"one at a time: round trip p50 {result['p50_ms']:.3f} ms under perf)"
+            if result["p50_ms"] is not None
+            else f"in batches of 1,000: {result['tasks_per_s']:.0f} tasks/s under perf)"
+        ),
         "",
         "CPU µs per task of each process, split by the package of the innermost Python "
         "function of each `perf` sample (C and kernel time count for the Python function "
@@ -191,8 +203,11 @@ def report(result: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--tasks", type=int, help="default: 100,000, or 5,000 one at a time")
     parser.add_argument("--rate", type=int, default=997, help="samples per second (perf -F)")
+    parser.add_argument(
+        "--round-trips", action="store_true", help="one task at a time (default: batches)"
+    )
     parser.add_argument("--out", type=Path, help="write the report (markdown) here too")
     args = parser.parse_args()
     if sys.version_info < (3, 12):
@@ -202,7 +217,8 @@ def main() -> int:
         print("bench.where needs perf (Debian: linux-perf)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="pool-where-") as tmp:
-        text = report(asyncio.run(profile(args.tasks, args.rate, Path(tmp))))
+        tasks = args.tasks if args.tasks is not None else (5_000 if args.round_trips else 100_000)
+        text = report(asyncio.run(profile(tasks, args.rate, Path(tmp), args.round_trips)))
     print(text)
     if args.out is not None:
         args.out.write_text(text)
