@@ -29,11 +29,11 @@ def _refill() -> None:
 
 def uuid4_hex() -> str:
     """A new random task id: 32 hex digits of a version 4 UUID."""
-    try:
-        return _ids.popleft()
-    except IndexError:
-        _refill()
-        return _ids.popleft()
+    while True:
+        try:
+            return _ids.popleft()
+        except IndexError:  # empty, or other threads took what the last refill gave
+            _refill()
 
 
 os.register_at_fork(after_in_child=_ids.clear)
