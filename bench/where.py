@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -32,10 +33,12 @@ from typing import Any
 
 from bench.pool_bench import CpuMeter, round_trips, throughput, warm_pool
 
+_ROOT = str(Path(__file__).resolve().parent.parent)
 _PY_FRAME = re.compile(r"py::([^:\s]+):(\S+)")
 _NO_PYTHON = "no Python frame (the event loop's C, the kernel)"
 
 
+@functools.cache
 def package_of(path: str) -> str:
     """``/x/site-packages/taskiq/receiver/receiver.py`` -> ``taskiq``; pool's own modules by
     subpackage (``pool/runtime``); the standard library by module (``asyncio``)."""
@@ -47,9 +50,8 @@ def package_of(path: str) -> str:
     for marker in ("site-packages", "dist-packages"):
         if marker in parts:
             return parts[parts.index(marker) + 1].removesuffix(".py")
-    root = Path(__file__).resolve().parent.parent
-    if path.startswith(str(root)):
-        inside = Path(path).relative_to(root).parts
+    if path.startswith(_ROOT):
+        inside = Path(path).relative_to(_ROOT).parts
         return "/".join(inside[:2]) if len(inside) > 2 else inside[0]
     stdlib = [i for i, part in enumerate(parts) if re.fullmatch(r"python3\.\d+", part)]
     if stdlib and len(parts) > stdlib[-1] + 1:
